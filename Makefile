@@ -1,0 +1,28 @@
+# `make run`: set up .venv and run the main job; `make test`: set up and run lint + tests.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job, CPU-sized: C2 on synthetic data, into ./mlflow.db.
+run: setup
+	$(BIN)/cifarexp time --dataset synthetic --train-size 2048 --epochs 2 --device cpu
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) mlflow.db mlartifacts report .pytest_cache .ruff_cache

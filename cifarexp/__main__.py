@@ -1,0 +1,3 @@
+from cifarexp.cli import main
+
+main()

@@ -1,0 +1,113 @@
+"""CIFAR-10 and its synthetic stand-in (SPEC §5), with the study's transforms and DataLoader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+from cifarexp.config import CifarexpError, TrainConfig
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
+NUM_CLASSES = 10
+SYNTHETIC_TRAIN_SIZE, SYNTHETIC_TEST_SIZE = 50_000, 10_000
+_CHUNK = 1_000  # synthetic images are made in seeded chunks, so the first N never depend on N
+
+
+def train_transform() -> transforms.Compose:
+    """The study's augmentation, in the study's order."""
+    return transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(0.5),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
+
+
+def test_transform() -> transforms.Compose:
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+class ImageArrayDataset(Dataset):
+    """uint8 HWC images and int labels, transformed per sample exactly as torchvision's CIFAR10."""
+
+    def __init__(self, data: np.ndarray, targets: list[int], transform: transforms.Compose):
+        self.data, self.targets, self.transform = data, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.data[index])), self.targets[index]
+
+
+def synthetic_arrays(size: int, *, seed: int, train: bool) -> tuple[np.ndarray, list[int]]:
+    """CIFAR-shaped, learnable images: a smooth per-class pattern plus per-image noise.
+
+    The class patterns depend on `seed` only (shared by both splits); each chunk of images
+    has its own seeded stream, so the result is deterministic and its first N images are
+    the same whatever `size` is.
+    """
+    coarse = np.random.default_rng(seed).uniform(0, 255, size=(NUM_CLASSES, 4, 4, 3))
+    patterns = coarse.repeat(8, axis=1).repeat(8, axis=2).astype(np.float32)  # 8x8 blocks
+    images = np.empty((size, 32, 32, 3), dtype=np.uint8)
+    labels = np.empty(size, dtype=np.int64)
+    for start in range(0, size, _CHUNK):
+        rng = np.random.default_rng([seed, int(train), start // _CHUNK])
+        n = min(_CHUNK, size - start)  # a whole chunk is always drawn, then cut
+        chunk_labels = rng.integers(0, NUM_CLASSES, size=_CHUNK)[:n]
+        noise = rng.normal(0, 50, size=(_CHUNK, 32, 32, 3)).astype(np.float32)[:n]
+        brightness = rng.uniform(0.7, 1.3, size=(_CHUNK, 1, 1, 1)).astype(np.float32)[:n]
+        pixels = patterns[chunk_labels] * brightness + noise
+        images[start : start + n] = np.clip(pixels, 0, 255).astype(np.uint8)
+        labels[start : start + n] = chunk_labels
+    return images, labels.tolist()
+
+
+def _cifar10_arrays(data_dir: str, train: bool) -> tuple[np.ndarray, list[int]]:
+    """torchvision's CIFAR10 (checksummed); downloaded into data_dir when absent."""
+    try:
+        dataset = datasets.CIFAR10(data_dir, train=train, download=False)
+    except RuntimeError:  # absent or corrupt: torchvision verifies the files' checksums
+        try:
+            dataset = datasets.CIFAR10(data_dir, train=train, download=True)
+        except Exception as exc:
+            folder = Path(data_dir).resolve() / datasets.CIFAR10.base_folder
+            raise CifarexpError(
+                f"CIFAR-10 is missing or corrupt in {folder} and could not be downloaded "
+                f"({type(exc).__name__}: {exc}); put the CIFAR-10 python files there, "
+                "or use --dataset synthetic"
+            ) from None
+    return dataset.data, list(dataset.targets)
+
+
+def load_split(cfg: TrainConfig, *, train: bool) -> ImageArrayDataset:
+    """The train or test split of cfg.dataset (its first --train-size / --test-size images)."""
+    size = cfg.train_size if train else cfg.test_size
+    if cfg.dataset == "synthetic":
+        full = SYNTHETIC_TRAIN_SIZE if train else SYNTHETIC_TEST_SIZE
+        data, targets = synthetic_arrays(size or full, seed=cfg.seed, train=train)
+    else:
+        data, targets = _cifar10_arrays(cfg.data_dir, train)
+        data, targets = data[:size], targets[:size]
+    return ImageArrayDataset(data, targets, train_transform() if train else test_transform())
+
+
+def make_loader(cfg: TrainConfig, dataset: ImageArrayDataset, *, train: bool) -> DataLoader:
+    """The study's DataLoader: shuffled for training, cfg.workers worker processes."""
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=train,
+        num_workers=cfg.workers,
+        pin_memory=cfg.pin_memory,
+        persistent_workers=cfg.persistent_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )

@@ -1,0 +1,35 @@
+"""The study's five optimizers (C6), built from one table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import partial
+
+import torch
+from torch import nn
+
+# name -> (factory, whether it takes the momentum setting)
+OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], bool]] = {
+    "sgd": (torch.optim.SGD, True),
+    "nesterov": (partial(torch.optim.SGD, nesterov=True), True),
+    "adagrad": (torch.optim.Adagrad, False),
+    "adadelta": (torch.optim.Adadelta, False),
+    "adam": (torch.optim.Adam, False),
+}
+
+
+def build_optimizer(
+    name: str,
+    params: Iterable[nn.Parameter],
+    *,
+    lr: float = 0.1,
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    """The optimizer called `name`; unknown names fail listing the valid ones."""
+    try:
+        factory, takes_momentum = OPTIMIZERS[name]
+    except KeyError:
+        raise KeyError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
+    extra = {"momentum": momentum} if takes_momentum else {}
+    return factory(params, lr=lr, weight_decay=weight_decay, **extra)

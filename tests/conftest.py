@@ -1,0 +1,85 @@
+"""Shared fixtures: a temporary tracking store, one tiny CPU config, a CLI runner."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from cifarexp.cli import app
+from cifarexp.config import TrainConfig
+
+# One tiny config shrunk from the defaults: CPU, a few synthetic images, no workers.
+TINY = TrainConfig(
+    dataset="synthetic",
+    train_size=32,
+    test_size=16,
+    batch_size=16,
+    workers=0,
+    epochs=2,
+    device="cpu",
+)
+TINY_ARGS = [
+    "--dataset",
+    "synthetic",
+    "--train-size",
+    "32",
+    "--test-size",
+    "16",
+    "--batch-size",
+    "16",
+    "--workers",
+    "0",
+    "--epochs",
+    "2",
+    "--device",
+    "cpu",
+    "--quiet",
+]
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty, already migrated sqlite store (creating one takes seconds)."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, empty_store) -> str:
+    """A fresh sqlite tracking store in tmp_path, used by default; returns its URI."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture
+def client(store) -> MlflowClient:
+    return MlflowClient(store)
+
+
+@pytest.fixture
+def cli():
+    """Invoke the CLI in-process: cli("time", "--epochs", "1") -> click Result."""
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, list(args))
+
+    return invoke
+
+
+def all_runs(client: MlflowClient):
+    """Every run in the store, newest first."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, order_by=["attributes.start_time DESC"])

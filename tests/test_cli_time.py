@@ -1,0 +1,115 @@
+from pathlib import Path
+
+import pytest
+
+from cifarexp import jobs, tracking
+from tests.conftest import TINY_ARGS, all_runs
+
+METRICS = {"data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc", "images_per_s"}
+
+
+def test_time_logs_params_tags_one_point_per_epoch_and_the_summary(cli, client):
+    result = cli("time", *TINY_ARGS, "--run-name", "tiny")
+    assert result.exit_code == 0, result.output
+    assert "data-loading s" in result.output and "total" in result.output
+
+    [run] = all_runs(client)
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
+    assert client.get_experiment(run.info.experiment_id).name == "cifarexp-time"
+    params = run.data.params
+    assert params["epochs"] == "2" and params["optimizer"] == "sgd"
+    assert params["dataset"] == "synthetic" and params["workers"] == "0"
+    tags = run.data.tags
+    assert tags["cifarexp.command"] == "time" and tags["cifarexp.exercise"] == "C2"
+    assert tags["cifarexp.dataset"] == "synthetic" and tags["cifarexp.device"] == "cpu"
+    assert {
+        "cifarexp.torch_version",
+        "cifarexp.cuda_version",
+        "cifarexp.device_name",
+        "cifarexp.cpu_count",
+    } <= set(tags)
+    for name in METRICS:
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [1, 2], name
+    acc = client.get_metric_history(run.info.run_id, "train_acc")
+    assert all(0 <= m.value <= 1 for m in acc)
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "model_summary.txt" in artifacts
+    summary = client.download_artifacts(run.info.run_id, "model_summary.txt")
+    assert "Total params: 11,173,962" in Path(summary).read_text()
+
+
+def test_eval_logs_test_metrics(cli, client):
+    result = cli("time", *TINY_ARGS, "--epochs", "1", "--eval")
+    assert result.exit_code == 0, result.output
+    [run] = all_runs(client)
+    assert {"test_loss", "test_acc"} <= set(run.data.metrics)
+
+
+def test_experiment_option_and_env_tracking_uri(cli, client, store):
+    result = cli("time", *TINY_ARGS, "--epochs", "1", "--experiment", "mine")
+    assert result.exit_code == 0, result.output
+    [run] = all_runs(client)
+    assert client.get_experiment(run.info.experiment_id).name == "mine"
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "code"),
+    [
+        (["--epochs", "0"], "--epochs", 2),
+        (["--workers", "-1"], "--workers", 2),
+        (["--workers", "x"], "--workers", 2),
+        (["--batch-size", "0"], "--batch-size", 2),
+        (["--optimizer", "foo"], "--optimizer", 2),
+        (["--dataset", "imagenet"], "--dataset", 2),
+        (["--device", "tpu"], "--device", 2),
+        (["--device", "cuda"], "--device", 2),
+        (["--dataset", "cifar10", "--data-dir", "empty"], "synthetic", 1),
+        (["--tracking-uri", "http://127.0.0.1:9"], "127.0.0.1:9", 1),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_leaves_no_run(
+    cli, client, monkeypatch, args, option, code
+):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(
+        "torchvision.datasets.CIFAR10.url", "http://127.0.0.1:9/cifar-10-python.tar.gz"
+    )
+    result = cli("time", *TINY_ARGS, *args)
+    assert result.exit_code == code, result.output
+    assert option in result.output
+    assert (
+        "Traceback" not in result.output
+        and result.exception is None
+        or isinstance(result.exception, SystemExit)
+    )
+    assert not any(run.info.status == "RUNNING" for run in all_runs(client))
+    assert all_runs(client) == [] or code == 1
+
+
+def test_interrupt_after_epoch_one_ends_killed_with_epoch_one_kept(cli, client, monkeypatch):
+    log_epoch = tracking.log_epoch
+
+    def log_then_interrupt(result):
+        log_epoch(result)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs.tracking, "log_epoch", log_then_interrupt)
+    result = cli("time", *TINY_ARGS, "--epochs", "3")
+    assert result.exit_code == 130
+    [run] = all_runs(client)
+    assert run.info.status == "KILLED"
+    history = client.get_metric_history(run.info.run_id, "epoch_time_s")
+    assert [m.step for m in history] == [1]
+
+
+def test_a_crash_ends_failed_with_the_error_recorded(cli, client, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("worker died")
+
+    monkeypatch.setattr(jobs, "train", crash)
+    result = cli("time", *TINY_ARGS)
+    assert result.exit_code != 0
+    [run] = all_runs(client)
+    assert run.info.status == "FAILED"
+    assert "worker died" in run.data.tags["cifarexp.error"]

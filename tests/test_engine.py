@@ -1,0 +1,87 @@
+import math
+
+import torch
+
+from cifarexp.data import load_split, make_loader
+from cifarexp.engine import evaluate, train, train_one_epoch
+from cifarexp.models import build_model
+from cifarexp.optim import OPTIMIZERS, build_optimizer
+from tests.conftest import TINY
+
+CPU = torch.device("cpu")
+
+
+def tiny_setup(cfg=TINY):
+    torch.manual_seed(0)
+    model = build_model()
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    loader = make_loader(cfg, load_split(cfg, train=True), train=True)
+    return model, optimizer, loader
+
+
+def test_epoch_metrics_are_finite_and_the_times_fit_inside_the_total():
+    model, optimizer, loader = tiny_setup()
+    result = train_one_epoch(model, loader, optimizer, CPU, epoch=1)
+    assert result.images == TINY.train_size
+    assert math.isfinite(result.train_loss) and 0 <= result.train_acc <= 1
+    assert result.data_time_s > 0 and result.train_time_s > 0 and result.epoch_time_s > 0
+    assert result.data_time_s + result.train_time_s <= result.epoch_time_s
+    assert set(result.metrics()) == {
+        "data_time_s",
+        "train_time_s",
+        "epoch_time_s",
+        "train_loss",
+        "train_acc",
+        "images_per_s",
+    }
+
+
+def test_loss_falls_when_overfitting_one_small_batch():
+    torch.manual_seed(0)
+    model = build_model()
+    optimizer = build_optimizer("sgd", model.parameters(), lr=0.01)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    results = train(model, [(images, labels)], optimizer, CPU, epochs=15, on_epoch=lambda r: None)
+    assert results[-1].train_loss < results[0].train_loss / 2
+    assert results[-1].train_acc == 1.0
+
+
+def test_each_epoch_is_reported_as_it_ends_and_evaluation_is_outside_the_timing():
+    model, optimizer, loader = tiny_setup()
+    test_loader = make_loader(TINY, load_split(TINY, train=False), train=False)
+    seen = []
+    results = train(
+        model,
+        loader,
+        optimizer,
+        CPU,
+        epochs=2,
+        on_epoch=seen.append,
+        test_loader=[next(iter(test_loader))],
+    )
+    assert seen == results and [r.epoch for r in results] == [1, 2]
+    assert all(r.test_loss is not None and 0 <= r.test_acc <= 1 for r in results)
+    assert {"test_loss", "test_acc"} <= set(results[0].metrics())
+
+
+def test_max_batches_stops_the_epoch_early():
+    model, optimizer, loader = tiny_setup()
+    result = train_one_epoch(model, loader, optimizer, CPU, epoch=1, max_batches=1)
+    assert result.images == TINY.batch_size
+
+
+def test_evaluate_returns_mean_loss_and_accuracy():
+    model, _, loader = tiny_setup()
+    loss, acc = evaluate(model, loader, CPU)
+    assert loss > 0 and 0 <= acc <= 1
+
+
+def test_every_optimizer_in_the_table_builds_and_steps():
+    for name in OPTIMIZERS:
+        model = build_model()
+        optimizer = build_optimizer(name, model.parameters())
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        optimizer.step()
+        assert optimizer.defaults["lr"] == 0.1 and optimizer.defaults["weight_decay"] == 5e-4
+    nesterov = build_optimizer("nesterov", build_model().parameters())
+    assert nesterov.defaults["nesterov"] and nesterov.defaults["momentum"] == 0.9
