@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -60,17 +61,17 @@ def start_run(
 ) -> Iterator[str]:
     """A run that ends FINISHED, FAILED (error recorded as a tag) or KILLED (Ctrl-C).
 
-    Nested runs go into their parent's experiment. Yields the run id.
+    Nested runs go into their parent's experiment. Under `mlflow run` (MLFLOW_RUN_ID set)
+    the project's run is this run, in the experiment `mlflow run` chose. Yields the run id.
     """
     try:
-        if not nested:
+        if not nested and not os.environ.get("MLFLOW_RUN_ID"):
             _set_experiment(experiment)
         run = mlflow.start_run(run_name=run_name, nested=nested, tags=dict(tags or {}))
     except MlflowException as exc:
         raise CifarexpError(f"tracking store {mlflow.get_tracking_uri()}: {exc.message}") from None
     try:
-        if params:
-            mlflow.log_params(params)
+        _log_params(run, params or {})
         yield run.info.run_id
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
@@ -79,6 +80,16 @@ def start_run(
         _end_failed(exc)
         raise
     mlflow.end_run("FINISHED")
+
+
+def _log_params(run: mlflow.ActiveRun, params: Mapping[str, object]) -> None:
+    """Log params; one that `mlflow run` already logged differently (e.g. workers=best)
+    keeps its value and the resolved one goes into a tag."""
+    given = run.data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in given})
+    set_tags(
+        {TAG + "resolved." + k: v for k, v in params.items() if given.get(k, str(v)) != str(v)}
+    )
 
 
 def _set_experiment(name: str) -> None:
