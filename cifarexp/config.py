@@ -6,6 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 
 DATASETS = ("cifar10", "synthetic")
+# The fast path (issue 6); each tuple's first value is the study's behaviour and the default.
+LOADERS = ("torch", "gpu")
+PRECISIONS = ("fp32", "tf32", "bf16")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+TIMINGS = ("sync", "events")
 
 
 class ConfigError(ValueError):
@@ -43,6 +48,12 @@ class TrainConfig:
     seed: int = 0
     eval: bool = False  # evaluate on the test split after each epoch, outside the timing
     max_batches: int | None = None  # stop each epoch after N batches (CPU estimates, C5)
+    # fast path (issue 6)
+    loader: str = "torch"  # torch: DataLoader + PIL transforms; gpu: uint8 set on the device
+    precision: str = "fp32"  # fp32 (PyTorch's defaults), tf32, or bf16 via autocast
+    channels_last: bool = False  # NHWC memory order for the model and its inputs
+    compile: str = "none"  # torch.compile mode, or none
+    timing: str = "sync"  # sync: per-step synchronised (C2); events: CUDA events, no waits
 
     def __post_init__(self) -> None:
         from cifarexp.models import MODELS
@@ -69,11 +80,35 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "--weight-decay", "must be >= 0")
         _check(self.epochs >= 1, "--epochs", "must be >= 1")
         _check(self.max_batches is None or self.max_batches >= 1, "--cpu-batches", "must be >= 1")
-        _check(
-            self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device),
-            "--device",
-            f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N",
+        check_device_name(self.device)
+        for option, value, choices in (
+            ("--loader", self.loader, LOADERS),
+            ("--precision", self.precision, PRECISIONS),
+            ("--compile", self.compile, COMPILE_MODES),
+            ("--timing", self.timing, TIMINGS),
+        ):
+            _check(value in choices, option, f"{value!r} is not one of {', '.join(choices)}")
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether any fast-path setting is on (such a run warms up before epoch 1 on CUDA)."""
+        return (self.loader, self.precision, self.channels_last, self.compile, self.timing) != (
+            LOADERS[0],
+            PRECISIONS[0],
+            False,
+            COMPILE_MODES[0],
+            TIMINGS[0],
         )
+
+    def check_device(self, device_type: str) -> None:
+        """The settings that need CUDA, checked once the device is known (off CUDA they
+        would crash or silently mean nothing)."""
+        if device_type == "cuda":
+            return
+        on = f"needs a CUDA device (this run is on {device_type})"
+        _check(self.timing == "sync", "--timing", f"events {on}; use --timing sync")
+        _check(self.compile == "none", "--compile", f"{self.compile} {on}; use --compile none")
+        _check(self.precision != "tf32", "--precision", f"tf32 {on}; use fp32 or bf16")
 
     def replace(self, **changes: object) -> TrainConfig:
         """A copy with some fields changed (validated again)."""
@@ -83,9 +118,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _is_cuda_index(device: str) -> bool:
-    kind, _, index = device.partition(":")
-    return kind == "cuda" and index.isdigit()
+def check_device_name(device: str, option: str = "--device") -> None:
+    """auto, cpu, cuda or cuda:N, else a ConfigError naming `option`."""
+    kind, colon, index = device.partition(":")
+    ok = device in ("auto", "cpu", "cuda") or (kind == "cuda" and colon and index.isdigit())
+    _check(ok, option, f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 
 
 def _check(ok: bool, option: str, message: str) -> None:

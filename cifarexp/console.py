@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cifarexp.engine import EpochResult, OnBatch
+from cifarexp.engine import OnBatch
 
 console = Console()
 err_console = Console(stderr=True)
@@ -59,20 +59,6 @@ def epoch_progress(label: str, batches: int, *, quiet: bool = False) -> Iterator
         yield EpochProgress(progress, f"{label} " if label else "", batches).on_batch
 
 
-def epochs_frame(results: Sequence[EpochResult]) -> pd.DataFrame:
-    """The C2 answer: one row per epoch."""
-    return pd.DataFrame(
-        {
-            "epoch": [r.epoch for r in results],
-            "data-loading s": [r.data_time_s for r in results],
-            "training s": [r.train_time_s for r in results],
-            "total s": [r.epoch_time_s for r in results],
-            "loss": [r.train_loss for r in results],
-            "accuracy": [r.train_acc for r in results],
-        }
-    )
-
-
 def render(frame: pd.DataFrame, title: str, *, footer: Sequence[Sequence[object]] = ()) -> Table:
     """A rich table of a DataFrame: seconds with 2 decimals, fractions named accuracy as %."""
     table = Table(title=title, title_justify="left")
@@ -90,15 +76,6 @@ def render(frame: pd.DataFrame, title: str, *, footer: Sequence[Sequence[object]
             style="bold",
         )
     return table
-
-
-def epochs_table(results: Sequence[EpochResult], title: str) -> Table:
-    """Per-epoch table plus the totals row (times summed) and the mean row."""
-    frame = epochs_frame(results)
-    times = ["data-loading s", "training s", "total s"]
-    total = ["total", *frame[times].sum(), None, None]
-    mean = ["mean", *frame[times].mean(), frame["loss"].mean(), frame["accuracy"].mean()]
-    return render(frame, title, footer=[total, mean])
 
 
 def format_cell(column: object, value: object) -> str:

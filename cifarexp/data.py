@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,8 @@ STD = (0.2023, 0.1994, 0.2010)
 NUM_CLASSES = 10
 SYNTHETIC_TRAIN_SIZE, SYNTHETIC_TEST_SIZE = 50_000, 10_000
 _CHUNK = 1_000  # synthetic images are made in seeded chunks, so the first N never depend on N
+# make_loader warns once about more workers than CPUs; PyTorch would repeat it every epoch.
+warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
 
 
 def train_transform() -> transforms.Compose:
@@ -100,8 +104,21 @@ def load_split(cfg: TrainConfig, *, train: bool) -> ImageArrayDataset:
     return ImageArrayDataset(data, targets, train_transform() if train else test_transform())
 
 
+def cpu_count() -> int:
+    """CPUs this process may use (its affinity), which is what DataLoader workers share."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def make_loader(cfg: TrainConfig, dataset: ImageArrayDataset, *, train: bool) -> DataLoader:
-    """The study's DataLoader: shuffled for training, cfg.workers worker processes."""
+    """The study's DataLoader: shuffled for training, cfg.workers worker processes.
+
+    More workers than usable CPUs is allowed (C3 sweeps past them) but warned about once,
+    in place of PyTorch's repeated one."""
+    if cfg.workers > cpu_count():
+        warnings.warn(
+            f"{cfg.workers} DataLoader workers > {cpu_count()} CPUs this process may use",
+            stacklevel=2,
+        )
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,

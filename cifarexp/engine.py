@@ -5,14 +5,16 @@ It knows nothing of MLflow or of the terminal: it reports through callbacks.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
-from cifarexp.config import ConfigError
+from cifarexp.config import ConfigError, check_device_name
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 OnBatch = Callable[[int, float, float], None]  # (batch index, batch loss, batch accuracy)
@@ -31,6 +33,8 @@ class EpochResult:
     images: int
     test_loss: float | None = None
     test_acc: float | None = None
+    est_epoch_time_s: float | None = None  # a whole epoch, from the throughput of max_batches
+    mfu: float | None = None  # model FLOPs / epoch time / device peak; None where unknown
 
     @property
     def images_per_s(self) -> float:
@@ -43,17 +47,50 @@ class EpochResult:
         return {k: float(v) for k, v in values.items() if v is not None}
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto -> CUDA when available, else CPU; asking for an absent CUDA device is an error."""
+@dataclass(frozen=True)
+class Execution:
+    """How each training step runs: the fast path's settings (issue 6).
+
+    The defaults are the study's: fp32, NCHW memory order, eager, per-step synchronised timing.
+    """
+
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: forward and loss in autocast
+    channels_last: bool = False  # inputs go to the device in NHWC memory order, as the model
+    compiled: bool = False  # the model is torch.compile'd, and warmed up (see warm_up)
+    timing: str = "sync"  # sync: per-step synchronised (C2); events: CUDA events, one wait
+    flops_per_image: float | None = None  # forward + backward FLOPs per trained image
+    peak_flops: float | None = None  # the device's peak FLOP/s at this precision
+
+    def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    def to_device(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The copy to the device (a no-op for a batch already there, in the right order)."""
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        return images.to(device, non_blocking=True, memory_format=memory_format)
+
+    def mfu(self, images: int, seconds: float) -> float | None:
+        """Model FLOPs utilisation of `images` trained in `seconds`; None where unknown."""
+        if self.flops_per_image is None or self.peak_flops is None:
+            return None
+        return self.flops_per_image * images / seconds / self.peak_flops
+
+
+def resolve_device(name: str, option: str = "--device") -> torch.device:
+    """auto -> CUDA when available, else CPU; asking for an absent CUDA device is an error
+    (naming `option`)."""
+    check_device_name(name, option)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device: {name} was asked for but no CUDA device is available")
+            raise ConfigError(f"{option}: {name} was asked for but no CUDA device is available")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(
-                f"--device: {name} does not exist ({torch.cuda.device_count()} CUDA devices)"
+                f"{option}: {name} does not exist ({torch.cuda.device_count()} CUDA devices)"
             )
     return device
 
@@ -73,9 +110,24 @@ def train_one_epoch(
     epoch: int,
     max_batches: int | None = None,
     on_batch: OnBatch | None = None,
+    execution: Execution = Execution(),
 ) -> EpochResult:
-    """Train one epoch and time it exactly as C2 defines (data wait, computation, wall clock)."""
+    """Train one epoch and time it exactly as C2 defines (data wait, computation, wall clock).
+
+    With `execution.timing == "events"` see `_train_one_epoch_events`.
+    """
     model.train()
+    if execution.timing == "events":
+        return _train_one_epoch_events(
+            model,
+            loader,
+            optimizer,
+            device,
+            epoch=epoch,
+            max_batches=max_batches,
+            on_batch=on_batch,
+            execution=execution,
+        )
     criterion = nn.CrossEntropyLoss()
     data_time = train_time = loss_sum = 0.0
     correct = seen = 0
@@ -83,17 +135,14 @@ def train_one_epoch(
     wait_start = epoch_start
     batches = iter(loader)  # starting the workers is part of waiting for the first batch
     for index, (images, labels) in enumerate(batches):
+        synchronize(device)  # a batch made on the GPU (--loader gpu) is ready when its kernels are
         data_time += time.perf_counter() - wait_start
         # The host->device copy is in neither part (C2.1 excludes it), only in the total.
-        images = images.to(device, non_blocking=True)
+        images = execution.to_device(images, device)
         labels = labels.to(device, non_blocking=True)
         synchronize(device)
         compute_start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(images)
-        loss = criterion(logits, labels)
-        loss.backward()
-        optimizer.step()
+        loss, logits = _train_step(model, criterion, optimizer, images, labels, execution)
         synchronize(device)  # GPU work is asynchronous: count it in the step that queued it
         train_time += time.perf_counter() - compute_start
 
@@ -112,6 +161,7 @@ def train_one_epoch(
     epoch_time = time.perf_counter() - epoch_start
     if seen == 0:
         raise RuntimeError("the training set produced no batches")
+    batches = len(loader) if isinstance(loader, Sized) else index + 1
     return EpochResult(
         epoch=epoch,
         data_time_s=data_time,
@@ -120,7 +170,146 @@ def train_one_epoch(
         train_loss=loss_sum / seen,
         train_acc=correct / seen,
         images=seen,
+        est_epoch_time_s=epoch_time * batches / (index + 1) if index + 1 < batches else None,
+        mfu=execution.mfu(seen, epoch_time),
     )
+
+
+def _train_step(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    execution: Execution,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward, optimizer step: the computation C2.2 times. Returns the
+    loss and the logits, to be read before the next step."""
+    if execution.compiled:
+        # CUDA graphs (compile modes reduce-overhead, max-autotune) reuse their output memory
+        # at each replay: mark the start of a step, the previous step's outputs being read.
+        torch.compiler.cudagraph_mark_step_begin()
+    optimizer.zero_grad(set_to_none=True)
+    with execution.autocast(images.device.type):
+        logits = model(images)
+        loss = criterion(logits, labels)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
+
+
+def _train_one_epoch_events(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    epoch: int,
+    max_batches: int | None,
+    on_batch: OnBatch | None,
+    execution: Execution,
+) -> EpochResult:
+    """`train_one_epoch` timed with CUDA events: the host queues work and waits once, at the end.
+
+    Each step records four events on the device's stream: batch asked for, batch ready, batch
+    on the device, step done. C2.1 is the device's time from asked to ready: its idle wait
+    for the host's batch, plus the kernels of a batch made on the GPU; a host-side wait that
+    overlaps the previous step's device work costs the device nothing and is not counted.
+    C2.2 is from on-the-device to done. The copy is in neither, as in sync mode. Loss and
+    accuracy stay on the device until the epoch ends; `on_batch` then gets every batch.
+    """
+    criterion = nn.CrossEntropyLoss()
+    stream = torch.cuda.current_stream(device)
+    marks: list[tuple[torch.cuda.Event, ...]] = []
+    stats: list[torch.Tensor] = []  # per step: [loss, correct], on the device
+    sizes: list[int] = []
+    epoch_start = time.perf_counter()
+    asked = _event(stream)
+    for index, (images, labels) in enumerate(loader):
+        ready = _event(stream)
+        images = execution.to_device(images, device)
+        labels = labels.to(device, non_blocking=True)
+        start = _event(stream)
+        loss, logits = _train_step(model, criterion, optimizer, images, labels, execution)
+        marks.append((asked, ready, start, _event(stream)))
+        stats.append(
+            torch.stack([loss.detach().float(), (logits.argmax(1) == labels).sum().float()])
+        )
+        sizes.append(labels.size(0))
+        if max_batches is not None and index + 1 >= max_batches:
+            break
+        asked = _event(stream)
+    synchronize(device)  # the epoch's only wait
+    epoch_time = time.perf_counter() - epoch_start
+    if not sizes:
+        raise RuntimeError("the training set produced no batches")
+    per_batch = torch.stack(stats).tolist()
+    if on_batch is not None:
+        for index, ((loss, correct), n) in enumerate(zip(per_batch, sizes, strict=True)):
+            on_batch(index, loss, correct / n)
+    seen = sum(sizes)
+    batches = len(loader) if isinstance(loader, Sized) else len(sizes)
+    return EpochResult(
+        epoch=epoch,
+        data_time_s=sum(a.elapsed_time(r) for a, r, _, _ in marks) / 1000,  # ms -> s
+        train_time_s=sum(s.elapsed_time(d) for _, _, s, d in marks) / 1000,
+        epoch_time_s=epoch_time,
+        train_loss=sum(loss * n for (loss, _), n in zip(per_batch, sizes, strict=True)) / seen,
+        train_acc=sum(correct for _, correct in per_batch) / seen,
+        images=seen,
+        est_epoch_time_s=epoch_time * batches / len(sizes) if len(sizes) < batches else None,
+        mfu=execution.mfu(seen, epoch_time),
+    )
+
+
+def _event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+def compiled_shapes_only(execution: Execution) -> contextlib.AbstractContextManager:
+    """Inside, a compiled model runs only code compiled already (by `warm_up`, for the full
+    batch) and runs any other shape (an epoch's smaller last batch) eagerly: one compilation
+    per run, never one inside an epoch. It compiles nothing itself: warm up first."""
+    if not execution.compiled or not hasattr(torch.compiler, "set_stance"):  # torch < 2.6
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("eager_on_recompile")
+
+
+def warm_up(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    batch_sizes: Sequence[int],
+    execution: Execution = Execution(),
+    steps: int = 3,
+) -> float:
+    """Untimed training steps on random data, `steps` per batch size (the full one first),
+    then the model and optimizer put back exactly as they were: cuDNN autotuning,
+    compilation of the full batch's shape and CUDA-graph capture (3 calls) happen here,
+    never in an epoch. Returns the seconds it took (a run's warmup_s)."""
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
+    criterion = nn.CrossEntropyLoss()
+    generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG as it was
+    model.train()
+    start = time.perf_counter()
+    for i, size in enumerate(batch_sizes):
+        images = torch.randn(size, 3, 32, 32, device=device, generator=generator)
+        images = execution.to_device(images, device)  # the memory order batches will have
+        labels = torch.zeros(size, dtype=torch.long, device=device)
+        # The first size compiles; the others run as the epochs will run them.
+        with compiled_shapes_only(execution) if i else contextlib.nullcontext():
+            for _ in range(steps):
+                _train_step(model, criterion, optimizer, images, labels, execution)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    model.load_state_dict(saved_model)  # copies in place: parameters keep their memory
+    optimizer.load_state_dict(saved_optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return seconds
 
 
 @torch.no_grad()
@@ -128,6 +317,8 @@ def evaluate(
     model: nn.Module, loader: Iterable[Batch], device: torch.device
 ) -> tuple[float, float]:
     """Mean loss and top-1 accuracy on a held-out split (never inside a timed epoch)."""
+    # A compiled model is evaluated eagerly: eval mode would otherwise compile it again.
+    model = getattr(model, "_orig_mod", model)
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum, correct, seen = 0.0, 0, 0
@@ -151,19 +342,25 @@ def train(
     test_loader: Iterable[Batch] | None = None,
     max_batches: int | None = None,
     on_batch: OnBatch | None = None,
+    execution: Execution = Execution(),
 ) -> list[EpochResult]:
-    """Train for `epochs`, reporting each finished epoch to `on_epoch` as soon as it ends."""
+    """Train for `epochs`, reporting each finished epoch to `on_epoch` as soon as it ends.
+
+    A compiled model (`execution.compiled`) must have been through `warm_up`.
+    """
     results = []
     for epoch in range(1, epochs + 1):
-        result = train_one_epoch(
-            model,
-            loader,
-            optimizer,
-            device,
-            epoch=epoch,
-            max_batches=max_batches,
-            on_batch=on_batch,
-        )
+        with compiled_shapes_only(execution):
+            result = train_one_epoch(
+                model,
+                loader,
+                optimizer,
+                device,
+                epoch=epoch,
+                max_batches=max_batches,
+                on_batch=on_batch,
+                execution=execution,
+            )
         if test_loader is not None:
             test_loss, test_acc = evaluate(model, test_loader, device)
             result = replace(result, test_loss=test_loss, test_acc=test_acc)

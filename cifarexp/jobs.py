@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import platform
 from dataclasses import dataclass
 
 import torch
 import torchinfo
 
-from cifarexp import tracking
+from cifarexp import fastpath, tracking
 from cifarexp.config import TrainConfig
 from cifarexp.console import epoch_progress
-from cifarexp.data import load_split, make_loader
-from cifarexp.engine import EpochResult, resolve_device, train
+from cifarexp.data import cpu_count, load_split, make_loader
+from cifarexp.engine import EpochResult, resolve_device, train, warm_up
+from cifarexp.gpu_loader import GpuLoader
 from cifarexp.models import build_model
 from cifarexp.optim import build_optimizer
 
@@ -40,11 +40,7 @@ class TrainingRun:
     config: TrainConfig
     device: torch.device
     results: list[EpochResult]
-
-
-def cpu_count() -> int:
-    """CPUs this process may use (its affinity), which is what DataLoader workers share."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    warmup_s: float | None = None  # untimed steps before epoch 1 (fast path on CUDA only)
 
 
 def environment_tags(device: torch.device) -> dict[str, str]:
@@ -73,12 +69,15 @@ def run_training(
     Everything that can fail on bad input (device, data) is checked before the run starts.
     """
     device = resolve_device(cfg.device)
+    cfg.check_device(device.type)
     train_set = load_split(cfg, train=True)
     test_set = load_split(cfg, train=False) if cfg.eval else None
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = build_model(cfg.model, batch_norm=cfg.batch_norm).to(device)
+        fastpath.set_math_mode(cfg.precision)
+    model = build_model(cfg.model, batch_norm=cfg.batch_norm)
+    model = model.to(device, memory_format=fastpath.memory_format(cfg))
     optimizer = build_optimizer(
         cfg.optimizer,
         model.parameters(),
@@ -86,7 +85,18 @@ def run_training(
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,
     )
-    loader = make_loader(cfg, train_set, train=True)
+    if cfg.loader == "gpu":
+        loader = GpuLoader(
+            train_set,
+            batch_size=cfg.batch_size,
+            device=device,
+            seed=cfg.seed,
+            channels_last=cfg.channels_last,
+        )
+    else:
+        loader = make_loader(cfg, train_set, train=True)
+    execution = fastpath.execution(cfg, model, device)
+    train_model = fastpath.compile_model(model, cfg.compile)  # shares model's parameters
     test_loader = make_loader(cfg, test_set, train=False) if test_set is not None else None
     tags = {**labels.tags(), tracking.DATASET: cfg.dataset, **environment_tags(device)}
     batches = min(len(loader), cfg.max_batches or len(loader))
@@ -98,9 +108,17 @@ def run_training(
             model, input_size=(cfg.batch_size, 3, 32, 32), device=device, verbose=0
         )
         tracking.log_text(str(summary), "model_summary.txt")
+        tracking.log_metrics({"flops_per_image": execution.flops_per_image})
+        warmup_s = None
+        if device.type == "cuda" and cfg.fast_path:  # the study's own path keeps its epoch 1
+            sizes = fastpath.warmup_batch_sizes(len(train_set), cfg.batch_size, cfg.max_batches)
+            warmup_s = warm_up(
+                train_model, optimizer, device, batch_sizes=sizes, execution=execution
+            )
+            tracking.log_metrics({"warmup_s": warmup_s})
         with epoch_progress(labels.variant, batches, quiet=quiet) as on_batch:
             results = train(
-                model,
+                train_model,
                 loader,
                 optimizer,
                 device,
@@ -109,5 +127,6 @@ def run_training(
                 test_loader=test_loader,
                 max_batches=cfg.max_batches,
                 on_batch=on_batch,
+                execution=execution,
             )
-    return TrainingRun(run_id, cfg, device, results)
+    return TrainingRun(run_id, cfg, device, results, warmup_s)

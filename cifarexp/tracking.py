@@ -50,6 +50,10 @@ def use_store(tracking_uri: str | None) -> str:
     return uri
 
 
+def current_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
 @contextmanager
 def start_run(
     experiment: str,
@@ -58,16 +62,20 @@ def start_run(
     tags: Mapping[str, str] | None = None,
     params: Mapping[str, object] | None = None,
     nested: bool = False,
+    reopen: str | None = None,
 ) -> Iterator[str]:
     """A run that ends FINISHED, FAILED (error recorded as a tag) or KILLED (Ctrl-C).
 
     Nested runs go into their parent's experiment. Under `mlflow run` (MLFLOW_RUN_ID set)
-    the project's run is this run, in the experiment `mlflow run` chose. Yields the run id.
+    the project's run is this run, in the experiment `mlflow run` chose. `reopen` continues
+    an earlier run (by id) instead of starting one. Yields the run id.
     """
     try:
         if not nested and not os.environ.get("MLFLOW_RUN_ID"):
             _set_experiment(experiment)
-        run = mlflow.start_run(run_name=run_name, nested=nested, tags=dict(tags or {}))
+        run = mlflow.start_run(
+            run_id=reopen, run_name=run_name, nested=nested, tags=dict(tags or {})
+        )
     except MlflowException as exc:
         raise CifarexpError(f"tracking store {mlflow.get_tracking_uri()}: {exc.message}") from None
     try:
@@ -136,14 +144,27 @@ def log_figure(figure: Figure, artifact_file: str) -> None:
     mlflow.log_figure(figure, artifact_file)
 
 
-def search_runs(experiments: list[str] | None = None, filter_string: str = "") -> pd.DataFrame:
-    """Runs matching `filter_string` (newest first) in the named experiments, or in all."""
-    names = experiments or [e.name for e in mlflow.search_experiments()]
-    if not names:
-        return pd.DataFrame()
-    found = [name for name in names if mlflow.get_experiment_by_name(name) is not None]
-    if not found:
-        return pd.DataFrame()
+def search_runs(filter_string: str = "") -> pd.DataFrame:
+    """Runs of every experiment matching `filter_string`, newest first, as MLflow's DataFrame
+    (columns run_id, status, start_time, params.*, tags.*, metrics.*)."""
     return mlflow.search_runs(
-        experiment_names=found, filter_string=filter_string, order_by=["attributes.start_time DESC"]
+        filter_string=filter_string,
+        search_all_experiments=True,
+        order_by=["attributes.start_time DESC"],
     )
+
+
+def metric_history(run_id: str, keys: list[str]) -> pd.DataFrame:
+    """One row per step of `run_id`, one column per metric key (absent keys are left out)."""
+    client = mlflow.MlflowClient()
+    series = {
+        key: pd.Series({m.step: m.value for m in client.get_metric_history(run_id, key)})
+        for key in keys
+    }
+    frame = pd.DataFrame({k: v for k, v in series.items() if not v.empty})
+    return frame.rename_axis("step").reset_index()
+
+
+def tag_filter(tags: Mapping[str, str]) -> str:
+    """An MLflow filter string matching every tag exactly."""
+    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())

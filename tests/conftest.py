@@ -42,6 +42,12 @@ TINY_ARGS = [
 ]
 
 
+def without(option: str, args: list[str] = TINY_ARGS) -> list[str]:
+    """`args` less `option` and its value."""
+    i = args.index(option)
+    return args[:i] + args[i + 2 :]
+
+
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory) -> Path:
     """An empty, already migrated sqlite store (creating one takes seconds)."""
@@ -56,6 +62,8 @@ def store(tmp_path, monkeypatch, empty_store) -> str:
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # mlflow.set_experiment exports the active experiment's id for child processes
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     yield uri

@@ -1,0 +1,55 @@
+"""The study's plots as matplotlib Figures (no display needed, nothing shown or saved here)."""
+
+from __future__ import annotations
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.tables import DATA, TOTAL, TRAIN
+
+
+def workers_curve(c3: pd.DataFrame, subtitle: str = "") -> Figure:
+    """C3: data-loading and total epoch time against DataLoader workers, best count marked."""
+    counts = c3[c3["workers"] != "gpu loader"]
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(counts["workers"], counts[DATA], "o-", label="data-loading")
+    ax.plot(counts["workers"], counts[TOTAL], "s-", label="epoch total")
+    best = counts[counts["best"] == "yes"]
+    ax.plot(best["workers"], best[DATA], "r*", markersize=16, label="best count")
+    gpu = c3[c3["workers"] == "gpu loader"]
+    if not gpu.empty:
+        ax.axhline(gpu[TOTAL].iloc[0], color="green", ls="--", label="epoch total, gpu loader")
+    ax.set(xlabel="DataLoader workers", ylabel="seconds per epoch", ylim=(0, None))
+    ax.set_title(f"C3: data-loading time vs workers {subtitle}".strip())
+    ax.legend()
+    return fig
+
+
+def per_epoch_curves(epochs: pd.DataFrame, labels: dict[str, str], title: str) -> Figure:
+    """Training loss and accuracy per epoch, one line per run (C6 optimizers, C7 BN)."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for run_id, run in epochs.groupby("run_id", sort=False):
+        label = labels.get(run_id, run_id)
+        loss_ax.plot(run["epoch"], run["train_loss"], "o-", label=label)
+        acc_ax.plot(run["epoch"], 100 * run["train_acc"], "o-", label=label)
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="loss")
+    acc_ax.set(xlabel="epoch", ylabel="top-1 training accuracy %", title="accuracy")
+    acc_ax.legend()
+    fig.suptitle(title)
+    return fig
+
+
+def device_breakdown(c5: pd.DataFrame, subtitle: str = "") -> Figure:
+    """C5: each device's epoch split into data-loading, training and the rest."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    names = [f"{d}\n{e}" for d, e in zip(c5["device"], c5["estimated"], strict=True)]
+    rest = (c5["avg epoch s"] - c5[DATA] - c5[TRAIN]).clip(lower=0)
+    ax.bar(names, c5[DATA], label="data-loading")
+    ax.bar(names, c5[TRAIN], bottom=c5[DATA], label="training")
+    ax.bar(names, rest, bottom=c5[DATA] + c5[TRAIN], label="other")
+    ax.set(ylabel="seconds per epoch", title=f"C5: epoch time per device {subtitle}".strip())
+    ax.legend()
+    return fig

@@ -1,0 +1,160 @@
+"""The study's tables, one per item, built from an Exercise's DataFrames (pure functions)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.queries import Exercise
+from cifarexp import tracking
+
+DATA, TRAIN, TOTAL = "data-loading s", "training s", "total s"
+TIMES = {"data_time_s": DATA, "train_time_s": TRAIN, "epoch_time_s": TOTAL}
+
+
+def per_run_means(ex: Exercise) -> pd.DataFrame:
+    """Each measured run's metrics averaged over its epochs, with its params, in run order."""
+    means = ex.epochs.drop(columns=["variant", "epoch"]).groupby("run_id", sort=False).mean()
+    params = ex.runs.set_index("run_id")
+    joined = params.join(means, how="inner")
+    return joined.loc[[r for r in params.index if r in joined.index]].reset_index()
+
+
+def c2_epochs(ex: Exercise) -> pd.DataFrame:
+    """C2: one row per epoch (data-loading, training, total, loss, accuracy), then the
+    totals (times summed) and the means."""
+    frame = ex.epochs.rename(columns={**TIMES, "train_loss": "loss", "train_acc": "accuracy"})
+    frame = frame[["epoch", DATA, TRAIN, TOTAL, "loss", "accuracy"]].astype({"epoch": object})
+    total = {"epoch": "total", **frame[[DATA, TRAIN, TOTAL]].sum()}
+    mean = {"epoch": "mean", **frame.drop(columns="epoch").mean()}
+    return pd.concat([frame, pd.DataFrame([total, mean])], ignore_index=True)
+
+
+def c3_workers(ex: Exercise) -> pd.DataFrame:
+    """C3: per DataLoader worker count the mean epoch times, the best count marked; a
+    `--loader gpu` run, if the sweep has one, as a last row for comparison."""
+    runs = per_run_means(ex)
+    is_gpu_loader = runs.get("params.loader", pd.Series("torch", index=runs.index)) == "gpu"
+    table = pd.DataFrame(
+        {
+            "workers": [
+                "gpu loader" if gpu else int(w)
+                for gpu, w in zip(is_gpu_loader, runs["params.workers"], strict=True)
+            ],
+            DATA: runs["data_time_s"],
+            TRAIN: runs["train_time_s"],
+            TOTAL: runs["epoch_time_s"],
+        }
+    )
+    counts = table[~is_gpu_loader].sort_values("workers")
+    table["best"] = ""
+    if not counts.empty:
+        table.loc[counts[DATA].idxmin(), "best"] = "yes"
+    return pd.concat([table.loc[counts.index], table[is_gpu_loader]]).reset_index(drop=True)
+
+
+def best_workers(c3: pd.DataFrame) -> int:
+    """The worker count with the lowest data-loading time."""
+    return int(c3.loc[c3["best"] == "yes", "workers"].iloc[0])
+
+
+def c4_one_vs_best(c3: pd.DataFrame) -> pd.DataFrame:
+    """C4: 1 worker vs the best count (rows in that order), data-loading vs computing time,
+    and the fraction of the epoch spent waiting for data; empty without a 1-worker run."""
+    best = best_workers(c3)
+    rows = c3[c3["workers"] == 1]
+    if rows.empty:
+        return pd.DataFrame()
+    if best != 1:
+        rows = pd.concat([rows, c3[c3["workers"] == best]])
+    table = rows[["workers", DATA, TRAIN, TOTAL]].rename(columns={TRAIN: "computing s"})
+    table["waiting %"] = table[DATA] / table[TOTAL]
+    table["workers"] = [f"{w} (best)" if w == best else str(w) for w in table["workers"]]
+    return table.reset_index(drop=True)
+
+
+def c4_explanation(c4: pd.DataFrame, cpus: str = "?") -> str:
+    """Why more workers help, then stop helping, in the measured numbers."""
+    if c4.empty:
+        return "C4 needs a 1-worker run: run sweep-workers without --workers, or include 1."
+    one, best = c4.iloc[0], c4.iloc[-1]
+    text = (
+        f"With 1 worker the device waited {one[DATA]:.2f} s per epoch for data "
+        f"({one['waiting %']:.0%} of the {one[TOTAL]:.2f} s epoch) and computed for "
+        f"{one['computing s']:.2f} s. "
+    )
+    if len(c4) == 1:
+        return text + (
+            "1 worker is already the best count: one worker prepares the next batch while "
+            "the device computes the current one, so more workers cannot shorten the epoch."
+        )
+    text += (
+        f"With {best['workers']} workers the wait is {best[DATA]:.2f} s "
+        f"({best['waiting %']:.0%} of {best[TOTAL]:.2f} s). "
+        "Workers decode and augment batches in parallel while the device computes; "
+    )
+    if best[DATA] < best["computing s"]:
+        return text + (
+            f"once they deliver batches faster than the device consumes them (here "
+            f"{best[DATA]:.2f} s of waiting against {best['computing s']:.2f} s of computing), "
+            f"the loader stops being the bottleneck, so further workers only add start-up "
+            f"time and compete for the {cpus} CPUs."
+        )
+    return text + (
+        f"even the best count leaves the device waiting longer than it computes, so the "
+        f"{cpus} CPUs are the bottleneck: keeping the data on the GPU (--loader gpu) removes it."
+    )
+
+
+def c5_devices(ex: Exercise) -> pd.DataFrame:
+    """C5: average epoch time per device, estimated where only some batches ran, and the
+    speedup against the CPU."""
+    runs = per_run_means(ex)
+    estimated = runs.get("est_epoch_time_s", pd.Series(float("nan"), index=runs.index))
+    # an estimated epoch scales every part of the measured batches by the same factor
+    scale = (estimated / runs["epoch_time_s"]).fillna(1.0)
+    table = pd.DataFrame(
+        {
+            "device": runs["params.device"],
+            "device name": runs[f"tags.{tracking.TAG}device_name"],
+            DATA: runs["data_time_s"] * scale,
+            TRAIN: runs["train_time_s"] * scale,
+            "avg epoch s": runs["epoch_time_s"] * scale,
+            "estimated": ["estimated" if pd.notna(e) else "" for e in estimated],
+        }
+    )
+    cpu = table.loc[table["device"] == "cpu", "avg epoch s"]
+    table["speedup vs cpu"] = cpu.iloc[0] / table["avg epoch s"] if not cpu.empty else None
+    return table
+
+
+def c6_optimizers(ex: Exercise) -> pd.DataFrame:
+    """C6: per optimizer the average training time per epoch, loss and accuracy per epoch."""
+    runs = per_run_means(ex)
+    table = pd.DataFrame(
+        {"optimizer": runs["params.optimizer"], "avg training s/epoch": runs["train_time_s"]}
+    )
+    return table.join(_per_epoch(ex, runs["run_id"]), how="left")
+
+
+def c7_batch_norm(ex: Exercise) -> pd.DataFrame:
+    """C7: the model with and without BatchNorm, average and final loss and accuracy."""
+    runs = per_run_means(ex)
+    final = ex.epochs.sort_values("epoch").groupby("run_id").last()
+    table = pd.DataFrame(
+        {
+            "model": ["BN" if b == "True" else "no BN" for b in runs["params.batch_norm"]],
+            "avg loss": runs["train_loss"],
+            "avg accuracy": runs["train_acc"],
+            "final loss": final.loc[runs["run_id"], "train_loss"].to_numpy(),
+            "final accuracy": final.loc[runs["run_id"], "train_acc"].to_numpy(),
+        }
+    )
+    return table
+
+
+def _per_epoch(ex: Exercise, run_ids: pd.Series) -> pd.DataFrame:
+    wide = ex.epochs.pivot(index="run_id", columns="epoch", values=["train_loss", "train_acc"])
+    wide.columns = [
+        f"{'loss' if metric == 'train_loss' else 'accuracy'} {epoch}" for metric, epoch in wide
+    ]
+    return wide.loc[list(run_ids)].reset_index(drop=True)

@@ -1,0 +1,291 @@
+"""The study's comparisons (C3-C7): each a parent MLflow run with one child run per variant.
+
+Each command builds configs, runs its variants, then builds its tables and plots from the
+tracking store (the `analysis` package), logs them on the parent and returns them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis import plots, queries, tables
+from cifarexp import tracking
+from cifarexp.config import ConfigError, TrainConfig
+from cifarexp.console import err_console
+from cifarexp.data import cpu_count
+from cifarexp.engine import resolve_device
+from cifarexp.jobs import Labels, environment_tags, run_training
+
+WORKERS_STEP = 4
+WORKERS_TOLERANCE = 0.03  # a count must cut data-loading time by more than this to go on
+
+
+@dataclass
+class Outcome:
+    """What a comparison produced: its parent run, its tables and plots, and notes."""
+
+    parent_id: str
+    tables: dict[str, pd.DataFrame]
+    figures: dict[str, Figure]
+    notes: list[str] = field(default_factory=list)
+
+    def log(self) -> None:
+        """Tables as CSV, plots as PNG, notes as text, on the (active) parent run."""
+        for name, table in self.tables.items():
+            tracking.log_table(table, f"{name}.csv")
+        for name, figure in self.figures.items():
+            tracking.log_figure(figure, f"{name}.png")
+        if self.notes:
+            tracking.log_text("\n\n".join(self.notes), "notes.md")
+
+
+@dataclass
+class Comparison:
+    """An open parent run that runs variants as its children."""
+
+    labels: Labels
+    experiment: str
+    parent_id: str
+    quiet: bool
+    reused: dict[str, str]  # variant -> finished child of a resumed run
+
+    def run(self, variant: str, cfg: TrainConfig) -> str:
+        """Train one variant as a child run (or reuse its finished run); its run id."""
+        if variant in self.reused:
+            err_console.print(f"{variant}: reusing finished run {self.reused[variant]}")
+            return self.reused[variant]
+        labels = Labels(self.labels.command, self.labels.exercise, variant)
+        run = run_training(
+            cfg,
+            labels,
+            experiment=self.experiment,
+            run_name=variant,
+            nested=True,
+            quiet=self.quiet,
+        )
+        return run.run_id
+
+
+@contextmanager
+def comparison(
+    labels: Labels,
+    base: TrainConfig,
+    options: dict[str, object],
+    *,
+    experiment: str,
+    resume: bool = False,
+    quiet: bool = False,
+) -> Iterator[Comparison]:
+    """Open the parent run (or, with `resume`, reopen the unfinished one with the same
+    settings) and yield a Comparison to run its variants in."""
+    device = resolve_device(base.device)
+    params = {**base.as_params(), **options}
+    previous = queries.unfinished(labels.command, params) if resume else None
+    if resume and previous is None:
+        err_console.print("Nothing to resume: no unfinished run with these settings.")
+    reopen = None if previous is None else previous["run_id"]
+    tags = {
+        **labels.tags(), tracking.DATASET: base.dataset, **environment_tags(device),
+        tracking.DEVICE: str(options.get("devices", device.type)),
+    }  # fmt: skip
+    with tracking.start_run(
+        experiment, run_name=labels.command, tags=tags, params=params, reopen=reopen
+    ) as parent_id:
+        reused = {}
+        if reopen is not None:
+            children = queries.finished_children(reopen)
+            reused = dict(
+                zip(children[f"tags.{tracking.VARIANT}"], children["run_id"], strict=True)
+            )
+        yield Comparison(labels, experiment, parent_id, quiet, reused)
+
+
+def _subtitle(ex: queries.Exercise) -> str:
+    return f"({ex.dataset}, {ex.device_name})"
+
+
+# ---------------------------------------------------------------- C3, C4: sweep-workers
+
+
+def max_workers() -> int:
+    """The automatic sweep stops here: one step past the CPUs this process may use."""
+    return WORKERS_STEP * math.ceil(cpu_count() / WORKERS_STEP) + WORKERS_STEP
+
+
+def sweep_workers(
+    base: TrainConfig,
+    workers: list[int] | None,
+    *,
+    experiment: str,
+    resume: bool = False,
+    quiet: bool = False,
+) -> Outcome:
+    """C3/C4: one child per worker count. Without a list: 1 (for C4), then 0, 4, 8, ...
+    until data-loading time stops falling by more than WORKERS_TOLERANCE."""
+    options = {"workers_list": ",".join(map(str, workers)) if workers else "auto"}
+    labels = Labels("sweep-workers", "C3")
+    with comparison(
+        labels, base, options, experiment=experiment, resume=resume, quiet=quiet
+    ) as comp:
+        run_count = lambda n: _data_time(comp.run(f"workers={n}", base.replace(workers=n)))  # noqa: E731
+        for count in workers or [1]:
+            run_count(count)
+        if workers is None:
+            auto_sweep(run_count, max_workers())
+        ex = queries.exercise("C3", run_id=comp.parent_id)
+        c3 = tables.c3_workers(ex)
+        c4 = tables.c4_one_vs_best(c3)
+        best_workers = tables.best_workers(c3)
+        tracking.log_metrics({"best_workers": best_workers})
+        outcome = Outcome(
+            ex.parent_id,
+            tables={"c3_workers": c3, "c4_one_vs_best": c4},
+            figures={"c3_workers": plots.workers_curve(c3, _subtitle(ex))},
+            notes=[tables.c4_explanation(c4, str(cpu_count()))],
+        )
+        outcome.log()
+    return outcome
+
+
+def auto_sweep(measure: Callable[[int], float], limit: int) -> list[int]:
+    """Measure 0, 4, 8, ... workers until the data-loading time stops falling by more than
+    WORKERS_TOLERANCE (or `limit` is passed); the counts measured."""
+    counts, best = [], math.inf
+    for count in range(0, limit + 1, WORKERS_STEP):
+        counts.append(count)
+        data_time = measure(count)
+        if count > 0 and data_time > best * (1 - WORKERS_TOLERANCE):
+            break
+        best = min(best, data_time)
+    return counts
+
+
+def _data_time(run_id: str) -> float:
+    return float(tracking.metric_history(run_id, ["data_time_s"])["data_time_s"].mean())
+
+
+def resolve_best_workers(device: str, dataset: str) -> int:
+    """`--workers best`: best_workers of the newest finished sweep for this device type and
+    dataset; a clear error when there is none."""
+    device_type = resolve_device(device).type
+    sweep = queries.latest_sweep(device_type, dataset)
+    if sweep is None:
+        raise ConfigError(
+            f"--workers best: no finished sweep-workers run for {device_type} and {dataset} "
+            f"in {tracking.current_uri()}; run `cifarexp sweep-workers` first"
+        )
+    best = int(sweep["metrics.best_workers"])
+    err_console.print(f"--workers best = {best}, from sweep-workers run {sweep['run_id']}")
+    return best
+
+
+# ---------------------------------------------------------------- C5, C6, C7
+
+
+def _compare(
+    labels: Labels,
+    base: TrainConfig,
+    variants: dict[str, TrainConfig],
+    options: dict[str, object],
+    build: Callable[[queries.Exercise], Outcome],
+    *,
+    experiment: str,
+    resume: bool,
+    quiet: bool,
+) -> Outcome:
+    with comparison(
+        labels, base, options, experiment=experiment, resume=resume, quiet=quiet
+    ) as comp:
+        for variant, cfg in variants.items():
+            comp.run(variant, cfg)
+        outcome = build(queries.exercise(labels.exercise, run_id=comp.parent_id))
+        outcome.log()
+    return outcome
+
+
+def compare_device(
+    base: TrainConfig,
+    devices: list[str],
+    *,
+    cpu_batches: int | None = None,
+    experiment: str,
+    resume: bool = False,
+    quiet: bool = False,
+) -> Outcome:
+    """C5: the same training on each device; on CPU optionally only the first `cpu_batches`
+    batches per epoch, the epoch time then estimated from their throughput."""
+    for device in devices:
+        resolve_device(device, "--devices")
+    variants = {
+        f"device={d}": base.replace(device=d, max_batches=cpu_batches if d == "cpu" else None)
+        for d in devices
+    }
+    options = {"devices": ",".join(devices), "cpu_batches": cpu_batches}
+
+    def build(ex: queries.Exercise) -> Outcome:
+        c5 = tables.c5_devices(ex)
+        speedup = c5["speedup vs cpu"].dropna()
+        if len(c5) > 1 and not speedup.empty:
+            tracking.log_metrics({"gpu_speedup": float(speedup.max())})
+        figure = plots.device_breakdown(c5, _subtitle(ex))
+        return Outcome(ex.parent_id, {"c5_devices": c5}, {"c5_devices": figure})
+
+    return _compare(
+        Labels("compare-device", "C5"), base, variants, options, build,
+        experiment=experiment, resume=resume, quiet=quiet,
+    )  # fmt: skip
+
+
+def compare_optim(
+    base: TrainConfig,
+    optimizers: list[str],
+    *,
+    experiment: str,
+    resume: bool = False,
+    quiet: bool = False,
+) -> Outcome:
+    """C6: the same training with each optimizer."""
+    variants = {f"optimizer={name}": base.replace(optimizer=name) for name in optimizers}
+
+    def build(ex: queries.Exercise) -> Outcome:
+        c6 = tables.c6_optimizers(ex)
+        names = dict(zip(ex.runs["run_id"], ex.runs["params.optimizer"], strict=True))
+        figure = plots.per_epoch_curves(ex.epochs, names, f"C6: optimizers {_subtitle(ex)}")
+        return Outcome(ex.parent_id, {"c6_optimizers": c6}, {"c6_optimizers": figure})
+
+    return _compare(
+        Labels("compare-optim", "C6"), base, variants, {"optimizers": ",".join(optimizers)}, build,
+        experiment=experiment, resume=resume, quiet=quiet,
+    )  # fmt: skip
+
+
+def no_bn(
+    base: TrainConfig,
+    *,
+    baseline: bool = True,
+    experiment: str,
+    resume: bool = False,
+    quiet: bool = False,
+) -> Outcome:
+    """C7: the model without BatchNorm and, unless baseline=False, the BN model."""
+    variants = {"model=no-bn": base.replace(batch_norm=False)}
+    if baseline:
+        variants["model=bn"] = base.replace(batch_norm=True)
+
+    def build(ex: queries.Exercise) -> Outcome:
+        c7 = tables.c7_batch_norm(ex)
+        names = dict(zip(ex.runs["run_id"], c7["model"], strict=True))
+        title = f"C7: with and without BatchNorm {_subtitle(ex)}"
+        figure = plots.per_epoch_curves(ex.epochs, names, title)
+        return Outcome(ex.parent_id, {"c7_batch_norm": c7}, {"c7_batch_norm": figure})
+
+    return _compare(
+        Labels("no-bn", "C7"), base, variants, {"baseline": baseline}, build,
+        experiment=experiment, resume=resume, quiet=quiet,
+    )  # fmt: skip

@@ -1,0 +1,270 @@
+"""`cifarexp inspect`: SPEC §1 Q1–Q4 answered from the model, recorded in one MLflow run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+import torchinfo
+from rich.table import Table
+from torch import Tensor
+
+from cifarexp import tracking
+from cifarexp.anatomy import (
+    ConvCount,
+    Count,
+    OptimizerAnatomy,
+    ParameterCounts,
+    conv_layers,
+    count_conv_layers,
+    last_linear,
+    optimizer_anatomy,
+    optimizers_frame,
+    parameter_counts,
+)
+from cifarexp.config import TrainConfig
+from cifarexp.console import render
+from cifarexp.data import load_split, make_loader
+from cifarexp.jobs import Labels, environment_tags
+from cifarexp.models import build_model
+
+
+def variant(cfg: TrainConfig) -> str:
+    return "bn" if cfg.batch_norm else "no-bn"
+
+
+def first_batch(cfg: TrainConfig) -> tuple[Tensor, Tensor]:
+    """The first training batch of cfg's dataset, loaded and transformed as in training."""
+    loader = make_loader(cfg, load_split(cfg, train=True), train=True)
+    return next(iter(loader))
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """The answers to Q1–Q4 for one model variant, and the run that holds them."""
+
+    run_id: str
+    cfg: TrainConfig
+    convs: pd.DataFrame  # one row per conv layer
+    conv_count: ConvCount
+    last_linear: tuple[str, int, int]  # module name, in_features, out_features
+    params: ParameterCounts
+    optimizers: list[OptimizerAnatomy]
+
+    def answers(self) -> dict[str, object]:
+        """Everything a script needs, as plain JSON-ready values."""
+        name, in_features, out_features = self.last_linear
+        return {
+            "run_id": self.run_id,
+            "model": self.cfg.model,
+            "variant": variant(self.cfg),
+            "dataset": self.cfg.dataset,
+            "batch_size": self.cfg.batch_size,
+            "q1_conv_layers": {
+                "total": self.conv_count.total,
+                "stem": self.conv_count.stem,
+                "main_path": self.conv_count.main_path,
+                "shortcut": self.conv_count.shortcut,
+            },
+            "q2_last_linear": {
+                "module": name,
+                "in_features": in_features,
+                "out_features": out_features,
+            },
+            "trainable_parameters": _json(self.params.trainable),
+            "buffers": _json(self.params.buffers),
+            "q3_q4_optimizers": {
+                a.optimizer: {
+                    "trainable_parameters": _json(a.trainable),
+                    "gradients_before_backward": _json(a.grads_before_backward),
+                    "gradients_after_backward": _json(a.grads),
+                    "state": {key: _json(count) for key, count in a.state.items()},
+                    "state_total": _json(a.state_total),
+                }
+                for a in self.optimizers
+            },
+        }
+
+    def json(self) -> str:
+        return json.dumps(self.answers(), indent=2)
+
+    def metrics(self) -> dict[str, float]:
+        """The counts as MLflow metrics (per-key state counts prefixed by the optimizer)."""
+        metrics = {
+            "conv_layers": self.conv_count.total,
+            "conv_layers_stem": self.conv_count.stem,
+            "conv_layers_main_path": self.conv_count.main_path,
+            "conv_layers_shortcut": self.conv_count.shortcut,
+            "last_linear_in_features": self.last_linear[1],
+            "trainable_param_tensors": self.params.trainable.tensors,
+            "trainable_params": self.params.trainable.elements,
+            "buffer_tensors": self.params.buffers.tensors,
+            "buffer_elements": self.params.buffers.elements,
+        }
+        for a in self.optimizers:
+            counts = {
+                "grad_tensors_before_backward": a.grads_before_backward.tensors,
+                "grad_tensors": a.grads.tensors,
+                "grad_elements": a.grads.elements,
+                "state_tensors": a.state_total.tensors,
+                "state_elements": a.state_total.elements,
+                "state_mib": a.state_total.mib,
+            }
+            for key, count in a.state.items():
+                counts[f"state_{key}_tensors"] = count.tensors
+                counts[f"state_{key}_elements"] = count.elements
+            metrics |= {f"{a.optimizer}_{name}": value for name, value in counts.items()}
+        return metrics
+
+
+def _json(count: Count) -> dict[str, float]:
+    return {
+        "tensors": count.tensors,
+        "elements": count.elements,
+        "bytes": count.bytes,
+        "mib": round(count.mib, 3),
+    }
+
+
+def run_inspection(cfg: TrainConfig, optimizers: tuple[str, ...], *, experiment: str) -> Inspection:
+    """Measure Q1–Q4 on CPU for cfg's model variant and record them in one MLflow run.
+
+    The counts do not depend on the batch: it only has to be real so that backward and the
+    optimizer step are real.
+    """
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, batch_norm=cfg.batch_norm)
+    batch = first_batch(cfg)
+    hyper = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    anatomies = [optimizer_anatomy(model, name, batch, **hyper) for name in optimizers]
+    fc_name, fc = last_linear(model)
+    cpu = torch.device("cpu")
+    labels = Labels("inspect", "Q1-Q4", variant(cfg))
+    tags = {**labels.tags(), tracking.DATASET: cfg.dataset, **environment_tags(cpu)}
+    params = {
+        "model": cfg.model,
+        "batch_norm": cfg.batch_norm,
+        "optimizers": ",".join(optimizers),
+        "dataset": cfg.dataset,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        **hyper,
+    }
+    with tracking.start_run(experiment, tags=tags, params=params) as run_id:
+        result = Inspection(
+            run_id,
+            cfg,
+            conv_layers(model),
+            count_conv_layers(model),
+            (fc_name, fc.in_features, fc.out_features),
+            parameter_counts(model),
+            anatomies,
+        )
+        summary = torchinfo.summary(
+            model, input_size=(cfg.batch_size, 3, 32, 32), device=cpu, verbose=0
+        )
+        tracking.log_text(str(summary), "model_summary.txt")
+        tracking.log_metrics(result.metrics())
+        tracking.log_table(result.convs, "q1_conv_layers.csv")
+        tracking.log_table(optimizers_frame(anatomies), "q3_q4_optimizers.csv")
+        tracking.log_text(result.json(), "answers.json")
+    return result
+
+
+# --- what the terminal shows
+
+
+def inspection_tables(result: Inspection) -> list[Table | str]:
+    """Q1 as a table, Q2 as a line, Q3/Q4 as one table with the optimizers side by side,
+    then in words what is the same for the optimizers and what is not."""
+    model = "BN model" if result.cfg.batch_norm else "BN-free model"
+    name, in_features, out_features = result.last_linear
+    q2 = (
+        f"[bold]Q2[/]: the last linear layer, {name} = Linear({in_features} → {out_features}), "
+        f"takes a vector of [bold]{in_features}[/] features."
+    )
+    frame = _q3_q4_frame(result)
+    shown: list[Table | str] = [_q1_table(result, model), q2, _q3_q4_table(frame, result, model)]
+    if len(result.optimizers) > 1:
+        shown.append(_comparison(frame, result))
+    return shown
+
+
+def _q1_table(result: Inspection, model: str) -> Table:
+    rows = []
+    for where, convs in result.convs.groupby("where", sort=False):
+        names = list(convs["module"])
+        listed = ", ".join(names) if len(names) <= 3 else f"{names[0]} … {names[-1]}"
+        kernels = ", ".join(convs["kernel"].unique())
+        rows.append({"where": where, "layers": len(names), "kernel": kernels, "modules": listed})
+    frame = pd.DataFrame(rows)
+    title = f"Q1: convolutional layers (nn.Conv2d modules) of {result.cfg.model}, {model}"
+    return render(frame, title, footer=[["total", result.conv_count.total, "", ""]])
+
+
+def _q3_q4_frame(result: Inspection) -> pd.DataFrame:
+    """One row per quantity, one column per optimizer, and (for several) whether they agree."""
+    keys = dict.fromkeys(key for a in result.optimizers for key in a.state)
+    rows = [
+        "trainable parameters",
+        "gradients before backward",
+        "gradients after backward",
+        *(f"state: {key}" for key in keys),
+        "state total",
+        "state MiB",
+    ]
+    columns = {
+        a.optimizer: {
+            "trainable parameters": _cell(a.trainable),
+            "gradients before backward": _cell(a.grads_before_backward),
+            "gradients after backward": _cell(a.grads),
+            **{f"state: {key}": _cell(count) for key, count in a.state.items()},
+            "state total": _cell(a.state_total),
+            "state MiB": f"{a.state_total.mib:.2f}",
+        }
+        for a in result.optimizers
+    }
+    frame = pd.DataFrame(columns).reindex(rows).fillna("–")  # – where an optimizer has no such key
+    if len(columns) > 1:
+        frame["compared"] = [
+            "same" if row.nunique() == 1 else "differs" for _, row in frame.iterrows()
+        ]
+    return frame.rename_axis("quantity").reset_index()
+
+
+def _q3_q4_table(frame: pd.DataFrame, result: Inspection, model: str) -> Table:
+    title = (
+        f"Q3/Q4: after one forward/backward and optimizer step, {model}, "
+        f"{result.cfg.dataset} batch of {result.cfg.batch_size}"
+    )
+    table = render(frame, title)
+    for column in table.columns[1:]:
+        column.justify = "right"
+    table.caption = (
+        f"cells: elements (tensors); the parameters take {result.params.trainable.mib:.2f} MiB"
+    )
+    return table
+
+
+def _comparison(frame: pd.DataFrame, result: Inspection) -> str:
+    """What is the same for every optimizer and what is not, in words."""
+    is_state = frame["quantity"].str.startswith("state")
+    same = list(frame.loc[~is_state & (frame["compared"] == "same"), "quantity"])
+    differs = list(frame.loc[~is_state & (frame["compared"] == "differs"), "quantity"])
+    state_same = bool((frame.loc[is_state, "compared"] == "same").all())
+    (same if state_same else differs).append("the optimizer state")
+    names = [a.optimizer for a in result.optimizers]
+    keeps = "; ".join(
+        f"{a.optimizer} keeps {', '.join(a.state) or 'nothing'}" for a in result.optimizers
+    )
+    return (
+        f"[bold]Same[/] for {', '.join(names[:-1])} and {names[-1]}: "
+        f"{', '.join(same) or 'nothing'}.\n"
+        f"[bold]Different[/]: {', '.join(differs) or 'nothing'}. Per parameter, {keeps}."
+    )
+
+
+def _cell(count: Count) -> str:
+    return f"{count.elements:,} ({count.tensors})" if count.tensors else "none"

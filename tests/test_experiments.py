@@ -1,0 +1,200 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cifarexp import experiments, jobs
+from cifarexp.experiments import auto_sweep
+from tests.conftest import TINY_ARGS, all_runs, without
+
+ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
+
+
+def parent_and_children(client):
+    runs = all_runs(client)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    [parent] = parents
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return parent, sorted(children, key=lambda r: r.info.start_time)
+
+
+def artifacts(client, run_id):
+    return {a.path for a in client.list_artifacts(run_id)}
+
+
+def csv(client, run_id, name):
+    return pd.read_csv(client.download_artifacts(run_id, name))
+
+
+@pytest.mark.parametrize(
+    ("times", "counts"),
+    [
+        ({0: 10, 4: 5, 8: 4.9}, [0, 4, 8]),  # 2% better is noise: stop
+        ({0: 10, 4: 5, 8: 4, 12: 4.5}, [0, 4, 8, 12]),  # worse: stop
+        ({0: 10, 4: 9, 8: 8, 12: 7, 16: 6}, [0, 4, 8, 12, 16]),  # still falling: the cap
+    ],
+)
+def test_auto_sweep_stops_once_data_time_stops_falling(times, counts):
+    assert auto_sweep(times.__getitem__, limit=16) == counts
+
+
+def test_sweep_workers_logs_children_tables_plot_and_best(cli, client):
+    result = cli("sweep-workers", *without("--workers", ONE_EPOCH), "--workers", "0,1")
+    assert result.exit_code == 0, result.output
+    assert "C3" in result.output and "C4" in result.output and "1 worker" in result.output
+
+    parent, children = parent_and_children(client)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["cifarexp.command"] == "sweep-workers"
+    assert parent.data.tags["cifarexp.exercise"] == "C3"
+    assert parent.data.tags["cifarexp.dataset"] == "synthetic"
+    assert [c.data.tags["cifarexp.variant"] for c in children] == ["workers=0", "workers=1"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(c.data.params["epochs"] == "1" for c in children)
+    assert {"c3_workers.csv", "c4_one_vs_best.csv", "c3_workers.png", "notes.md"} <= artifacts(
+        client, parent.info.run_id
+    )
+    data_time = {int(c.data.params["workers"]): c.data.metrics["data_time_s"] for c in children}
+    best = parent.data.metrics["best_workers"]
+    assert best in data_time and data_time[best] == min(data_time.values())
+    c3 = csv(client, parent.info.run_id, "c3_workers.csv")
+    assert list(c3["workers"]) == [0, 1]
+    assert c3.loc[c3["best"] == "yes", "workers"].item() == best
+
+
+def test_workers_best_uses_the_latest_sweep_and_fails_clearly_without_one(cli, client):
+    result = cli("time", *without("--workers", ONE_EPOCH), "--workers", "best")
+    assert result.exit_code == 2 and "no finished sweep-workers run" in result.output
+    assert all_runs(client) == []
+
+    sweep_args = without("--workers", ONE_EPOCH)
+    assert cli("sweep-workers", *sweep_args, "--workers", "1,0").exit_code == 0
+    [sweep] = [r for r in all_runs(client) if "best_workers" in r.data.metrics]
+    best = int(sweep.data.metrics["best_workers"])
+    result = cli("time", *without("--workers", ONE_EPOCH), "--workers", "best")
+    assert result.exit_code == 0, result.output
+    assert sweep.info.run_id in result.output
+    [run] = [r for r in all_runs(client) if r.data.tags["cifarexp.command"] == "time"]
+    assert run.data.params["workers"] == str(best)
+
+
+def test_compare_device_estimates_the_cpu_epoch_from_its_first_batches(cli, client):
+    args = without("--device", ONE_EPOCH)
+    result = cli("compare-device", *args, "--devices", "cpu", "--cpu-batches", "1")
+    assert result.exit_code == 0, result.output
+    assert "estimated" in result.output
+    parent, [child] = parent_and_children(client)
+    assert child.data.tags["cifarexp.variant"] == "device=cpu"
+    assert child.data.params["max_batches"] == "1"
+    # 1 of the 2 batches ran: the estimate is about twice the measured time
+    assert child.data.metrics["est_epoch_time_s"] == pytest.approx(
+        2 * child.data.metrics["epoch_time_s"]
+    )
+    c5 = csv(client, parent.info.run_id, "c5_devices.csv")
+    assert list(c5["estimated"]) == ["estimated"]
+    assert "c5_devices.png" in artifacts(client, parent.info.run_id)
+
+
+def test_compare_optim_has_a_child_per_optimizer_and_per_epoch_curves(cli, client):
+    result = cli("compare-optim", *TINY_ARGS, "--optimizers", "sgd,adam")
+    assert result.exit_code == 0, result.output
+    parent, children = parent_and_children(client)
+    assert parent.data.tags["cifarexp.exercise"] == "C6"
+    assert [c.data.params["optimizer"] for c in children] == ["sgd", "adam"]
+    c6 = csv(client, parent.info.run_id, "c6_optimizers.csv")
+    assert list(c6["optimizer"]) == ["sgd", "adam"]
+    assert {"loss 1", "loss 2", "accuracy 1", "accuracy 2"} <= set(c6.columns)
+    assert "c6_optimizers.png" in artifacts(client, parent.info.run_id)
+
+
+def test_no_bn_trains_both_models_unless_no_baseline(cli, client):
+    result = cli("no-bn", *ONE_EPOCH)
+    assert result.exit_code == 0, result.output
+    parent, children = parent_and_children(client)
+    assert [c.data.params["batch_norm"] for c in children] == ["False", "True"]
+    c7 = csv(client, parent.info.run_id, "c7_batch_norm.csv")
+    assert list(c7["model"]) == ["no BN", "BN"]
+    assert "c7_batch_norm.png" in artifacts(client, parent.info.run_id)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compare-optim", "--optimizers", "sgd,,foo"], "--optimizers"),
+        (["compare-optim", "--optimizers", "foo"], "unknown 'foo'"),
+        (["compare-optim", "--optimizers", "sgd,sgd"], "duplicate"),
+        (["sweep-workers", "--workers", "4,x"], "--workers"),
+        (["sweep-workers", "--workers", ""], "--workers"),
+        (["sweep-workers", "--workers", "-4"], "--workers"),
+        (["compare-device", "--devices", "cpu,tpu"], "--devices"),
+        (["compare-device", "--devices", "cuda"], "--device"),
+    ],
+)
+def test_bad_lists_are_one_clear_line_and_leave_no_run(cli, client, monkeypatch, args, message):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    own = {"compare-device": "--device", "sweep-workers": "--workers"}.get(args[0])
+    shared = without(own, ONE_EPOCH) if own else ONE_EPOCH
+    result = cli(*args, *shared)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert all_runs(client) == []
+
+
+def test_interrupted_sweep_resumes_reusing_finished_children(cli, client, monkeypatch):
+    real = jobs.run_training
+    calls = []
+
+    def interrupt_second(cfg, labels, **kwargs):
+        calls.append(labels.variant)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, labels, **kwargs)
+
+    monkeypatch.setattr(experiments, "run_training", interrupt_second)
+    args = [*without("--workers", ONE_EPOCH), "--workers", "0,1"]
+    assert cli("sweep-workers", *args).exit_code == 130
+    parent, children = parent_and_children(client)
+    assert parent.info.status == "KILLED" and len(children) == 1
+
+    monkeypatch.setattr(experiments, "run_training", real)
+    result = cli("sweep-workers", *args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "reusing finished run" in result.output
+    resumed, children = parent_and_children(client)
+    assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
+    assert sorted(c.data.tags["cifarexp.variant"] for c in children) == ["workers=0", "workers=1"]
+
+
+@pytest.mark.slow
+def test_mlflow_run_entry_point_sweep_workers(store, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_EXPERIMENT_ID", None)  # set by earlier tests' mlflow.set_experiment
+    params = dict(
+        dataset="synthetic",
+        train_size="32",
+        batch_size="16",
+        workers="0,1",
+        device="cpu",
+        epochs="1",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(root),
+        "-e",
+        "sweep-workers",
+        "--env-manager",
+        "local",
+    ]
+    for key, value in params.items():
+        command += ["-P", f"{key}={value}"]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "C3: epoch times per worker count" in done.stdout

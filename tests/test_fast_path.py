@@ -1,0 +1,315 @@
+"""The fast path (issue 6) on CPU: GPU-style augmentation, events timing, warm-up, options."""
+
+import copy
+import itertools
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import nn
+
+from cifarexp import fastpath
+from cifarexp.config import ConfigError, TrainConfig
+from cifarexp.data import MEAN, STD, ImageArrayDataset, synthetic_arrays, train_transform
+from cifarexp.engine import EpochResult, Execution, train, train_one_epoch, warm_up
+from cifarexp.gpu_loader import GpuLoader, crop_flip_normalize, normalization, pad_images
+from cifarexp.models import build_model
+from cifarexp.optim import build_optimizer
+from tests.conftest import TINY, TINY_ARGS, all_runs
+
+CPU = torch.device("cpu")
+
+
+def loader_for(images: np.ndarray, labels: list[int], batch_size: int, **kwargs) -> GpuLoader:
+    dataset = ImageArrayDataset(images, labels, train_transform())
+    return GpuLoader(dataset, batch_size=batch_size, device=CPU, seed=0, **kwargs)
+
+
+def small_model() -> nn.Module:
+    """A seeded conv-BN-linear model: the engine's logic at a fraction of ResNet-18's cost."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 30 * 30, 10)
+    )
+
+
+def unnormalize(images: torch.Tensor) -> torch.Tensor:
+    """Back to the uint8 pixel values the augmentation read."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (MEAN, STD))
+    return ((images * std + mean) * 255).round().long()
+
+
+# ----------------------------------------------------------------- GPU augmentation
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gpu_augmentation_is_torchvisions_pixel_for_pixel_for_every_offset_and_flip(
+    channels_last,
+):
+    images, _ = synthetic_arrays(2, seed=0, train=True)
+    padded = pad_images(torch.from_numpy(images))
+    mean, std = normalization(CPU)
+    cases = list(itertools.product(range(2), range(9), range(9), (False, True)))
+    index, tops, lefts, flips = (torch.tensor(column) for column in zip(*cases, strict=True))
+    offsets = torch.stack([tops, lefts], dim=1)
+
+    ours = crop_flip_normalize(
+        padded, index, offsets, flips, mean, std, channels_last=channels_last
+    )
+
+    for got, (i, top, left, flip) in zip(ours, cases, strict=True):
+        image = TF.crop(TF.pad(Image.fromarray(images[i]), 4), top, left, 32, 32)
+        image = TF.hflip(image) if flip else image
+        expected = TF.normalize(TF.to_tensor(image), MEAN, STD)
+        assert torch.equal(got, expected), (i, top, left, flip)
+    assert ours.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+
+
+def test_gpu_loader_offsets_are_uniform_over_0_to_8_and_half_the_images_flip():
+    # Given one image whose pixels tell their own row and column (value = index + 1),
+    rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    image = np.stack([rows + 1, cols + 1, np.zeros_like(rows)], axis=-1).astype(np.uint8)
+    n = 4096
+    loader = loader_for(np.repeat(image[None], n, axis=0), [0] * n, batch_size=1024)
+
+    # when one epoch of it is augmented,
+    pixels = unnormalize(torch.cat([images for images, _ in loader]))
+
+    # then each crop offset, read back from the centre pixels, is uniform over 0..8
+    source_row = pixels[:, 0, 16, 16] - 1  # = top + 16 - 4
+    source_col = pixels[:, 1, 16, 16] - 1
+    flipped = pixels[:, 1, 16, 17] < pixels[:, 1, 16, 16]
+    top = source_row - 12
+    left = torch.where(flipped, source_col - 11, source_col - 12)  # flip: left + 31 - 16 - 4
+    for offsets in (top, left):
+        counts = torch.bincount(offsets, minlength=9)
+        assert len(counts) == 9 and counts.min() > 0.8 * n / 9 and counts.max() < 1.2 * n / 9
+    # and about half of the images are flipped.
+    assert 0.46 < flipped.float().mean().item() < 0.54
+
+
+def test_gpu_loader_visits_every_image_once_per_epoch_with_its_label():
+    n = 50
+    images = np.broadcast_to(
+        np.arange(1, n + 1, dtype=np.uint8)[:, None, None, None], (n, 32, 32, 3)
+    )
+    labels = [i % 10 for i in range(n)]
+    loader = loader_for(np.ascontiguousarray(images), labels, batch_size=16)
+
+    epochs = []
+    for _ in range(2):
+        batches = list(loader)
+        assert [len(labels) for _, labels in batches] == [16, 16, 16, 2] == [16] * 3 + [2]
+        index = torch.cat([unnormalize(images)[:, 0, 16, 16] - 1 for images, _ in batches])
+        assert sorted(index.tolist()) == list(range(n))
+        assert torch.equal(torch.cat([labels for _, labels in batches]), index % 10)
+        epochs.append(index)
+    assert len(loader) == 4 and not torch.equal(epochs[0], epochs[1])  # reshuffled each epoch
+
+
+# ----------------------------------------------------------------- engine
+
+
+class FakeCudaEvent:
+    """torch.cuda.Event on the host clock, so events timing runs on CPU."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.time = None
+
+    def record(self, stream=None) -> None:
+        self.time = time.perf_counter()
+
+    def elapsed_time(self, end: "FakeCudaEvent") -> float:
+        return (end.time - self.time) * 1000
+
+
+def test_events_timing_trains_as_sync_does_and_reports_every_batch_after_the_epoch(
+    monkeypatch,
+):
+    monkeypatch.setattr(torch.cuda, "Event", FakeCudaEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
+    model = small_model()
+    results, calls = {}, {}
+    for timing in ("sync", "events"):
+        copied = copy.deepcopy(model)
+        optimizer = build_optimizer("sgd", copied.parameters())
+        calls[timing] = []
+        results[timing] = train_one_epoch(
+            copied,
+            batches,
+            optimizer,
+            CPU,
+            epoch=1,
+            on_batch=lambda *args, timing=timing: calls[timing].append(args),
+            execution=Execution(timing=timing),
+        )
+    sync, events = results["sync"], results["events"]
+    assert events.train_loss == pytest.approx(sync.train_loss, rel=1e-6)
+    assert events.train_acc == sync.train_acc and events.images == sync.images == 8
+    assert [i for i, *_ in calls["events"]] == [0, 1]
+    assert calls["events"] == [(i, pytest.approx(loss), acc) for i, loss, acc in calls["sync"]]
+    assert 0 < events.data_time_s + events.train_time_s <= events.epoch_time_s
+
+
+def test_warm_up_leaves_model_optimizer_and_rng_as_they_were():
+    model = small_model()
+    optimizer = build_optimizer("sgd", model.parameters())
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+
+    seconds = warm_up(model, optimizer, CPU, batch_sizes=[2], steps=1)
+
+    assert seconds > 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
+    assert optimizer.state_dict()["state"] == {}  # no momentum buffers
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_compiled_model_compiles_once_in_warm_up_and_trains_as_the_eager_one():
+    # Given a small model compiled with a backend that only counts compilations,
+    compilations = []
+
+    def counting_backend(graph, inputs):
+        compilations.append(graph)
+        return graph.forward
+
+    batches = [(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))) for n in (4, 4, 3)]
+    eager = small_model()
+    eager_results = train(
+        eager,
+        batches,
+        build_optimizer("sgd", eager.parameters()),
+        CPU,
+        epochs=2,
+        on_epoch=lambda r: None,
+    )
+
+    # when it is warmed up on both batch sizes and trained for two epochs,
+    torch._dynamo.reset()
+    model = small_model()
+    optimizer = build_optimizer("sgd", model.parameters())
+    compiled = torch.compile(model, backend=counting_backend, dynamic=False)
+    execution = Execution(compiled=True)
+    warm_up(compiled, optimizer, CPU, batch_sizes=[4, 3], execution=execution)
+    results = train(
+        compiled, batches, optimizer, CPU, epochs=2, on_epoch=lambda r: None, execution=execution
+    )
+
+    # then only the full batch's shape was compiled (the smaller last batch runs eagerly),
+    assert len(compilations) == 1
+    # and warm-up changed nothing that the epochs measure.
+    for ours, theirs in zip(results, eager_results, strict=True):
+        assert ours.train_loss == pytest.approx(theirs.train_loss, rel=1e-5)
+        assert ours.train_acc == theirs.train_acc
+
+
+# ----------------------------------------------------------------- FLOPs and MFU
+
+
+def test_model_flops_per_trained_image_match_the_spec_and_leave_the_model_alone():
+    model = build_model()
+    before = copy.deepcopy(model.state_dict())
+    flops = fastpath.flops_per_image(model)
+    assert 3.2e9 < flops < 3.4e9  # SPEC §3: ≈ 3.3 GFLOP per trained image
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989e12),
+        ("NVIDIA H200", "tf32", 494e12),
+        ("NVIDIA H100 PCIe", "bf16", 756e12),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+        ("NVIDIA H100 80GB HBM3", "fp32", 494e12),  # cuDNN's TF32 convolutions
+        ("Tesla T4", "bf16", None),
+    ],
+)
+def test_peak_flops_come_from_the_table_and_are_absent_for_unknown_devices(
+    monkeypatch, name, precision, peak
+):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert fastpath.peak_flops(torch.device("cuda"), precision) == peak
+    assert fastpath.peak_flops(CPU, precision) is None
+
+
+def test_mfu_is_a_metric_only_where_the_peak_is_known():
+    known = Execution(flops_per_image=3e9, peak_flops=1e12)
+    assert known.mfu(images=1000, seconds=10.0) == pytest.approx(0.3)
+    assert Execution(flops_per_image=3e9).mfu(images=1000, seconds=10.0) is None
+    result = EpochResult(1, 0.1, 0.8, 1.0, 2.0, 0.5, 100)
+    assert "mfu" not in result.metrics()
+    assert EpochResult(1, 0.1, 0.8, 1.0, 2.0, 0.5, 100, mfu=0.3).metrics()["mfu"] == 0.3
+
+
+@pytest.mark.parametrize(
+    ("images", "batch_size", "max_batches", "sizes"),
+    [(50_000, 128, None, [128, 80]), (32, 16, None, [16]), (40, 16, 2, [16]), (8, 16, None, [8])],
+)
+def test_warm_up_covers_the_batch_sizes_an_epoch_will_see(images, batch_size, max_batches, sizes):
+    assert fastpath.warmup_batch_sizes(images, batch_size, max_batches) == sizes
+
+
+# ----------------------------------------------------------------- options
+
+
+def test_fast_path_options_default_to_the_study():
+    assert not TINY.fast_path
+    assert TINY.replace(loader="gpu").fast_path and TINY.replace(channels_last=True).fast_path
+    with pytest.raises(ConfigError, match="--timing"):
+        TrainConfig(timing="events").check_device("cpu")
+    TrainConfig(timing="events", compile="max-autotune", precision="tf32").check_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--loader", "dali"], "--loader: 'dali' is not one of torch, gpu"),
+        (["--precision", "fp16"], "--precision: 'fp16' is not one of"),
+        (["--compile", "fast"], "--compile: 'fast' is not one of"),
+        (["--timing", "wall"], "--timing: 'wall' is not one of"),
+        (["--timing", "events"], "--timing: events needs a CUDA device"),
+        (["--compile", "reduce-overhead"], "--compile: reduce-overhead needs a CUDA device"),
+        (["--precision", "tf32"], "--precision: tf32 needs a CUDA device"),
+    ],
+)
+def test_bad_or_cuda_only_fast_path_options_are_a_usage_error_and_leave_no_run(
+    cli, client, args, message
+):
+    result = cli("time", *TINY_ARGS, *args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())  # unboxed
+    assert all_runs(client) == []
+
+
+def test_fast_path_options_reach_the_run_params_and_train_on_cpu(cli, client):
+    result = cli(
+        "time",
+        *TINY_ARGS,
+        *("--train-size", "8", "--batch-size", "8", "--epochs", "1"),
+        *("--loader", "gpu", "--precision", "bf16", "--channels-last"),
+    )
+    assert result.exit_code == 0, result.output
+    [run] = all_runs(client)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert (params["loader"], params["precision"], params["channels_last"]) == (
+        "gpu",
+        "bf16",
+        "True",
+    )
+    assert (params["compile"], params["timing"]) == ("none", "sync")
+    metrics = run.data.metrics
+    assert 3.2e9 < metrics["flops_per_image"] < 3.4e9
+    assert {"epoch_time_s", "train_acc"} <= set(metrics)
+    assert "mfu" not in metrics and "warmup_s" not in metrics  # CPU: no peak, no warm-up
