@@ -13,9 +13,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job, CPU-sized: C2 on synthetic data, into ./mlflow.db.
+# The main job, CPU-sized: the whole study on synthetic data into ./mlflow.db and ./report.
 run: setup
-	$(BIN)/cifarexp time --dataset synthetic --train-size 2048 --epochs 2 --device cpu
+	$(BIN)/cifarexp lab --preset quick --dataset synthetic
 
 lint: setup
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from analysis.tables import DATA, TOTAL, TRAIN
 
@@ -21,6 +22,7 @@ def workers_curve(c3: pd.DataFrame, subtitle: str = "") -> Figure:
     if not gpu.empty:
         ax.axhline(gpu[TOTAL].iloc[0], color="green", ls="--", label="epoch total, gpu loader")
     ax.set(xlabel="DataLoader workers", ylabel="seconds per epoch", ylim=(0, None))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"C3: data-loading time vs workers {subtitle}".strip())
     ax.legend()
     return fig
@@ -36,6 +38,8 @@ def per_epoch_curves(epochs: pd.DataFrame, labels: dict[str, str], title: str) -
         acc_ax.plot(run["epoch"], 100 * run["train_acc"], "o-", label=label)
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="loss")
     acc_ax.set(xlabel="epoch", ylabel="top-1 training accuracy %", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     acc_ax.legend()
     fig.suptitle(title)
     return fig

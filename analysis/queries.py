@@ -70,8 +70,8 @@ def finished_children(parent_id: str) -> pd.DataFrame:
     children = tracking.search_runs(
         f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'"
     )
-    if children.empty:
-        return children
+    if children.empty:  # no columns at all: give callers the ones they index
+        return pd.DataFrame(columns=["run_id", f"tags.{tracking.VARIANT}"])
     children = children.drop_duplicates(f"tags.{tracking.VARIANT}", keep="first")
     return children.sort_values("start_time").reset_index(drop=True)
 

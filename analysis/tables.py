@@ -128,33 +128,79 @@ def c5_devices(ex: Exercise) -> pd.DataFrame:
 
 
 def c6_optimizers(ex: Exercise) -> pd.DataFrame:
-    """C6: per optimizer the average training time per epoch, loss and accuracy per epoch."""
+    """C6: per optimizer the average training time per epoch, the last epoch's loss and
+    accuracy (the per-epoch values: `c6_per_epoch`)."""
     runs = per_run_means(ex)
-    table = pd.DataFrame(
-        {"optimizer": runs["params.optimizer"], "avg training s/epoch": runs["train_time_s"]}
+    final = _last_epoch(ex, runs)
+    return pd.DataFrame(
+        {
+            "optimizer": runs["params.optimizer"],
+            "avg training s/epoch": runs["train_time_s"],
+            "final loss": final["train_loss"],
+            "final accuracy": final["train_acc"],
+        }
     )
-    return table.join(_per_epoch(ex, runs["run_id"]), how="left")
+
+
+def c6_per_epoch(ex: Exercise, metric: str) -> pd.DataFrame:
+    """C6: `metric` (train_loss or train_acc) per optimizer (rows) and epoch (columns)."""
+    runs = per_run_means(ex)
+    wide = ex.epochs.pivot(index="run_id", columns="epoch", values=metric).loc[runs["run_id"]]
+    name = "loss" if metric == "train_loss" else "accuracy"
+    wide.columns = [f"{name} {epoch}" for epoch in wide.columns]
+    return pd.concat(
+        [runs[["params.optimizer"]].set_axis(["optimizer"], axis=1), wide.reset_index(drop=True)],
+        axis=1,
+    )
 
 
 def c7_batch_norm(ex: Exercise) -> pd.DataFrame:
     """C7: the model with and without BatchNorm, average and final loss and accuracy."""
     runs = per_run_means(ex)
-    final = ex.epochs.sort_values("epoch").groupby("run_id").last()
-    table = pd.DataFrame(
+    final = _last_epoch(ex, runs)
+    return pd.DataFrame(
         {
             "model": ["BN" if b == "True" else "no BN" for b in runs["params.batch_norm"]],
             "avg loss": runs["train_loss"],
             "avg accuracy": runs["train_acc"],
-            "final loss": final.loc[runs["run_id"], "train_loss"].to_numpy(),
-            "final accuracy": final.loc[runs["run_id"], "train_acc"].to_numpy(),
+            "final loss": final["train_loss"],
+            "final accuracy": final["train_acc"],
         }
     )
-    return table
 
 
-def _per_epoch(ex: Exercise, run_ids: pd.Series) -> pd.DataFrame:
-    wide = ex.epochs.pivot(index="run_id", columns="epoch", values=["train_loss", "train_acc"])
-    wide.columns = [
-        f"{'loss' if metric == 'train_loss' else 'accuracy'} {epoch}" for metric, epoch in wide
+def _last_epoch(ex: Exercise, runs: pd.DataFrame) -> pd.DataFrame:
+    """Each run's metrics in its last epoch, in the order of `runs`."""
+    last = ex.epochs.sort_values("epoch").groupby("run_id").last()
+    return last.loc[runs["run_id"]].reset_index(drop=True)
+
+
+def q1_q4_answers(ex: Exercise) -> pd.DataFrame:
+    """Q1-Q4 from the inspect run's metrics: one row per question and quantity."""
+    run = ex.parent
+    metric = lambda name: run.get(f"metrics.{name}")  # noqa: E731
+    rows = [
+        ("Q1", "convolutional layers", metric("conv_layers")),
+        ("Q1", "  in the stem", metric("conv_layers_stem")),
+        ("Q1", "  on the main path of the blocks", metric("conv_layers_main_path")),
+        ("Q1", "  in shortcut projections", metric("conv_layers_shortcut")),
+        ("Q2", "input dimension of the last linear layer", metric("last_linear_in_features")),
+        ("Q3", "trainable parameters", metric("trainable_params")),
     ]
-    return wide.loc[list(run_ids)].reset_index(drop=True)
+    for name in str(run.get("params.optimizers", "")).split(","):
+        rows += [
+            ("Q3", f"{name}: gradients after backward", metric(f"{name}_grad_elements")),
+            ("Q4", f"{name}: optimizer state elements", metric(f"{name}_state_elements")),
+            ("Q4", f"{name}: optimizer state MiB", metric(f"{name}_state_mib")),
+        ]
+        states = sorted(
+            key.removeprefix(f"metrics.{name}_state_").removesuffix("_elements")
+            for key in run.index
+            if key.startswith(f"metrics.{name}_state_") and key.endswith("_elements")
+            and pd.notna(run[key]) and key != f"metrics.{name}_state_elements"
+        )  # fmt: skip
+        rows += [("Q4", f"{name}: keeps {state}", metric(f"{name}_state_{state}_elements"))
+                 for state in states]  # fmt: skip
+    table = pd.DataFrame(rows, columns=["item", "quantity", "value"]).dropna()
+    table["value"] = [f"{v:,.2f}" if v % 1 else f"{int(v):,}" for v in table["value"]]
+    return table.reset_index(drop=True)

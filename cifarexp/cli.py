@@ -2,15 +2,18 @@
 
 import functools
 import inspect
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 import typer
+from rich.markup import escape
 
-from analysis import queries, tables
-from cifarexp import experiments, inspection, tracking
+from analysis import queries, report
+from cifarexp import experiments, inspection, lab, tracking
 from cifarexp.config import (
     COMPILE_MODES,
     DATASETS,
@@ -81,6 +84,14 @@ TRAIN_OPTIONS = [
     _option("seed", int, 0, "Seed for weights, shuffling and synthetic data.", TRAINING),
     _option("pin_memory", bool, False, "DataLoader pin_memory.", DATA),
     _option("persistent_workers", bool, False, "Keep DataLoader workers between epochs.", DATA),
+    _option(
+        "loader_timeout",
+        float,
+        600.0,
+        "Seconds to wait for a batch from the DataLoader workers before the run fails "
+        "(a stuck worker); 0 waits forever.",
+        DATA,
+    ),
     _option("eval", bool, False, "Evaluate on the test split after each epoch (not timed).", DATA),
     _option(
         "loader",
@@ -163,7 +174,8 @@ def command(
                 tracking.use_store(run["tracking_uri"])
                 config = {p.name: values.pop(p.name) for p in shared if p.name in values}
                 cfg = make_config(config) if train_options else TrainConfig()
-                ctx = Context(name, cfg, run["experiment"] or f"cifarexp-{name}", run["quiet"])
+                experiment = run["experiment"] or lab.experiment(name)
+                ctx = Context(name, cfg, experiment, run["quiet"])
                 return fn(ctx=ctx, **values)
 
         params = own + shared
@@ -215,7 +227,8 @@ def user_errors() -> Iterator[None]:
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     except (CifarexpError, *tracking.STORE_ERRORS) as exc:
-        err_console.print(f"[bold red]Error:[/] {exc}", highlight=False)
+        message = escape(str(exc))  # store errors may hold [brackets]
+        err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("Interrupted: finished epochs are in the store; the run is KILLED.")
@@ -237,9 +250,7 @@ def time_(
         run_name=run_name,
         quiet=ctx.quiet,
     )
-    title = f"C2: epoch times on {run.device} ({ctx.cfg.dataset}, {ctx.cfg.workers} workers)"
-    console.print(render(tables.c2_epochs(queries.exercise("C2", run_id=run.run_id)), title))
-    console.print(f"Logged as run {run.run_id}.")
+    print_section(report.section("C2", queries.exercise("C2", run_id=run.run_id)))
 
 
 Resume = Annotated[
@@ -252,14 +263,15 @@ Resume = Annotated[
 ]
 
 
-def print_outcome(outcome: experiments.Outcome, titles: dict[str, str]) -> None:
-    """The command's tables, notes and where they are logged."""
-    for name, table in outcome.tables.items():
+def print_section(section: report.Section) -> None:
+    """A section's tables and text, and the run they are logged on."""
+    for name, table in section.tables.items():
         if not table.empty:
-            console.print(render(table, titles.get(name, name)))
-    for note in outcome.notes:
-        console.print(note, highlight=False)
-    console.print(f"Logged on parent run {outcome.parent_id} (tables as CSV, plots as PNG).")
+            title = f"{report.TITLES[name]} ({section.dataset})"
+            console.print(render(table, title))
+    if section.text:
+        console.print(section.text, highlight=False)
+    console.print(f"Source: {section.source}.", style="dim", highlight=False)
 
 
 @command("sweep-workers", epochs=1)
@@ -273,6 +285,14 @@ def sweep_workers(
             rich_help_panel=DATA,
         ),
     ] = "auto",
+    gpu_loader: Annotated[
+        bool | None,
+        typer.Option(
+            help="Add a row with the data kept on the device (--loader gpu), to compare with "
+            "every worker count. Default: on when training on CUDA.",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
     resume: Resume = False,
 ) -> None:
     """C3, C4: data-loading time per DataLoader worker count, the best count, 1 vs best."""
@@ -281,16 +301,17 @@ def sweep_workers(
         counts = [parse_int("--workers", w) for w in parse_list("--workers", workers)]
         if any(c < 0 for c in counts):
             raise ConfigError(f"--workers: counts must be >= 0, got {workers!r}")
-    outcome = experiments.sweep_workers(
-        ctx.cfg, counts, experiment=ctx.experiment, resume=resume, quiet=ctx.quiet
+    if gpu_loader is None:
+        gpu_loader = experiments.resolve_device(ctx.cfg.device).type == "cuda"
+    section = experiments.sweep_workers(
+        ctx.cfg,
+        counts,
+        gpu_loader=gpu_loader,
+        experiment=ctx.experiment,
+        resume=resume,
+        quiet=ctx.quiet,
     )
-    print_outcome(
-        outcome,
-        {
-            "c3_workers": f"C3: epoch times per worker count ({ctx.cfg.dataset})",
-            "c4_one_vs_best": "C4: 1 worker vs the best count",
-        },
-    )
+    print_section(section)
 
 
 @command("compare-device", exclude=("device",))
@@ -316,10 +337,10 @@ def compare_device(
 ) -> None:
     """C5: average epoch time on each device (GPU vs CPU) and the GPU speedup."""
     default = "cpu,cuda" if torch.cuda.is_available() else "cpu"
-    names = parse_list("--devices", devices or default)
+    names = parse_list("--devices", default if devices is None else devices)
     for name in names:
         experiments.resolve_device(name, "--devices")
-    outcome = experiments.compare_device(
+    section = experiments.compare_device(
         ctx.cfg,
         names,
         cpu_batches=cpu_batches,
@@ -327,7 +348,7 @@ def compare_device(
         resume=resume,
         quiet=ctx.quiet,
     )
-    print_outcome(outcome, {"c5_devices": f"C5: average epoch time per device ({ctx.cfg.dataset})"})
+    print_section(section)
 
 
 @command("compare-optim", exclude=("optimizer",))
@@ -340,10 +361,10 @@ def compare_optim(
 ) -> None:
     """C6: SGD, Nesterov, Adagrad, Adadelta, Adam: training time, loss and accuracy."""
     names = parse_list("--optimizers", optimizers, OPTIMIZERS)
-    outcome = experiments.compare_optim(
+    section = experiments.compare_optim(
         ctx.cfg, names, experiment=ctx.experiment, resume=resume, quiet=ctx.quiet
     )
-    print_outcome(outcome, {"c6_optimizers": f"C6: optimizers ({ctx.cfg.dataset})"})
+    print_section(section)
 
 
 @command("no-bn")
@@ -358,10 +379,10 @@ def no_bn(
     resume: Resume = False,
 ) -> None:
     """C7: the model without BatchNorm against the BN model: loss and accuracy."""
-    outcome = experiments.no_bn(
+    section = experiments.no_bn(
         ctx.cfg, baseline=baseline, experiment=ctx.experiment, resume=resume, quiet=ctx.quiet
     )
-    print_outcome(outcome, {"c7_batch_norm": f"C7: with and without BatchNorm ({ctx.cfg.dataset})"})
+    print_section(section)
 
 
 @command("inspect", train_options=False)
@@ -418,5 +439,101 @@ def inspect_(
     )
 
 
+@command("report", train_options=False)
+def report_(
+    ctx: Context,
+    out: Annotated[
+        Path, typer.Option(help="Folder for report.md, the CSVs and the PNGs.", rich_help_panel=RUN)
+    ] = Path("report"),
+    runs: Annotated[
+        str | None,
+        typer.Option(
+            help="Use these runs instead of the latest finished ones, e.g. C3=<run id>,C6=<run id> "
+            f"(items: {', '.join(report.ITEMS)}).",
+            rich_help_panel=RUN,
+        ),
+    ] = None,
+) -> None:
+    """The study's tables and plots, from the tracking store, into a report folder."""
+    run_ids = {}
+    for pair in parse_list("--runs", runs) if runs is not None else []:
+        item, _, run_id = pair.partition("=")
+        if item not in report.ITEMS or not run_id:
+            raise ConfigError(
+                f"--runs: {pair!r} is not ITEM=RUN_ID with ITEM in {', '.join(report.ITEMS)}"
+            )
+        if item in run_ids:
+            raise ConfigError(f"--runs: {item} is given twice")
+        if queries.run_by_id(run_id) is None:
+            raise ConfigError(f"--runs: no run {run_id} in {tracking.current_uri()}")
+        run_ids[item] = run_id
+    sections = report.build_report(run_ids)
+    write_and_log_report(sections, out)
+
+
+def make_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CifarexpError(f"--out: cannot write the report to {out} ({exc.strerror})") from None
+
+
+def write_and_log_report(sections: list[report.Section], out: Path) -> None:
+    """Write the report folder, print it, and log the folder on a `report` run."""
+    try:
+        path = report.write_report(sections, out, tracking.current_uri())
+    except OSError as exc:
+        raise CifarexpError(f"--out: cannot write the report to {out} ({exc.strerror})") from None
+    for section in sections:
+        if section.missing:
+            console.print(f"[bold]{section.heading}[/]: not run yet; run `{section.command}`.")
+        else:
+            print_section(section)
+    labels = Labels("report", "report")
+    with tracking.start_run(lab.experiment("report"), tags=labels.tags(), params={"out": str(out)}):
+        tracking.log_artifacts(out)
+    console.print(f"Report written to {path}.")
+
+
+@command("lab", train_options=False)
+def lab_(
+    ctx: Context,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="full: the study's sizes (50,000 images, 5 epochs); quick: a few minutes on a "
+            "2-core CPU (512 images, 2 epochs).",
+            rich_help_panel=TRAINING,
+        ),
+    ] = "full",
+    dataset: Annotated[
+        str, typer.Option(help="cifar10 or synthetic.", rich_help_panel=DATA)
+    ] = "cifar10",
+    data_dir: Annotated[
+        str, typer.Option(help="Where CIFAR-10 is.", rich_help_panel=DATA)
+    ] = "./data",
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=TRAINING)
+    ] = "auto",
+    out: Annotated[Path, typer.Option(help="Folder for the report.", rich_help_panel=RUN)] = Path(
+        "report"
+    ),
+) -> None:
+    """The whole study, from nothing to every answer: inspect, time, sweep-workers,
+    compare-device, compare-optim, no-bn (with the best worker count), then the report."""
+    if preset not in lab.PRESETS:
+        raise ConfigError(f"--preset: unknown {preset!r}; choose from {', '.join(lab.PRESETS)}")
+    base = TrainConfig(dataset=dataset, data_dir=data_dir, device=device)
+    make_out_dir(out)  # a bad --out fails now, not after the whole study
+    sections = lab.run_lab(base, preset, quiet=ctx.quiet)
+    write_and_log_report(sections, out)
+
+
 def main() -> None:
+    # SIGTERM (`kill`, a scheduler's time limit) ends runs as Ctrl-C does: KILLED, epochs kept.
+    signal.signal(signal.SIGTERM, _interrupt)
     app()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -34,6 +34,7 @@ class TrainConfig:
     workers: int = 2  # DataLoader num_workers
     pin_memory: bool = False
     persistent_workers: bool = False
+    loader_timeout: float = 600.0  # s a worker may take for a batch before the run fails; 0 = none
     # model
     model: str = "resnet18"
     batch_norm: bool = True  # False = the C7 variant with every BatchNorm removed
@@ -64,6 +65,7 @@ class TrainConfig:
         _check(self.test_size is None or self.test_size >= 1, "--test-size", "must be >= 1")
         _check(self.batch_size >= 1, "--batch-size", "must be >= 1")
         _check(self.workers >= 0, "--workers", "must be >= 0")
+        _check(self.loader_timeout >= 0, "--loader-timeout", "must be >= 0 (0 = no timeout)")
         _check(
             not self.persistent_workers or self.workers > 0,
             "--persistent-workers",

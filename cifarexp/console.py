@@ -17,6 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from analysis.report import format_value
 from cifarexp.engine import OnBatch
 
 console = Console()
@@ -66,29 +67,16 @@ def render(frame: pd.DataFrame, title: str, *, footer: Sequence[Sequence[object]
         table.add_column(str(column), justify="right" if _is_numeric(frame[column]) else "left")
     for row in frame.itertuples(index=False):
         table.add_row(
-            *(format_cell(name, value) for name, value in zip(frame.columns, row, strict=True))
+            *(format_value(name, value) for name, value in zip(frame.columns, row, strict=True))
         )
     if footer:
         table.add_section()
     for row in footer:
         table.add_row(
-            *(format_cell(name, value) for name, value in zip(frame.columns, row, strict=True)),
+            *(format_value(name, value) for name, value in zip(frame.columns, row, strict=True)),
             style="bold",
         )
     return table
-
-
-def format_cell(column: object, value: object) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return "–"
-    if isinstance(value, float):
-        name = str(column)
-        if "acc" in name or name.endswith("%"):
-            return f"{value:.1%}"
-        if "loss" in name:
-            return f"{value:.4f}"
-        return f"{value:.2f}"
-    return str(value)
 
 
 def _is_numeric(series: pd.Series) -> bool:

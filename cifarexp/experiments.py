@@ -1,7 +1,7 @@
 """The study's comparisons (C3-C7): each a parent MLflow run with one child run per variant.
 
-Each command builds configs, runs its variants, then builds its tables and plots from the
-tracking store (the `analysis` package), logs them on the parent and returns them.
+Each command builds configs, runs its variants, then builds its section of the report
+(tables, plots, text) from the tracking store, logs it on the parent and returns it.
 """
 
 from __future__ import annotations
@@ -9,12 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import pandas as pd
-from matplotlib.figure import Figure
-
-from analysis import plots, queries, tables
+from analysis import queries, report
 from cifarexp import tracking
 from cifarexp.config import ConfigError, TrainConfig
 from cifarexp.console import err_console
@@ -27,33 +24,16 @@ WORKERS_TOLERANCE = 0.03  # a count must cut data-loading time by more than this
 
 
 @dataclass
-class Outcome:
-    """What a comparison produced: its parent run, its tables and plots, and notes."""
-
-    parent_id: str
-    tables: dict[str, pd.DataFrame]
-    figures: dict[str, Figure]
-    notes: list[str] = field(default_factory=list)
-
-    def log(self) -> None:
-        """Tables as CSV, plots as PNG, notes as text, on the (active) parent run."""
-        for name, table in self.tables.items():
-            tracking.log_table(table, f"{name}.csv")
-        for name, figure in self.figures.items():
-            tracking.log_figure(figure, f"{name}.png")
-        if self.notes:
-            tracking.log_text("\n\n".join(self.notes), "notes.md")
-
-
-@dataclass
 class Comparison:
-    """An open parent run that runs variants as its children."""
+    """An open parent run that runs variants as its children; once they are done,
+    `section` holds the item's tables and plots, built from the store."""
 
     labels: Labels
     experiment: str
     parent_id: str
     quiet: bool
     reused: dict[str, str]  # variant -> finished child of a resumed run
+    section: report.Section | None = None
 
     def run(self, variant: str, cfg: TrainConfig) -> str:
         """Train one variant as a child run (or reuse its finished run); its run id."""
@@ -83,7 +63,8 @@ def comparison(
     quiet: bool = False,
 ) -> Iterator[Comparison]:
     """Open the parent run (or, with `resume`, reopen the unfinished one with the same
-    settings) and yield a Comparison to run its variants in."""
+    settings) and yield a Comparison to run the variants in; then build the item's section
+    from the store and log its tables, plots, text and headline metrics on the parent."""
     device = resolve_device(base.device)
     params = {**base.as_params(), **options}
     previous = queries.unfinished(labels.command, params) if resume else None
@@ -103,11 +84,17 @@ def comparison(
             reused = dict(
                 zip(children[f"tags.{tracking.VARIANT}"], children["run_id"], strict=True)
             )
-        yield Comparison(labels, experiment, parent_id, quiet, reused)
-
-
-def _subtitle(ex: queries.Exercise) -> str:
-    return f"({ex.dataset}, {ex.device_name})"
+        comp = Comparison(labels, experiment, parent_id, quiet, reused)
+        yield comp
+        ex = queries.exercise(labels.exercise, run_id=parent_id)
+        comp.section = report.section(labels.exercise, ex)
+        for name, table in comp.section.tables.items():
+            tracking.log_table(table, f"{name}.csv")
+        for name, figure in comp.section.figures.items():
+            tracking.log_figure(figure, f"{name}.png")
+        if comp.section.text:
+            tracking.log_text(comp.section.text, "notes.md")
+        tracking.log_metrics(report.headline(comp.section))
 
 
 # ---------------------------------------------------------------- C3, C4: sweep-workers
@@ -122,35 +109,34 @@ def sweep_workers(
     base: TrainConfig,
     workers: list[int] | None,
     *,
+    gpu_loader: bool = False,
     experiment: str,
     resume: bool = False,
     quiet: bool = False,
-) -> Outcome:
+) -> report.Section:
     """C3/C4: one child per worker count. Without a list: 1 (for C4), then 0, 4, 8, ...
-    until data-loading time stops falling by more than WORKERS_TOLERANCE."""
-    options = {"workers_list": ",".join(map(str, workers)) if workers else "auto"}
+    until data-loading time stops falling by more than WORKERS_TOLERANCE. With
+    `gpu_loader`, a last child with the data kept on the device: what no count can reach."""
+    options = {
+        "workers_list": ",".join(map(str, workers)) if workers else "auto",
+        "gpu_loader": gpu_loader,
+    }
     labels = Labels("sweep-workers", "C3")
     with comparison(
         labels, base, options, experiment=experiment, resume=resume, quiet=quiet
     ) as comp:
-        run_count = lambda n: _data_time(comp.run(f"workers={n}", base.replace(workers=n)))  # noqa: E731
+
+        def run_count(n: int) -> float:  # --persistent-workers means nothing with 0 workers
+            cfg = base.replace(workers=n, persistent_workers=base.persistent_workers and n > 0)
+            return _data_time(comp.run(f"workers={n}", cfg))
+
         for count in workers or [1]:
             run_count(count)
         if workers is None:
             auto_sweep(run_count, max_workers())
-        ex = queries.exercise("C3", run_id=comp.parent_id)
-        c3 = tables.c3_workers(ex)
-        c4 = tables.c4_one_vs_best(c3)
-        best_workers = tables.best_workers(c3)
-        tracking.log_metrics({"best_workers": best_workers})
-        outcome = Outcome(
-            ex.parent_id,
-            tables={"c3_workers": c3, "c4_one_vs_best": c4},
-            figures={"c3_workers": plots.workers_curve(c3, _subtitle(ex))},
-            notes=[tables.c4_explanation(c4, str(cpu_count()))],
-        )
-        outcome.log()
-    return outcome
+        if gpu_loader:
+            comp.run("loader=gpu", base.replace(loader="gpu", workers=0, persistent_workers=False))
+    return comp.section
 
 
 def auto_sweep(measure: Callable[[int], float], limit: int) -> list[int]:
@@ -193,20 +179,17 @@ def _compare(
     base: TrainConfig,
     variants: dict[str, TrainConfig],
     options: dict[str, object],
-    build: Callable[[queries.Exercise], Outcome],
     *,
     experiment: str,
     resume: bool,
     quiet: bool,
-) -> Outcome:
+) -> report.Section:
     with comparison(
         labels, base, options, experiment=experiment, resume=resume, quiet=quiet
     ) as comp:
         for variant, cfg in variants.items():
             comp.run(variant, cfg)
-        outcome = build(queries.exercise(labels.exercise, run_id=comp.parent_id))
-        outcome.log()
-    return outcome
+    return comp.section
 
 
 def compare_device(
@@ -217,7 +200,7 @@ def compare_device(
     experiment: str,
     resume: bool = False,
     quiet: bool = False,
-) -> Outcome:
+) -> report.Section:
     """C5: the same training on each device; on CPU optionally only the first `cpu_batches`
     batches per epoch, the epoch time then estimated from their throughput."""
     for device in devices:
@@ -227,17 +210,8 @@ def compare_device(
         for d in devices
     }
     options = {"devices": ",".join(devices), "cpu_batches": cpu_batches}
-
-    def build(ex: queries.Exercise) -> Outcome:
-        c5 = tables.c5_devices(ex)
-        speedup = c5["speedup vs cpu"].dropna()
-        if len(c5) > 1 and not speedup.empty:
-            tracking.log_metrics({"gpu_speedup": float(speedup.max())})
-        figure = plots.device_breakdown(c5, _subtitle(ex))
-        return Outcome(ex.parent_id, {"c5_devices": c5}, {"c5_devices": figure})
-
     return _compare(
-        Labels("compare-device", "C5"), base, variants, options, build,
+        Labels("compare-device", "C5"), base, variants, options,
         experiment=experiment, resume=resume, quiet=quiet,
     )  # fmt: skip
 
@@ -249,18 +223,11 @@ def compare_optim(
     experiment: str,
     resume: bool = False,
     quiet: bool = False,
-) -> Outcome:
+) -> report.Section:
     """C6: the same training with each optimizer."""
     variants = {f"optimizer={name}": base.replace(optimizer=name) for name in optimizers}
-
-    def build(ex: queries.Exercise) -> Outcome:
-        c6 = tables.c6_optimizers(ex)
-        names = dict(zip(ex.runs["run_id"], ex.runs["params.optimizer"], strict=True))
-        figure = plots.per_epoch_curves(ex.epochs, names, f"C6: optimizers {_subtitle(ex)}")
-        return Outcome(ex.parent_id, {"c6_optimizers": c6}, {"c6_optimizers": figure})
-
     return _compare(
-        Labels("compare-optim", "C6"), base, variants, {"optimizers": ",".join(optimizers)}, build,
+        Labels("compare-optim", "C6"), base, variants, {"optimizers": ",".join(optimizers)},
         experiment=experiment, resume=resume, quiet=quiet,
     )  # fmt: skip
 
@@ -272,20 +239,12 @@ def no_bn(
     experiment: str,
     resume: bool = False,
     quiet: bool = False,
-) -> Outcome:
+) -> report.Section:
     """C7: the model without BatchNorm and, unless baseline=False, the BN model."""
     variants = {"model=no-bn": base.replace(batch_norm=False)}
     if baseline:
         variants["model=bn"] = base.replace(batch_norm=True)
-
-    def build(ex: queries.Exercise) -> Outcome:
-        c7 = tables.c7_batch_norm(ex)
-        names = dict(zip(ex.runs["run_id"], c7["model"], strict=True))
-        title = f"C7: with and without BatchNorm {_subtitle(ex)}"
-        figure = plots.per_epoch_curves(ex.epochs, names, title)
-        return Outcome(ex.parent_id, {"c7_batch_norm": c7}, {"c7_batch_norm": figure})
-
     return _compare(
-        Labels("no-bn", "C7"), base, variants, {"baseline": baseline}, build,
+        Labels("no-bn", "C7"), base, variants, {"baseline": baseline},
         experiment=experiment, resume=resume, quiet=quiet,
     )  # fmt: skip

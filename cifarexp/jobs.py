@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torchinfo
 
 from cifarexp import fastpath, tracking
-from cifarexp.config import TrainConfig
+from cifarexp.config import CifarexpError, TrainConfig
 from cifarexp.console import epoch_progress
 from cifarexp.data import cpu_count, load_split, make_loader
 from cifarexp.engine import EpochResult, resolve_device, train, warm_up
@@ -43,16 +46,48 @@ class TrainingRun:
     warmup_s: float | None = None  # untimed steps before epoch 1 (fast path on CUDA only)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform says."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
 def environment_tags(device: torch.device) -> dict[str, str]:
     """The environment beside the results: torch, CUDA, device name, CPU count."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         tracking.DEVICE: device.type,
-        tracking.TAG + "device_name": name or platform.machine(),
+        tracking.TAG + "device_name": name,
         tracking.TAG + "torch_version": torch.__version__,
         tracking.TAG + "cuda_version": torch.version.cuda or "none",
         tracking.TAG + "cpu_count": str(cpu_count()),
     }
+
+
+@contextmanager
+def data_loader_errors(cfg: TrainConfig) -> Iterator[None]:
+    """A stuck or dead DataLoader worker as one clear CifarexpError; the run, ended inside,
+    keeps PyTorch's own message as its error tag."""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc)  # PyTorch's own messages for the two cases
+        if text.startswith("DataLoader timed out"):
+            raise CifarexpError(
+                f"--loader-timeout: no batch from the DataLoader workers in "
+                f"{cfg.loader_timeout:g} s (a worker is stuck); the run is FAILED. Raise "
+                "--loader-timeout, or use --workers 0"
+            ) from None
+        if text.startswith("DataLoader worker (pid"):  # killed, or exited unexpectedly
+            raise CifarexpError(
+                f"--workers: {text.splitlines()[0].strip()}; the run is FAILED. Try fewer "
+                "--workers (each needs memory and shared memory), or --workers 0"
+            ) from None
+        raise
 
 
 def run_training(
@@ -101,9 +136,12 @@ def run_training(
     tags = {**labels.tags(), tracking.DATASET: cfg.dataset, **environment_tags(device)}
     batches = min(len(loader), cfg.max_batches or len(loader))
 
-    with tracking.start_run(
-        experiment, run_name=run_name, tags=tags, params=cfg.as_params(), nested=nested
-    ) as run_id:
+    with (
+        data_loader_errors(cfg),
+        tracking.start_run(
+            experiment, run_name=run_name, tags=tags, params=cfg.as_params(), nested=nested
+        ) as run_id,
+    ):
         summary = torchinfo.summary(
             model, input_size=(cfg.batch_size, 3, 32, 32), device=device, verbose=0
         )

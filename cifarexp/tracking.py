@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +18,7 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from cifarexp.config import CifarexpError
+from cifarexp.config import CifarexpError, ConfigError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -29,25 +31,80 @@ COMMAND, EXERCISE, VARIANT, DATASET, DEVICE = (
 )
 ERROR = TAG + "error"
 STORE_ERRORS: tuple[type[Exception], ...] = (MlflowException,)  # failures of the store itself
+# Tracking URI schemes MLflow can keep runs in (+driver allowed); never the legacy file store.
+STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+# MLflow retries a failed HTTP request 7 times with exponential backoff (minutes) and waits
+# 120 s for each reply: too long to notice that a tracking server went away mid-run.
+# Used unless the user has set them.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# MLflow's SQLite sessions already wait up to 20 s for another process's lock (busy_timeout);
+# a write still refused with "database is locked" is tried again after each of these pauses.
+LOCKED_RETRY_DELAYS_S = (1, 2, 4, 8, 16, 32)
+
+
+class StoreFailed(CifarexpError):
+    """The tracking store failed mid-run: the message says which epochs reached it."""
+
+
+_epochs_logged: dict[str, list[int]] = {}  # run id -> epochs whose metrics reached the store
 
 
 def use_store(tracking_uri: str | None) -> str:
     """Point MLflow at `tracking_uri` (else MLFLOW_TRACKING_URI, else MLflow's default).
 
-    A tracking server is checked up front, so an unreachable one is one clear error
-    instead of minutes of retries.
+    The store is checked up front: a malformed URI is a ConfigError, a store that cannot be
+    opened or a server that cannot be reached one clear CifarexpError (not minutes of
+    retries), each naming where the URI came from.
     """
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no store-creation chatter
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    uri = mlflow.get_tracking_uri()
+    from_env = not tracking_uri and os.environ.get("MLFLOW_TRACKING_URI")
+    source = "MLFLOW_TRACKING_URI" if from_env else "--tracking-uri"
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    _check_uri(uri, source)
+    mlflow.set_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise CifarexpError(f"cannot reach the tracking server at {uri} ({reason})") from None
+            raise CifarexpError(
+                f"{source}: cannot reach the tracking server at {uri} ({reason})"
+            ) from None
+        return uri
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as exc:  # any failure to open it: missing driver, not a database, ...
+        raise CifarexpError(
+            f"{source}: cannot open the tracking store {uri} ({_first_line(exc)})"
+        ) from None
     return uri
+
+
+def _check_uri(uri: str, source: str) -> None:
+    """A URI MLflow can keep runs in, else a ConfigError naming `source`."""
+    scheme, _, rest = uri.partition(":")
+    scheme = scheme.split("+")[0]
+    if scheme not in STORE_SCHEMES or not rest:
+        raise ConfigError(
+            f"{source}: {uri!r} is not a tracking URI cifarexp can use; give "
+            "sqlite:///PATH.db, http(s)://HOST:PORT or a database URL"
+        )
+    path = rest.removeprefix("///").split("?")[0]
+    if scheme == "sqlite" and (not rest.startswith("///") or path in ("", ":memory:")):
+        raise ConfigError(
+            f"{source}: {uri!r} is not a sqlite file (an in-memory store keeps nothing); "
+            "give sqlite:///PATH.db"
+        )
+    if scheme in ("http", "https") and not urllib.parse.urlparse(uri).hostname:
+        raise ConfigError(f"{source}: {uri!r} names no host; give {scheme}://HOST:PORT")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = exc.message if isinstance(exc, MlflowException) else str(exc)
+    lines = str(text).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def current_uri() -> str:
@@ -68,7 +125,9 @@ def start_run(
 
     Nested runs go into their parent's experiment. Under `mlflow run` (MLFLOW_RUN_ID set)
     the project's run is this run, in the experiment `mlflow run` chose. `reopen` continues
-    an earlier run (by id) instead of starting one. Yields the run id.
+    an earlier run (by id) instead of starting one, and marks KILLED its children that a
+    process killed outright left RUNNING. If the store itself fails, the StoreFailed error
+    says which epochs reached it. Yields the run id.
     """
     try:
         if not nested and not os.environ.get("MLFLOW_RUN_ID"):
@@ -76,25 +135,34 @@ def start_run(
         run = mlflow.start_run(
             run_id=reopen, run_name=run_name, nested=nested, tags=dict(tags or {})
         )
+        if reopen is not None:
+            kill_stale_children(reopen)
     except MlflowException as exc:
         raise CifarexpError(f"tracking store {mlflow.get_tracking_uri()}: {exc.message}") from None
+    run_id = run.info.run_id
     try:
         _log_params(run, params or {})
-        yield run.info.run_id
+        yield run_id
+        mlflow.end_run("FINISHED")
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        _end_run(run_id, "KILLED")
         raise
+    except StoreFailed:
+        _end_run(run_id, "FAILED")  # one try, no error tag: the store is failing
+        raise
+    except STORE_ERRORS as exc:
+        _end_run(run_id, "FAILED")
+        raise StoreFailed(_store_failed(run_id, exc)) from None
     except BaseException as exc:
-        _end_failed(exc)
+        _end_run(run_id, "FAILED", error=exc)
         raise
-    mlflow.end_run("FINISHED")
 
 
 def _log_params(run: mlflow.ActiveRun, params: Mapping[str, object]) -> None:
     """Log params; one that `mlflow run` already logged differently (e.g. workers=best)
     keeps its value and the resolved one goes into a tag."""
     given = run.data.params
-    mlflow.log_params({k: v for k, v in params.items() if k not in given})
+    _retry_locked(lambda: mlflow.log_params({k: v for k, v in params.items() if k not in given}))
     set_tags(
         {TAG + "resolved." + k: v for k, v in params.items() if given.get(k, str(v)) != str(v)}
     )
@@ -111,28 +179,80 @@ def _set_experiment(name: str) -> None:
     mlflow.set_experiment(name)
 
 
-def _end_failed(exc: BaseException) -> None:
-    try:
-        mlflow.set_tag(ERROR, f"{type(exc).__name__}: {exc}"[:5000])
-    finally:
-        mlflow.end_run("FAILED")
+def _end_run(run_id: str, status: str, error: BaseException | None = None) -> None:
+    """End `run_id` (if it is still the active run) with `status`, recording `error` as a
+    tag; a store that fails meanwhile must not hide the error being raised."""
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run_id:
+        return  # already ended (mlflow.end_run drops the run before it writes the status)
+    with contextlib.suppress(*STORE_ERRORS):
+        if error is not None:
+            mlflow.set_tag(ERROR, f"{type(error).__name__}: {error}"[:5000])
+    with contextlib.suppress(*STORE_ERRORS):
+        mlflow.end_run(status)
+
+
+def _store_failed(run_id: str, exc: BaseException) -> str:
+    epochs = _epochs_logged.get(run_id)
+    if not epochs:
+        logged = "no epoch logged"
+    elif len(epochs) > 2 and epochs == list(range(epochs[0], epochs[-1] + 1)):
+        logged = f"epochs logged: {epochs[0]}-{epochs[-1]}"
+    else:
+        logged = f"epochs logged: {', '.join(map(str, epochs))}"
+    return (
+        f"the tracking store {mlflow.get_tracking_uri()} failed during run {run_id} "
+        f"({_first_line(exc)}); {logged}; the run is left unfinished"
+    )
+
+
+def kill_stale_children(parent_id: str) -> list[str]:
+    """Mark KILLED the children of `parent_id` still RUNNING (their process was killed
+    outright, so nothing ended them); their ids. Only for a parent being resumed."""
+    where = f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'"
+    stale = mlflow.search_runs(
+        filter_string=where, search_all_experiments=True, output_format="list"
+    )
+    client = mlflow.MlflowClient()
+    for run in stale:
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [run.info.run_id for run in stale]
+
+
+def _retry_locked(write: Callable[[], None]) -> None:
+    """Run a store write; SQLite's "database is locked" (another process held the lock past
+    MLflow's busy timeout) is tried again after each of LOCKED_RETRY_DELAYS_S."""
+    for delay in LOCKED_RETRY_DELAYS_S:
+        try:
+            write()
+            return
+        except MlflowException as exc:
+            if "database is locked" not in str(exc):
+                raise
+        time.sleep(delay)
+    write()
 
 
 def set_tags(tags: Mapping[str, object]) -> None:
-    mlflow.set_tags({key: str(value) for key, value in tags.items()})
+    _retry_locked(lambda: mlflow.set_tags({key: str(value) for key, value in tags.items()}))
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics(dict(metrics), step=step)
+    _retry_locked(lambda: mlflow.log_metrics(dict(metrics), step=step))
 
 
 def log_epoch(result: EpochResult) -> None:
     """The SPEC §4 metrics of one finished epoch, step = epoch number."""
-    mlflow.log_metrics(result.metrics(), step=result.epoch)
+    _retry_locked(lambda: mlflow.log_metrics(result.metrics(), step=result.epoch))
+    _epochs_logged.setdefault(mlflow.active_run().info.run_id, []).append(result.epoch)
 
 
 def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
+
+
+def log_artifacts(folder: Path) -> None:
+    mlflow.log_artifacts(str(folder))
 
 
 def log_table(table: pd.DataFrame, artifact_file: str) -> None:

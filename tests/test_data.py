@@ -27,14 +27,16 @@ def test_synthetic_first_n_images_do_not_depend_on_the_size():
     assert np.array_equal(small, large[:1500]) and small_labels == large_labels[:1500]
 
 
-def test_synthetic_is_learnable_class_means_differ_more_than_within_class_noise():
-    images, labels = synthetic_arrays(2000, seed=0, train=True)
+def test_synthetic_is_learnable_but_not_trivially():
+    images, labels = synthetic_arrays(4000, seed=0, train=True)
     labels = np.array(labels)
     flat = images.reshape(len(images), -1).astype(np.float32)
-    means = np.stack([flat[labels == c].mean(0) for c in range(10)])
-    # nearest class mean classifies far above chance (10%)
-    distances = ((flat[:, None, :] - means[None]) ** 2).sum(-1)
-    assert (distances.argmin(1) == labels).mean() > 0.9
+    train, held_out = slice(0, 2000), slice(2000, None)
+    means = np.stack([flat[train][labels[train] == c].mean(0) for c in range(10)])
+    distances = ((flat[held_out, None, :] - means[None]) ** 2).sum(-1)
+    accuracy = (distances.argmin(1) == labels[held_out]).mean()
+    # nearest class mean on held-out images: far above chance (10%), far below 100%
+    assert 0.3 < accuracy < 0.8
 
 
 def test_train_split_is_transformed_like_cifar10():

@@ -107,7 +107,9 @@ def test_compare_optim_has_a_child_per_optimizer_and_per_epoch_curves(cli, clien
     assert [c.data.params["optimizer"] for c in children] == ["sgd", "adam"]
     c6 = csv(client, parent.info.run_id, "c6_optimizers.csv")
     assert list(c6["optimizer"]) == ["sgd", "adam"]
-    assert {"loss 1", "loss 2", "accuracy 1", "accuracy 2"} <= set(c6.columns)
+    accuracy = csv(client, parent.info.run_id, "c6_accuracy.csv")
+    assert list(accuracy.columns) == ["optimizer", "accuracy 1", "accuracy 2"]
+    assert list(csv(client, parent.info.run_id, "c6_loss.csv")["optimizer"]) == ["sgd", "adam"]
     assert "c6_optimizers.png" in artifacts(client, parent.info.run_id)
 
 
@@ -119,29 +121,6 @@ def test_no_bn_trains_both_models_unless_no_baseline(cli, client):
     c7 = csv(client, parent.info.run_id, "c7_batch_norm.csv")
     assert list(c7["model"]) == ["no BN", "BN"]
     assert "c7_batch_norm.png" in artifacts(client, parent.info.run_id)
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["compare-optim", "--optimizers", "sgd,,foo"], "--optimizers"),
-        (["compare-optim", "--optimizers", "foo"], "unknown 'foo'"),
-        (["compare-optim", "--optimizers", "sgd,sgd"], "duplicate"),
-        (["sweep-workers", "--workers", "4,x"], "--workers"),
-        (["sweep-workers", "--workers", ""], "--workers"),
-        (["sweep-workers", "--workers", "-4"], "--workers"),
-        (["compare-device", "--devices", "cpu,tpu"], "--devices"),
-        (["compare-device", "--devices", "cuda"], "--device"),
-    ],
-)
-def test_bad_lists_are_one_clear_line_and_leave_no_run(cli, client, monkeypatch, args, message):
-    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    own = {"compare-device": "--device", "sweep-workers": "--workers"}.get(args[0])
-    shared = without(own, ONE_EPOCH) if own else ONE_EPOCH
-    result = cli(*args, *shared)
-    assert result.exit_code == 2, result.output
-    assert message in result.output and "Traceback" not in result.output
-    assert all_runs(client) == []
 
 
 def test_interrupted_sweep_resumes_reusing_finished_children(cli, client, monkeypatch):
@@ -197,4 +176,4 @@ def test_mlflow_run_entry_point_sweep_workers(store, tmp_path):
         command += ["-P", f"{key}={value}"]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "C3: epoch times per worker count" in done.stdout
+    assert "C3: epoch times per DataLoader worker count" in done.stdout

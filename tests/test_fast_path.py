@@ -1,4 +1,5 @@
-"""The fast path (issue 6) on CPU: GPU-style augmentation, events timing, warm-up, options."""
+"""The fast path (issue 6) on CPU: GPU-style augmentation, events timing, warm-up, options;
+and, where there is one, on a CUDA device (marked gpu)."""
 
 import copy
 import itertools
@@ -14,7 +15,14 @@ from torch import nn
 
 from cifarexp import fastpath
 from cifarexp.config import ConfigError, TrainConfig
-from cifarexp.data import MEAN, STD, ImageArrayDataset, synthetic_arrays, train_transform
+from cifarexp.data import (
+    MEAN,
+    STD,
+    ImageArrayDataset,
+    load_split,
+    synthetic_arrays,
+    train_transform,
+)
 from cifarexp.engine import EpochResult, Execution, train, train_one_epoch, warm_up
 from cifarexp.gpu_loader import GpuLoader, crop_flip_normalize, normalization, pad_images
 from cifarexp.models import build_model
@@ -22,6 +30,7 @@ from cifarexp.optim import build_optimizer
 from tests.conftest import TINY, TINY_ARGS, all_runs
 
 CPU = torch.device("cpu")
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def loader_for(images: np.ndarray, labels: list[int], batch_size: int, **kwargs) -> GpuLoader:
@@ -47,14 +56,19 @@ def unnormalize(images: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda_only])]
+)
 def test_gpu_augmentation_is_torchvisions_pixel_for_pixel_for_every_offset_and_flip(
-    channels_last,
+    device, channels_last
 ):
     images, _ = synthetic_arrays(2, seed=0, train=True)
-    padded = pad_images(torch.from_numpy(images))
-    mean, std = normalization(CPU)
+    padded = pad_images(torch.from_numpy(images).to(device))
+    mean, std = normalization(torch.device(device))
     cases = list(itertools.product(range(2), range(9), range(9), (False, True)))
-    index, tops, lefts, flips = (torch.tensor(column) for column in zip(*cases, strict=True))
+    index, tops, lefts, flips = (
+        torch.tensor(column, device=device) for column in zip(*cases, strict=True)
+    )
     offsets = torch.stack([tops, lefts], dim=1)
 
     ours = crop_flip_normalize(
@@ -65,7 +79,10 @@ def test_gpu_augmentation_is_torchvisions_pixel_for_pixel_for_every_offset_and_f
         image = TF.crop(TF.pad(Image.fromarray(images[i]), 4), top, left, 32, 32)
         image = TF.hflip(image) if flip else image
         expected = TF.normalize(TF.to_tensor(image), MEAN, STD)
-        assert torch.equal(got, expected), (i, top, left, flip)
+        if device == "cpu":
+            assert torch.equal(got, expected), (i, top, left, flip)
+        else:  # the same pixels; CUDA's float division may round the last bit differently
+            torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=1e-6)
     assert ours.is_contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format
     )
@@ -313,3 +330,68 @@ def test_fast_path_options_reach_the_run_params_and_train_on_cpu(cli, client):
     assert 3.2e9 < metrics["flops_per_image"] < 3.4e9
     assert {"epoch_time_s", "train_acc"} <= set(metrics)
     assert "mfu" not in metrics and "warmup_s" not in metrics  # CPU: no peak, no warm-up
+
+
+# ----------------------------------------------------------------- on CUDA (skipped elsewhere)
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("compile_mode", ["none", "reduce-overhead"])
+def test_on_cuda_an_events_epoch_never_waits_for_the_device_before_its_end(
+    monkeypatch, compile_mode
+):
+    # Given a warmed-up fast path with its last batch smaller (1000 = 7 x 128 + 104),
+    device = torch.device("cuda")
+    cfg = TINY.replace(train_size=1000, batch_size=128, device="cuda", loader="gpu")
+    cfg = cfg.replace(precision="bf16", channels_last=True, compile=compile_mode, timing="events")
+    loader = GpuLoader(
+        load_split(cfg, train=True), batch_size=128, device=device, seed=0, channels_last=True
+    )
+    model = build_model().to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer("sgd", model.parameters())
+    execution = fastpath.execution(cfg, model, device)
+    compiled = fastpath.compile_model(model, compile_mode)
+    warm_up(compiled, optimizer, device, batch_sizes=[128, 104], execution=execution)
+
+    # when an epoch runs with any host-device synchronisation an error, until its one wait,
+    def allow_then_synchronize(device):
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize(device)
+
+    monkeypatch.setattr("cifarexp.engine.synchronize", allow_then_synchronize)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        [result] = train(
+            compiled,
+            loader,
+            optimizer,
+            device,
+            epochs=1,
+            on_epoch=lambda r: None,
+            execution=execution,
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+    # then it ran through, and its times are attributed.
+    assert result.images == 1000 and 0 <= result.train_acc <= 1
+    assert result.data_time_s > 0 and 0 < result.train_time_s < result.epoch_time_s
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_on_cuda_the_fast_path_logs_warm_up_and_mfu(cli, client):
+    result = cli(
+        "time",
+        *TINY_ARGS,
+        *("--device", "cuda", "--train-size", "1000", "--batch-size", "128"),
+        *("--loader", "gpu", "--precision", "bf16", "--channels-last"),
+        *("--compile", "reduce-overhead", "--timing", "events"),
+    )
+    assert result.exit_code == 0, result.output
+    [run] = all_runs(client)
+    metrics = run.data.metrics
+    assert metrics["warmup_s"] > 0 and metrics["train_time_s"] > 0
+    name = torch.cuda.get_device_name().lower()
+    assert ("mfu" in metrics) == any(fragment in name for fragment, _ in fastpath.PEAK_FLOPS)

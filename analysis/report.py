@@ -1,0 +1,199 @@
+"""The study's report: every item's tables and plots, built from the tracking store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis import plots, queries, tables
+from cifarexp import tracking
+
+TITLES = {
+    "c2_epochs": "C2: time of each epoch (data-loading, training, total), loss and accuracy",
+    "c3_workers": "C3: epoch times per DataLoader worker count",
+    "c4_one_vs_best": "C4: 1 worker vs the best count",
+    "c5_devices": "C5: average epoch time per device",
+    "c6_optimizers": "C6: optimizers, average training time per epoch and the final epoch",
+    "c6_accuracy": "C6: top-1 training accuracy per epoch",
+    "c6_loss": "C6: training loss per epoch",
+    "c7_batch_norm": "C7: with and without BatchNorm",
+    "q1_q4": "Q1-Q4: the model's anatomy",
+}
+
+
+@dataclass
+class Section:
+    """One item of the study: its tables, plots and text, and the runs they came from."""
+
+    item: str
+    heading: str
+    command: str  # the command that produces it
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    figures: dict[str, Figure] = field(default_factory=dict)
+    text: str = ""
+    source: str = ""  # run ids, dataset, device
+    dataset: str = ""
+    run_id: str = ""  # the top-level run it came from
+
+    @property
+    def missing(self) -> bool:
+        return not self.tables
+
+
+Builder = Callable[[queries.Exercise], tuple[dict, dict, str]]
+
+
+def _subtitle(ex: queries.Exercise) -> str:
+    return f"({ex.dataset}, {ex.device_name})"
+
+
+def _c2(ex: queries.Exercise) -> tuple[dict, dict, str]:
+    return {"c2_epochs": tables.c2_epochs(ex)}, {}, ""
+
+
+def _c3(ex: queries.Exercise) -> tuple[dict, dict, str]:
+    c3 = tables.c3_workers(ex)
+    c4 = tables.c4_one_vs_best(c3)
+    cpus = str(ex.parent.get(f"tags.{tracking.TAG}cpu_count", "?"))
+    figure = plots.workers_curve(c3, _subtitle(ex))
+    return (
+        {"c3_workers": c3, "c4_one_vs_best": c4},
+        {"c3_workers": figure},
+        (tables.c4_explanation(c4, cpus)),
+    )
+
+
+def _c5(ex: queries.Exercise) -> tuple[dict, dict, str]:
+    c5 = tables.c5_devices(ex)
+    return {"c5_devices": c5}, {"c5_devices": plots.device_breakdown(c5, _subtitle(ex))}, ""
+
+
+def _c6(ex: queries.Exercise) -> tuple[dict, dict, str]:
+    c6 = tables.c6_optimizers(ex)
+    per_epoch = {
+        "c6_accuracy": tables.c6_per_epoch(ex, "train_acc"),
+        "c6_loss": tables.c6_per_epoch(ex, "train_loss"),
+    }
+    labels = dict(zip(ex.runs["run_id"], c6["optimizer"], strict=True))
+    figure = plots.per_epoch_curves(ex.epochs, labels, f"C6: optimizers {_subtitle(ex)}")
+    return {"c6_optimizers": c6, **per_epoch}, {"c6_optimizers": figure}, ""
+
+
+def _c7(ex: queries.Exercise) -> tuple[dict, dict, str]:
+    c7 = tables.c7_batch_norm(ex)
+    labels = dict(zip(ex.runs["run_id"], c7["model"], strict=True))
+    title = f"C7: with and without BatchNorm {_subtitle(ex)}"
+    return (
+        {"c7_batch_norm": c7},
+        {"c7_batch_norm": plots.per_epoch_curves(ex.epochs, labels, title)},
+        "",
+    )
+
+
+def _q(ex: queries.Exercise) -> tuple[dict, dict, str]:
+    return {"q1_q4": tables.q1_q4_answers(ex)}, {}, ""
+
+
+# item -> (heading, the command that produces it, builder), in the study's order
+ITEMS: dict[str, tuple[str, str, Builder]] = {
+    "C2": ("C1, C2: where the time of an epoch goes", "cifarexp time", _c2),
+    "C3": ("C3, C4: how many DataLoader workers", "cifarexp sweep-workers", _c3),
+    "C5": ("C5: GPU vs CPU", "cifarexp compare-device --workers best", _c5),
+    "C6": ("C6: five optimizers", "cifarexp compare-optim --workers best", _c6),
+    "C7": ("C7: without BatchNorm", "cifarexp no-bn --workers best", _c7),
+    "Q1-Q4": ("Q1-Q4: what the model contains", "cifarexp inspect", _q),
+}
+
+
+def section(item: str, ex: queries.Exercise | None) -> Section:
+    """The section of `item` built from `ex` (an empty, missing section when ex is None)."""
+    heading, command, build = ITEMS[item]
+    result = Section(item, heading, command)
+    if ex is not None:
+        result.tables, result.figures, result.text = build(ex)
+        result.dataset, result.run_id = ex.dataset, ex.parent_id
+        result.source = (
+            f"runs {', '.join(ex.run_ids)} (parent {ex.parent_id}); dataset {ex.dataset}; "
+            f"device {ex.device_name}"
+        )
+    return result
+
+
+def headline(section: Section) -> dict[str, float]:
+    """The one-number answers of a section, logged as metrics on its parent run."""
+    metrics = {}
+    if "c3_workers" in section.tables:
+        metrics["best_workers"] = tables.best_workers(section.tables["c3_workers"])
+    speedup = section.tables.get("c5_devices", pd.DataFrame()).get("speedup vs cpu")
+    if speedup is not None and len(speedup) > 1:
+        metrics["gpu_speedup"] = float(speedup.max())
+    return metrics
+
+
+def build_report(run_ids: Mapping[str, str] | None = None) -> list[Section]:
+    """Every item's section from the latest finished runs (or the given run id per item)."""
+    run_ids = run_ids or {}
+    return [section(item, queries.exercise(item, run_ids.get(item))) for item in ITEMS]
+
+
+def write_report(sections: list[Section], out: Path, tracking_uri: str) -> Path:
+    """`out`/report.md with every table and plot in study order, one CSV per table, PNGs."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# cifarexp report", ""]
+    if any(s.dataset == "synthetic" for s in sections):
+        lines += [
+            "> **Synthetic data.** Some results below were measured on the synthetic, "
+            "CIFAR-shaped dataset, not on CIFAR-10: timings mean the same, accuracies do not.",
+            "",
+        ]
+    lines += [f"Built {datetime.now():%Y-%m-%d %H:%M} from `{tracking_uri}`.", ""]
+    for s in sections:
+        lines += [f"## {s.heading}", ""]
+        if s.missing:
+            lines += [f"*Not run yet.* Produce it with `{s.command}`.", ""]
+            continue
+        lines += [f"Source: {s.source}.", ""]
+        for name, table in s.tables.items():
+            table.to_csv(out / f"{name}.csv", index=False)
+            lines += [f"**{TITLES[name]}**", "", markdown_table(table), ""]
+        if s.text:
+            lines += [s.text, ""]
+        for name, figure in s.figures.items():
+            figure.savefig(out / f"{name}.png", dpi=110)
+            lines += [f"![{TITLES[name]}]({name}.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table, numbers formatted as in the terminal."""
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(table[c]) else "---"
+                          for c in table.columns) + "|"  # fmt: skip
+    rows = [
+        "| "
+        + " | ".join(format_value(c, v) for c, v in zip(table.columns, row, strict=True))
+        + " |"
+        for row in table.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *rows])
+
+
+def format_value(column: object, value: object) -> str:
+    """Seconds with 2 decimals, accuracies and '%' columns as percentages, losses with 4."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "–"
+    if isinstance(value, float):
+        name = str(column)
+        if "acc" in name or name.endswith("%"):
+            return f"{value:.1%}"
+        if "loss" in name:
+            return f"{value:.4f}"
+        return f"{value:.2f}"
+    return str(value)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The study's GPU measurements, as run on the lent GPU machine (see ../shared/device/README.md):
+#   bash benchmarks/gpu_study.sh PART   with PART = core | study | fast
+# Each part writes its printed tables under $OUT (default ./gpu-out) and leaves mlflow.db
+# in the working directory, so parts run one after another share one store.
+set -uo pipefail
+OUT=${OUT:-./gpu-out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then  # the GPU machine has torch but not mlflow/torchinfo: carried wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+FULL=(--dataset synthetic --train-size 50000 --quiet)
+run() { local name=$1; shift; echo "== $*"; "$@" 2>&1 | tee "$OUT/$name.txt"; }
+nvidia-smi -L
+case "${1:-core}" in
+  core)  # issue 2 (C2, overhead), issue 3 (C3/C4), issue 6 (fast path) checks
+    run c2_time python3 -m cifarexp time "${FULL[@]}" --epochs 5 --workers 8
+    run overhead python3 benchmarks/overhead.py --train-size 50000 --workers 8 --pairs 3
+    run c3_sweep python3 -m cifarexp sweep-workers "${FULL[@]}"
+    run epoch_time python3 benchmarks/epoch_time.py --workers 16 --compile reduce-overhead
+    run gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
+    ;;
+  study)  # issue 3 (C5-C7) with the best count of the sweep above, C2 again, the report
+    run c5_device python3 -m cifarexp compare-device "${FULL[@]}" --workers best --cpu-batches 10
+    run c6_optim python3 -m cifarexp compare-optim "${FULL[@]}" --workers best
+    run c7_no_bn python3 -m cifarexp no-bn "${FULL[@]}" --workers best
+    run c2_time python3 -m cifarexp time "${FULL[@]}" --epochs 5 --workers 8
+    run fast_time python3 -m cifarexp time "${FULL[@]}" --epochs 5 --loader gpu \
+      --precision bf16 --channels-last --compile reduce-overhead --timing events
+    python3 -m cifarexp inspect --quiet
+    python3 -m cifarexp report --out report > "$OUT/report.txt" 2>&1
+    tar czf "$OUT/report.tgz" report
+    ;;
+esac
+cp mlflow.db "$OUT/" 2>/dev/null || true
+tar czf "$OUT/mlartifacts.tgz" mlartifacts 2>/dev/null || true

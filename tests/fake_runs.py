@@ -1,0 +1,125 @@
+"""Runs of realistic shape logged straight into a store (no training), for analysis tests
+and the report benchmark."""
+
+from __future__ import annotations
+
+import time
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+C = "cifarexp."
+
+
+def log_run(
+    client: MlflowClient,
+    experiment_id: str,
+    *,
+    command: str,
+    exercise: str,
+    variant: str = "",
+    params: dict | None = None,
+    epochs: list[dict[str, float]] = (),
+    metrics: dict[str, float] | None = None,
+    parent_id: str | None = None,
+    status: str = "FINISHED",
+    dataset: str = "synthetic",
+    device: str = "cuda",
+) -> str:
+    """One run with the SPEC §4 tags, `params`, per-epoch metrics (step = epoch) and
+    single `metrics`; returns its id."""
+    tags = {
+        C + "command": command, C + "exercise": exercise, C + "variant": variant,
+        C + "dataset": dataset, C + "device": device, C + "device_name": "Fake GPU",
+        C + "cpu_count": "16",
+    }  # fmt: skip
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
+    run_id = client.create_run(experiment_id, tags=tags, run_name=variant or command).info.run_id
+    now = int(time.time() * 1000)
+    values = [
+        Metric(key, float(value), now, step)
+        for step, epoch in enumerate(epochs, start=1)
+        for key, value in epoch.items()
+    ] + [Metric(key, float(value), now, 0) for key, value in (metrics or {}).items()]
+    client.log_batch(
+        run_id,
+        metrics=values,
+        params=[Param(k, str(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def epoch(data: float, train: float, total: float, loss: float, acc: float) -> dict[str, float]:
+    return {
+        "data_time_s": data, "train_time_s": train, "epoch_time_s": total,
+        "train_loss": loss, "train_acc": acc, "images_per_s": 50_000 / total,
+    }  # fmt: skip
+
+
+def log_study(client: MlflowClient, prefix: str = "cifarexp") -> dict[str, str]:
+    """One finished run (or parent with children) per item of the study, with known values;
+    returns item -> top-level run id."""
+    exp = lambda name: client.create_experiment(f"{prefix}-{name}-{time.time_ns()}")  # noqa: E731
+    ids = {}
+    e = exp("time")
+    ids["C2"] = log_run(
+        client, e, command="time", exercise="C2", params={"workers": 2},
+        epochs=[epoch(0.2, 14.0, 14.5, 1.5, 0.45), epoch(0.2, 13.0, 13.5, 1.0, 0.65)],
+    )  # fmt: skip
+    e = exp("sweep-workers")
+    ids["C3"] = parent = log_run(
+        client, e, command="sweep-workers", exercise="C3", metrics={"best_workers": 8}
+    )
+    for workers, data in ((1, 5.9), (0, 11.6), (4, 0.97), (8, 0.90)):
+        log_run(
+            client, e, command="sweep-workers", exercise="C3", variant=f"workers={workers}",
+            params={"workers": workers, "loader": "torch"}, parent_id=parent,
+            epochs=[epoch(data, 4.0, data + 4.5, 2.0, 0.3)],
+        )  # fmt: skip
+    e = exp("compare-device")
+    ids["C5"] = parent = log_run(client, e, command="compare-device", exercise="C5")
+    log_run(
+        client, e, command="compare-device", exercise="C5", variant="device=cpu",
+        params={"device": "cpu"}, parent_id=parent, device="cpu",
+        epochs=[{**epoch(0.1, 9.0, 10.0, 2.0, 0.2), "est_epoch_time_s": 200.0}],
+    )  # fmt: skip
+    log_run(
+        client, e, command="compare-device", exercise="C5", variant="device=cuda",
+        params={"device": "cuda"}, parent_id=parent,
+        epochs=[epoch(0.9, 3.9, 5.0, 2.0, 0.2), epoch(0.9, 3.9, 5.0, 1.8, 0.3)],
+    )  # fmt: skip
+    e = exp("compare-optim")
+    ids["C6"] = parent = log_run(client, e, command="compare-optim", exercise="C6")
+    for name, acc in (("sgd", 0.72), ("adam", 0.31)):
+        log_run(
+            client, e, command="compare-optim", exercise="C6", variant=f"optimizer={name}",
+            params={"optimizer": name}, parent_id=parent,
+            epochs=[epoch(0.2, 4.0, 4.5, 1.6, acc - 0.1), epoch(0.2, 6.0, 6.5, 1.2, acc)],
+        )  # fmt: skip
+    e = exp("no-bn")
+    ids["C7"] = parent = log_run(client, e, command="no-bn", exercise="C7")
+    for bn, acc in (("False", 0.61), ("True", 0.72)):
+        log_run(
+            client, e, command="no-bn", exercise="C7",
+            variant="model=bn" if bn == "True" else "model=no-bn",
+            params={"batch_norm": bn}, parent_id=parent,
+            epochs=[epoch(0.2, 4.0, 4.5, 1.6, acc - 0.2), epoch(0.2, 4.0, 4.5, 1.0, acc)],
+        )  # fmt: skip
+    e = exp("inspect")
+    ids["Q1-Q4"] = log_run(
+        client, e, command="inspect", exercise="Q1-Q4", params={"optimizers": "sgd,adam"},
+        metrics={
+            "conv_layers": 20, "conv_layers_stem": 1, "conv_layers_main_path": 16,
+            "conv_layers_shortcut": 3, "last_linear_in_features": 512,
+            "trainable_params": 11173962, "sgd_grad_elements": 11173962,
+            "sgd_state_elements": 11173962, "sgd_state_mib": 42.63,
+            "sgd_state_momentum_buffer_elements": 11173962,
+            "adam_grad_elements": 11173962, "adam_state_elements": 22347986,
+            "adam_state_mib": 85.25, "adam_state_exp_avg_elements": 11173962,
+            "adam_state_exp_avg_sq_elements": 11173962, "adam_state_step_elements": 62,
+        },
+    )  # fmt: skip
+    return ids

@@ -1,0 +1,140 @@
+"""The analysis on a store filled with hand-logged runs of known values."""
+
+import pandas as pd
+import pytest
+
+from analysis import queries, report, tables
+from tests.fake_runs import log_run, log_study
+
+
+@pytest.fixture
+def study(client):
+    return log_study(client)
+
+
+def test_c2_table_has_each_epoch_then_totals_and_means(study):
+    c2 = tables.c2_epochs(queries.exercise("C2"))
+    assert list(c2["epoch"]) == [1, 2, "total", "mean"]
+    assert list(c2["data-loading s"]) == pytest.approx([0.2, 0.2, 0.4, 0.2])
+    assert list(c2["training s"]) == pytest.approx([14.0, 13.0, 27.0, 13.5])
+    assert list(c2["total s"]) == pytest.approx([14.5, 13.5, 28.0, 14.0])
+    assert c2["accuracy"].iloc[:2].tolist() == pytest.approx([0.45, 0.65])
+    assert pd.isna(c2["accuracy"].iloc[2]) and c2["accuracy"].iloc[3] == pytest.approx(0.55)
+
+
+def test_c3_sorts_counts_marks_the_best_and_c4_compares_one_worker_with_it(study):
+    c3 = tables.c3_workers(queries.exercise("C3"))
+    assert list(c3["workers"]) == [0, 1, 4, 8]
+    assert list(c3["data-loading s"]) == pytest.approx([11.6, 5.9, 0.97, 0.90])
+    assert list(c3["best"]) == ["", "", "", "yes"] and tables.best_workers(c3) == 8
+    c4 = tables.c4_one_vs_best(c3)
+    assert list(c4["workers"]) == ["1", "8 (best)"]
+    assert list(c4["computing s"]) == pytest.approx([4.0, 4.0])
+    assert list(c4["waiting %"]) == pytest.approx([5.9 / 10.4, 0.90 / 5.4])
+    text = tables.c4_explanation(c4, "16")
+    assert "5.90 s" in text and "57%" in text and "0.90 s" in text and "16 CPUs" in text
+    assert "stops being the bottleneck" in text
+
+
+def test_c5_marks_the_estimated_cpu_epoch_and_computes_the_speedup(study):
+    c5 = tables.c5_devices(queries.exercise("C5"))
+    assert list(c5["device"]) == ["cpu", "cuda"]
+    assert list(c5["estimated"]) == ["estimated", ""]
+    assert list(c5["avg epoch s"]) == pytest.approx([200.0, 5.0])
+    assert list(c5["training s"]) == pytest.approx([180.0, 3.9])  # 9 s scaled by 200/10
+    assert list(c5["speedup vs cpu"]) == pytest.approx([1.0, 40.0])
+
+
+def test_c6_has_average_training_time_and_loss_and_accuracy_per_epoch(study):
+    ex = queries.exercise("C6")
+    c6 = tables.c6_optimizers(ex)
+    assert list(c6["optimizer"]) == ["sgd", "adam"]
+    assert list(c6["avg training s/epoch"]) == pytest.approx([5.0, 5.0])
+    assert list(c6["final accuracy"]) == pytest.approx([0.72, 0.31])
+    accuracy = tables.c6_per_epoch(ex, "train_acc")
+    assert list(accuracy.columns) == ["optimizer", "accuracy 1", "accuracy 2"]
+    assert accuracy.iloc[:, 1:].to_numpy().ravel().tolist() == pytest.approx(
+        [0.62, 0.72, 0.21, 0.31]
+    )
+    loss = tables.c6_per_epoch(ex, "train_loss")
+    assert list(loss["loss 1"]) == pytest.approx([1.6, 1.6])
+
+
+def test_c7_averages_over_epochs_and_keeps_the_final_epoch(study):
+    c7 = tables.c7_batch_norm(queries.exercise("C7"))
+    assert list(c7["model"]) == ["no BN", "BN"]
+    assert list(c7["avg accuracy"]) == pytest.approx([0.51, 0.62])
+    assert list(c7["final accuracy"]) == pytest.approx([0.61, 0.72])
+    assert list(c7["avg loss"]) == pytest.approx([1.3, 1.3])
+
+
+def test_q1_q4_answers_come_from_the_inspect_run(study):
+    q = tables.q1_q4_answers(queries.exercise("Q1-Q4"))
+    answers = dict(zip(q["quantity"], q["value"], strict=True))
+    assert answers["convolutional layers"] == "20"
+    assert answers["input dimension of the last linear layer"] == "512"
+    assert answers["adam: optimizer state elements"] == "22,347,986"
+    assert answers["sgd: keeps momentum_buffer"] == "11,173,962"
+    assert {"adam: keeps exp_avg", "adam: keeps exp_avg_sq"} <= set(answers)
+
+
+def test_only_finished_runs_count_and_the_newest_child_per_variant_wins(client, study):
+    parent = study["C6"]
+    experiment = client.get_run(parent).info.experiment_id
+    log_run(client, experiment, command="compare-optim", exercise="C6", status="RUNNING",
+            parent_id=parent, variant="optimizer=sgd", params={"optimizer": "sgd"},
+            epochs=[{"train_time_s": 99.0}])  # fmt: skip
+    newer = log_run(
+        client, experiment, command="compare-optim", exercise="C6", parent_id=parent,
+        variant="optimizer=adam", params={"optimizer": "adam"},
+        epochs=[{"train_time_s": 1.0, "train_loss": 1.0, "train_acc": 0.9}],
+    )  # fmt: skip
+    ex = queries.exercise("C6")
+    assert sorted(ex.runs["tags.cifarexp.variant"]) == ["optimizer=adam", "optimizer=sgd"]
+    assert newer in ex.run_ids
+    assert 99.0 not in set(ex.epochs["train_time_s"])
+    # a RUNNING top-level run (its process killed) is not a result either
+    log_run(client, experiment, command="compare-optim", exercise="C6", status="RUNNING")
+    assert queries.exercise("C6").parent_id == parent
+
+
+def test_report_writes_every_item_in_study_order_with_csvs_and_plots(study, tmp_path):
+    sections = report.build_report()
+    assert [s.item for s in sections] == ["C2", "C3", "C5", "C6", "C7", "Q1-Q4"]
+    path = report.write_report(sections, tmp_path / "out", "sqlite:///x.db")
+    text = path.read_text()
+    assert text.index("C1, C2") < text.index("C3, C4") < text.index("C7") < text.index("Q1-Q4")
+    assert "Synthetic data" in text and study["C3"] in text and "Fake GPU" in text
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"c2_epochs.csv", "c3_workers.csv", "c4_one_vs_best.csv", "c5_devices.csv",
+            "c6_optimizers.csv", "c6_accuracy.csv", "c6_loss.csv", "c7_batch_norm.csv",
+            "q1_q4.csv"} <= files  # fmt: skip
+    assert {"c3_workers.png", "c5_devices.png", "c6_optimizers.png", "c7_batch_norm.png"} <= files
+    assert pd.read_csv(tmp_path / "out" / "c3_workers.csv")["workers"].tolist() == [0, 1, 4, 8]
+
+
+def test_report_cli_names_missing_items_with_the_command_to_run(cli, client, tmp_path):
+    log_run(
+        client, client.create_experiment("t"), command="time", exercise="C2",
+        epochs=[{"data_time_s": 1, "train_time_s": 2, "epoch_time_s": 3, "train_loss": 1,
+                 "train_acc": 0.5}],
+    )  # fmt: skip
+    result = cli("report", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 0, result.output
+    assert "not run yet; run `cifarexp sweep-workers`" in result.output
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "Produce it with `cifarexp inspect`" in text and "C1, C2" in text
+    [report_run] = [
+        r
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if r.data.tags.get("cifarexp.command") == "report"
+    ]
+    assert report_run.info.status == "FINISHED"
+    assert "report.md" in {a.path for a in client.list_artifacts(report_run.info.run_id)}
+
+
+def test_report_runs_option_picks_runs_and_rejects_malformed_pairs(cli, study, tmp_path):
+    result = cli("report", "--out", str(tmp_path / "r"), "--runs", f"C6={study['C6']}")
+    assert result.exit_code == 0, result.output
+    result = cli("report", "--runs", "C9=abc")
+    assert result.exit_code == 2 and "--runs" in result.output

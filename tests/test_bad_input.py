@@ -1,0 +1,166 @@
+"""Bad input, everywhere: every command with each malformed option gets one clear line that
+names the option, exit 2 (usage) or 1 (runtime), no traceback, no run left RUNNING, and
+nothing in the store for a usage error."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from torchvision import datasets
+
+from cifarexp.cli import app
+from tests.conftest import TINY_ARGS, all_runs, without
+
+USAGE, RUNTIME = 2, 1
+TRAINING = ["time", "sweep-workers", "compare-device", "compare-optim", "no-bn"]
+COMMANDS = {command.name for command in app.registered_commands}
+OTHERS = [name for name in ("inspect", "report", "lab") if name in COMMANDS]
+# The valid arguments each command gets besides the bad one (lab's would run the study, but
+# every case below fails before anything runs).
+BASE = {
+    "time": TINY_ARGS,
+    "sweep-workers": without("--workers"),
+    "compare-device": without("--device"),
+    "compare-optim": TINY_ARGS,
+    "no-bn": TINY_ARGS,
+    "inspect": ["--quiet"],
+    "report": ["--quiet", "--out", "report"],
+    "lab": ["--quiet", "--preset", "quick", "--dataset", "synthetic", "--device", "cpu"],
+}
+CIFAR10 = ["--dataset", "cifar10", "--data-dir"]
+
+# (args, the option the message must name, exit code); "afile" is a file, "corrupt" holds a
+# damaged CIFAR-10 batch file.
+SHARED = [
+    (["--epochs", "x"], "--epochs", USAGE),
+    (["--epochs", "0"], "--epochs", USAGE),
+    (["--batch-size", "-16"], "--batch-size", USAGE),
+    (["--train-size", "0"], "--train-size", USAGE),
+    (["--lr", "fast"], "--lr", USAGE),
+    (["--lr", "-0.1"], "--lr", USAGE),
+    (["--weight-decay", "-1"], "--weight-decay", USAGE),
+    (["--loader-timeout", "soon"], "--loader-timeout", USAGE),
+    (["--loader-timeout", "-1"], "--loader-timeout", USAGE),
+    (["--optimizer", "foo"], "--optimizer", USAGE),
+    (["--dataset", "imagenet"], "--dataset", USAGE),
+    (["--device", "tpu"], "--device", USAGE),
+    (["--device", "cuda"], "--device", USAGE),  # no CUDA here
+    (["--workers", "x"], "--workers", USAGE),
+    (["--workers", "-1"], "--workers", USAGE),
+    (["--persistent-workers"], "--persistent-workers", USAGE),  # with --workers 0
+    ([*CIFAR10, "empty"], "--data-dir", RUNTIME),  # absent, and no download
+    ([*CIFAR10, "afile/data"], "--data-dir", RUNTIME),  # cannot be created
+    ([*CIFAR10, "corrupt"], "--data-dir", RUNTIME),
+]
+TRACKING = [
+    (["--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri", RUNTIME),  # nothing listens
+    (["--tracking-uri", "http://"], "--tracking-uri", USAGE),
+    (["--tracking-uri", "foo://bar"], "--tracking-uri", USAGE),
+    (["--tracking-uri", "sqlite:"], "--tracking-uri", USAGE),
+    (["--tracking-uri", "sqlite:///:memory:"], "--tracking-uri", USAGE),
+    (["--tracking-uri", "./mlruns"], "--tracking-uri", USAGE),  # the legacy file store
+    (["--tracking-uri", "sqlite:///afile/mlflow.db"], "--tracking-uri", RUNTIME),
+    (["--tracking-uri", "postgresql://u@127.0.0.1:9/db"], "--tracking-uri", RUNTIME),
+]
+OWN = {
+    "sweep-workers": [
+        (["--workers", "4,x"], "--workers", USAGE),
+        (["--workers", ""], "--workers", USAGE),
+        (["--workers", "-4"], "--workers", USAGE),
+        (["--workers", "0,0"], "--workers", USAGE),
+    ],
+    "compare-device": [
+        (["--devices", "cpu,tpu"], "--devices", USAGE),
+        (["--devices", "cuda"], "--devices", USAGE),
+        (["--devices", ""], "--devices", USAGE),
+        (["--devices", "cpu,cpu"], "--devices", USAGE),
+        (["--cpu-batches", "0"], "--cpu-batches", USAGE),
+        (["--cpu-batches", "x"], "--cpu-batches", USAGE),
+    ],
+    "compare-optim": [
+        (["--optimizers", "sgd,,adam"], "--optimizers", USAGE),
+        (["--optimizers", "foo"], "--optimizers", USAGE),
+        (["--optimizers", "sgd,sgd"], "--optimizers", USAGE),
+        (["--optimizers", ""], "--optimizers", USAGE),
+    ],
+    "inspect": [
+        (["--optimizers", "sgd,foo"], "--optimizers", USAGE),
+        (["--optimizers", "adam,adam"], "--optimizers", USAGE),
+        (["--batch-size", "0"], "--batch-size", USAGE),
+        (["--batch-size", "x"], "--batch-size", USAGE),
+        (["--seed", "x"], "--seed", USAGE),
+    ],
+    "report": [
+        (["--runs", "C3"], "--runs", USAGE),
+        (["--runs", "C9=abc"], "--runs", USAGE),
+        (["--runs", "C3=a,C3=a"], "--runs", USAGE),
+        (["--runs", "C3=a,C3=b"], "--runs", USAGE),
+        (["--runs", ""], "--runs", USAGE),
+        (["--runs", "C3=nosuchrun"], "--runs", USAGE),
+        (["--out", "afile/report"], "--out", RUNTIME),
+    ],
+    "lab": [
+        (["--preset", "huge"], "--preset", USAGE),
+        (["--dataset", "imagenet"], "--dataset", USAGE),
+        (["--device", "tpu"], "--device", USAGE),
+        (["--out", "afile/report"], "--out", RUNTIME),
+    ],
+}
+SKIP = {  # options a command does not have (its own option of that name is tested in OWN)
+    "sweep-workers": ("--workers", "--persistent-workers"),  # 0 workers run without it
+    "compare-device": ("--device",),
+    "compare-optim": ("--optimizer",),
+}
+
+
+def test_every_command_is_in_the_table():
+    assert set(BASE) >= COMMANDS
+
+
+def cases():
+    for command in TRAINING + OTHERS:
+        table = (SHARED if command in TRAINING else []) + TRACKING + OWN.get(command, [])
+        for args, option, code in table:
+            if args[0] not in SKIP.get(command, ()):
+                yield pytest.param(command, args, option, code, id=f"{command} {' '.join(args)}")
+
+
+@pytest.fixture
+def bad_files(store, tmp_path, monkeypatch):
+    """In the working folder: `afile`, a file, and `corrupt`, a CIFAR-10 folder with a damaged
+    batch; nothing can be downloaded, and there is no CUDA."""
+    (tmp_path / "afile").write_text("not a folder")
+    folder = tmp_path / "corrupt" / datasets.CIFAR10.base_folder
+    folder.mkdir(parents=True)
+    (folder / "data_batch_1").write_bytes(b"\x80\x04 truncated pickle")
+    monkeypatch.setattr(datasets.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    # use_store sets MLflow's HTTP settings unless they are set: keep them to this test
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def one_message(output: str) -> str:
+    """The output as one line, without the usage box's borders and wrapping."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
+
+
+@pytest.mark.parametrize(("command", "args", "option", "code"), cases())
+def test_bad_input_is_one_clear_line_and_leaves_nothing_running(
+    cli, client, bad_files, command, args, option, code
+):
+    result = cli(command, *BASE[command], *args)
+
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert option in one_message(result.output), result.output
+    if code == RUNTIME:
+        [error] = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert option in error
+    runs = all_runs(client)
+    assert not any(run.info.status == "RUNNING" for run in runs)
+    if code == USAGE:
+        assert runs == []
+        assert [e.name for e in client.search_experiments()] == ["Default"]

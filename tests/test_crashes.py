@@ -1,0 +1,76 @@
+"""Crashes inside training: the run ends FAILED with the error as a tag and its finished
+epochs kept; a comparison's parent ends FAILED too, its finished children intact."""
+
+from __future__ import annotations
+
+import time
+
+from cifarexp import data, jobs, tracking
+from tests.conftest import TINY_ARGS, all_runs, without
+
+WORKER_DIED = "DataLoader worker (pid 4242) is killed by signal: Killed. "
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error:")]
+
+
+def test_a_worker_dying_in_the_second_child_fails_it_and_the_parent(cli, client, monkeypatch):
+    # given: the second child's DataLoader worker dies after its first epoch
+    train, calls = jobs.train, []
+
+    def die_in_the_second_child(*args, on_epoch, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            return train(*args, on_epoch=on_epoch, **kwargs)
+
+        def log_then_die(result):
+            on_epoch(result)
+            raise RuntimeError(WORKER_DIED)
+
+        return train(*args, on_epoch=log_then_die, **kwargs)
+
+    monkeypatch.setattr(jobs, "train", die_in_the_second_child)
+
+    # when
+    result = cli("compare-optim", *TINY_ARGS, "--optimizers", "sgd,adam")
+
+    # then
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    [error] = error_lines(result.output)
+    assert "--workers" in error and "killed by signal" in error
+    by_name = {run.info.run_name: run for run in all_runs(client)}
+    assert {name: run.info.status for name, run in by_name.items()} == {
+        "compare-optim": "FAILED",
+        "optimizer=sgd": "FINISHED",
+        "optimizer=adam": "FAILED",
+    }
+    adam, sgd = by_name["optimizer=adam"], by_name["optimizer=sgd"]
+    assert adam.data.tags[tracking.ERROR] == f"RuntimeError: {WORKER_DIED}"
+    assert "killed by signal" in by_name["compare-optim"].data.tags[tracking.ERROR]
+    assert [m.step for m in client.get_metric_history(adam.info.run_id, "train_loss")] == [1]
+    assert [m.step for m in client.get_metric_history(sgd.info.run_id, "train_loss")] == [1, 2]
+    assert tracking.ERROR not in sgd.data.tags
+
+
+def test_a_stuck_dataloader_worker_fails_the_run_after_loader_timeout(cli, client, monkeypatch):
+    # given: one worker that takes 1.6 s for a batch, and 0.3 s allowed
+    get_item = data.ImageArrayDataset.__getitem__
+
+    def slow_get_item(self, index):
+        time.sleep(0.1)
+        return get_item(self, index)
+
+    monkeypatch.setattr(data.ImageArrayDataset, "__getitem__", slow_get_item)
+    args = without("--workers", without("--train-size"))
+
+    # when
+    result = cli("time", *args, "--train-size", "16", "--workers", "1", "--loader-timeout", "0.3")
+
+    # then
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    [error] = error_lines(result.output)
+    assert "--loader-timeout" in error and "0.3 s" in error
+    [run] = all_runs(client)
+    assert run.info.status == "FAILED"
+    assert "DataLoader timed out after 0.3 seconds" in run.data.tags[tracking.ERROR]
