@@ -149,31 +149,25 @@ def test_interrupted_sweep_resumes_reusing_finished_children(cli, client, monkey
 
 
 @pytest.mark.slow
-def test_mlflow_run_entry_point_sweep_workers(store, tmp_path):
+def test_mlflow_run_entry_point_sweep_workers(client, tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("MLFLOW_EXPERIMENT_ID", None)  # set by earlier tests' mlflow.set_experiment
+    # mlflow run runs the project in its own folder: keep the run's artifacts in tmp_path
+    client.create_experiment("via-mlflow-run", artifact_location=(tmp_path / "art").as_uri())
     params = dict(
-        dataset="synthetic",
-        train_size="32",
-        batch_size="16",
-        workers="0,1",
-        device="cpu",
+        dataset="synthetic", train_size="32", batch_size="16", workers="0,1", device="cpu",
         epochs="1",
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(root),
-        "-e",
-        "sweep-workers",
-        "--env-manager",
-        "local",
-    ]
+    )  # fmt: skip
+    command = [sys.executable, "-m", "mlflow", "run", str(root), "-e", "sweep-workers",
+               "--env-manager", "local", "--experiment-name", "via-mlflow-run"]  # fmt: skip
     for key, value in params.items():
         command += ["-P", f"{key}={value}"]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "C3: epoch times per DataLoader worker count" in done.stdout
+    parent, children = parent_and_children(client)
+    assert parent.data.tags["cifarexp.command"] == "sweep-workers"
+    assert parent.data.params["workers"] == "0,1"  # logged by mlflow run, kept as given
+    assert [c.data.tags["cifarexp.variant"] for c in children] == ["workers=0", "workers=1"]
+    assert not (root / "mlruns").exists()
