@@ -32,6 +32,11 @@ case "${1:-core}" in
     python3 -m cifarexp report --out report > "$OUT/report.txt" 2>&1
     tar czf "$OUT/report.tgz" report
     ;;
+  fast)  # issue 6: the three paths, then the fast path with max-autotune, and the GPU tests
+    run epoch_time python3 benchmarks/epoch_time.py --workers 4 --compile reduce-overhead
+    run epoch_time_autotune python3 benchmarks/epoch_time.py --paths c --compile max-autotune
+    run gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
+    ;;
 esac
 cp mlflow.db "$OUT/" 2>/dev/null || true
 tar czf "$OUT/mlartifacts.tgz" mlartifacts 2>/dev/null || true
