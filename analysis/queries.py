@@ -37,6 +37,13 @@ class Exercise:
         return str(self.parent.get(f"tags.{tracking.TAG}device_name", "?"))
 
     @property
+    def settings(self) -> str:
+        """The parent's main settings (those it has), e.g. 'workers=4, loader=torch'."""
+        keys = ("workers", "batch_size", "epochs", "loader", "precision", "compile", "timing")
+        values = {k: self.parent.get(f"params.{k}") for k in keys}
+        return ", ".join(f"{k}={v}" for k, v in values.items() if isinstance(v, str))
+
+    @property
     def parent_id(self) -> str:
         return str(self.parent["run_id"])
 

@@ -119,7 +119,7 @@ def section(item: str, ex: queries.Exercise | None) -> Section:
         result.dataset, result.run_id = ex.dataset, ex.parent_id
         result.source = (
             f"runs {', '.join(ex.run_ids)} (parent {ex.parent_id}); dataset {ex.dataset}; "
-            f"device {ex.device_name}"
+            f"device {ex.device_name}; {ex.settings or 'settings not recorded'}"
         )
     return result
 

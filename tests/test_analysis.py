@@ -105,6 +105,7 @@ def test_report_writes_every_item_in_study_order_with_csvs_and_plots(study, tmp_
     text = path.read_text()
     assert text.index("C1, C2") < text.index("C3, C4") < text.index("C7") < text.index("Q1-Q4")
     assert "Synthetic data" in text and study["C3"] in text and "Fake GPU" in text
+    assert "settings: " not in text and "workers=2" in text  # the C2 run's settings
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"c2_epochs.csv", "c3_workers.csv", "c4_one_vs_best.csv", "c5_devices.csv",
             "c6_optimizers.csv", "c6_accuracy.csv", "c6_loss.csv", "c7_batch_norm.csv",
