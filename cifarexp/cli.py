@@ -3,6 +3,7 @@
 import functools
 import inspect
 import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,12 +14,13 @@ import typer
 from rich.markup import escape
 
 from analysis import queries, report
-from cifarexp import experiments, inspection, lab, tracking
+from cifarexp import distributed, experiments, inspection, lab, tracking
 from cifarexp.config import (
     COMPILE_MODES,
     DATASETS,
     LOADERS,
     PRECISIONS,
+    SCALINGS,
     TIMINGS,
     CifarexpError,
     ConfigError,
@@ -43,6 +45,7 @@ def _app() -> None:
 
 DATA, TRAINING, RUN = "Data", "Training", "Tracking and output"
 FAST = "Fast path (GPU)"
+SCALE = "Several processes (torchrun)"
 
 
 def _option(name: str, kind: Any, default: Any, help: str, panel: str) -> inspect.Parameter:
@@ -127,6 +130,22 @@ TRAIN_OPTIONS = [
         "with CUDA events and waits once per epoch (CUDA only).",
         FAST,
     ),
+    _option(
+        "scaling",
+        str,
+        "weak",
+        f"{' or '.join(SCALINGS)}, under torchrun: weak trains --batch-size images per process "
+        "and step, strong --batch-size in total, split over the processes.",
+        SCALE,
+    ),
+    _option(
+        "nproc",
+        int,
+        1,
+        "Run this command as N processes on this machine, one per GPU (or N CPU processes "
+        "with --device cpu), through torch.distributed.run; 1 = this process only.",
+        SCALE,
+    ),
 ]
 RUN_OPTIONS = [
     _option(
@@ -149,10 +168,16 @@ class Context:
 
 
 def command(
-    name: str, *, train_options: bool = True, exclude: tuple[str, ...] = (), **defaults: Any
+    name: str,
+    *,
+    train_options: bool = True,
+    exclude: tuple[str, ...] = (),
+    distributed_ok: bool = False,
+    **defaults: Any,
 ) -> Callable:
     """Register `fn` as a command taking its own options plus the shared ones (less
-    `exclude`, with `defaults` changed).
+    `exclude`, with `defaults` changed). Only a `distributed_ok` command runs under torchrun
+    (or --nproc N).
 
     `fn` receives a validated `ctx: Context`. Errors meant for the user become one line:
     bad input exits 2, runtime failures exit 1, Ctrl-C exits 130; never a traceback.
@@ -161,6 +186,8 @@ def command(
     def decorate(fn: Callable) -> Callable:
         own = [p for p in inspect.signature(fn).parameters.values() if p.name != "ctx"]
         skip = {q.name for q in own} | set(exclude)
+        if not distributed_ok:
+            skip |= {"scaling", "nproc"}
         shared = [
             p.replace(default=defaults.get(p.name, p.default))
             for p in (TRAIN_OPTIONS if train_options else []) + RUN_OPTIONS
@@ -170,6 +197,16 @@ def command(
         @functools.wraps(fn)
         def wrapper(**values: Any) -> Any:
             with user_errors():
+                nproc = values.pop("nproc", 1)
+                if nproc < 1:
+                    raise ConfigError(f"--nproc: must be >= 1, got {nproc}")
+                if distributed.launched() and not distributed_ok:
+                    raise ConfigError(
+                        f"{name} does not run under torchrun yet; run it as one process "
+                        "(the `time` command runs under torchrun and --nproc)"
+                    )
+                if nproc > 1 and not distributed.launched():
+                    distributed.relaunch(nproc, sys.argv[1:])
                 run = {p.name: values.pop(p.name) for p in RUN_OPTIONS}
                 tracking.use_store(run["tracking_uri"])
                 config = {p.name: values.pop(p.name) for p in shared if p.name in values}
@@ -235,7 +272,7 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-@command("time")
+@command("time", distributed_ok=True)
 def time_(
     ctx: Context,
     run_name: Annotated[
@@ -250,7 +287,8 @@ def time_(
         run_name=run_name,
         quiet=ctx.quiet,
     )
-    print_section(report.section("C2", queries.exercise("C2", run_id=run.run_id)))
+    if run.run_id is not None:  # None on the ranks other than 0 of a torchrun job
+        print_section(report.section("C2", queries.exercise("C2", run_id=run.run_id)))
 
 
 Resume = Annotated[
@@ -531,7 +569,9 @@ def lab_(
 
 def main() -> None:
     # SIGTERM (`kill`, a scheduler's time limit) ends runs as Ctrl-C does: KILLED, epochs kept.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Under torchrun a SIGTERM means the launcher is stopping the job: see stop_on_sigterm.
+    on_sigterm = distributed.stop_on_sigterm if distributed.launched() else _interrupt
+    signal.signal(signal.SIGTERM, on_sigterm)
     app()
 
 

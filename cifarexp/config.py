@@ -11,6 +11,8 @@ LOADERS = ("torch", "gpu")
 PRECISIONS = ("fp32", "tf32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 TIMINGS = ("sync", "events")
+# Under torchrun (issue 8): --batch-size per process (weak) or in total, split (strong).
+SCALINGS = ("weak", "strong")
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,8 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory order for the model and its inputs
     compile: str = "none"  # torch.compile mode, or none
     timing: str = "sync"  # sync: per-step synchronised (C2); events: CUDA events, no waits
+    # several processes (issue 8; used only under torchrun)
+    scaling: str = "weak"  # weak: batch_size per process; strong: batch_size in total
 
     def __post_init__(self) -> None:
         from cifarexp.models import MODELS
@@ -88,6 +92,7 @@ class TrainConfig:
             ("--precision", self.precision, PRECISIONS),
             ("--compile", self.compile, COMPILE_MODES),
             ("--timing", self.timing, TIMINGS),
+            ("--scaling", self.scaling, SCALINGS),
         ):
             _check(value in choices, option, f"{value!r} is not one of {', '.join(choices)}")
 

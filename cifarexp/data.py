@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
 from cifarexp.config import CifarexpError, TrainConfig
@@ -115,8 +115,15 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def make_loader(cfg: TrainConfig, dataset: ImageArrayDataset, *, train: bool) -> DataLoader:
-    """The study's DataLoader: shuffled for training, cfg.workers worker processes.
+def make_loader(
+    cfg: TrainConfig,
+    dataset: ImageArrayDataset,
+    *,
+    train: bool,
+    sampler: Sampler[int] | None = None,
+) -> DataLoader:
+    """The study's DataLoader: shuffled for training (or in `sampler`'s order: one rank's
+    shard), cfg.workers worker processes.
 
     More workers than usable CPUs is allowed (C3 sweeps past them) but warned about once,
     in place of PyTorch's repeated one."""
@@ -128,7 +135,8 @@ def make_loader(cfg: TrainConfig, dataset: ImageArrayDataset, *, train: bool) ->
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         num_workers=cfg.workers,
         pin_memory=cfg.pin_memory,
         persistent_workers=cfg.persistent_workers,

@@ -35,6 +35,7 @@ class EpochResult:
     test_acc: float | None = None
     est_epoch_time_s: float | None = None  # a whole epoch, from the throughput of max_batches
     mfu: float | None = None  # model FLOPs / epoch time / device peak; None where unknown
+    comm_time_s: float | None = None  # DDP: gradient all-reduce not hidden by backward
 
     @property
     def images_per_s(self) -> float:
@@ -343,10 +344,13 @@ def train(
     max_batches: int | None = None,
     on_batch: OnBatch | None = None,
     execution: Execution = Execution(),
+    combine: Callable[[EpochResult], EpochResult] | None = None,
 ) -> list[EpochResult]:
     """Train for `epochs`, reporting each finished epoch to `on_epoch` as soon as it ends.
 
-    A compiled model (`execution.compiled`) must have been through `warm_up`.
+    A compiled model (`execution.compiled`) must have been through `warm_up`. `combine`
+    turns this process's epoch into the run's (several processes: see `distributed`); it
+    runs after the timed epoch and the evaluation, on every process.
     """
     results = []
     for epoch in range(1, epochs + 1):
@@ -364,6 +368,8 @@ def train(
         if test_loader is not None:
             test_loss, test_acc = evaluate(model, test_loader, device)
             result = replace(result, test_loss=test_loss, test_acc=test_acc)
+        if combine is not None:
+            result = combine(result)
         on_epoch(result)
         results.append(result)
     return results

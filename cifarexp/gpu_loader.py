@@ -70,6 +70,10 @@ class GpuLoader:
     with `seed` (as the DataLoader's shuffling is), all on the device: the host launches
     kernels and never waits. Batches come as (images, labels) already on the device, so
     the engine's copy to the device is a no-op. The last batch may be smaller.
+
+    `shard` = (rank, world size): every rank draws the same epoch and trains on positions
+    rank, rank + world size, ... of it, wrapping round so that each rank gets as many
+    images (as DistributedSampler does).
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class GpuLoader:
         device: torch.device,
         seed: int,
         channels_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         images = torch.from_numpy(dataset.data).to(device)  # N x 32 x 32 x 3 uint8
         self.padded = pad_images(images)  # padded once; ~240 MB for 50,000 images
@@ -87,9 +92,14 @@ class GpuLoader:
         self.mean, self.std = normalization(device)
         self.batch_size, self.channels_last = batch_size, channels_last
         self.generator = torch.Generator(device).manual_seed(seed)
+        rank, world_size = shard
+        n = len(self.labels)
+        total = -(-n // world_size) * world_size
+        self.positions = torch.arange(rank, total, world_size, device=device) % n
+        self.sharded = world_size > 1
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        return -(-len(self.positions) // self.batch_size)
 
     def draw(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
         """One epoch's randomness: a permutation, n x 2 crop offsets in 0..8, n flips."""
@@ -101,6 +111,8 @@ class GpuLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         order, offsets, flips = self.draw(len(self.labels))
+        if self.sharded:
+            order, offsets, flips = (x[self.positions] for x in (order, offsets, flips))
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             batch = slice(start, start + len(index))

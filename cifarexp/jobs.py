@@ -5,13 +5,13 @@ from __future__ import annotations
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torchinfo
 
-from cifarexp import fastpath, tracking
+from cifarexp import distributed, fastpath, tracking
 from cifarexp.config import CifarexpError, TrainConfig
 from cifarexp.console import epoch_progress
 from cifarexp.data import cpu_count, load_split, make_loader
@@ -39,7 +39,7 @@ class Labels:
 
 @dataclass(frozen=True)
 class TrainingRun:
-    run_id: str
+    run_id: str | None  # None on a rank other than 0 (only rank 0 logs)
     config: TrainConfig
     device: torch.device
     results: list[EpochResult]
@@ -103,7 +103,12 @@ def run_training(
 
     Everything that can fail on bad input (device, data) is checked before the run starts.
     """
-    device = resolve_device(cfg.device)
+    world = None
+    if distributed.launched():
+        world, device = distributed.join(cfg.device)
+    else:
+        device = resolve_device(cfg.device)
+    local = world.local_config(cfg) if world is not None else cfg  # this process's batch
     cfg.check_device(device.type)
     train_set = load_split(cfg, train=True)
     test_set = load_split(cfg, train=False) if cfg.eval else None
@@ -123,38 +128,64 @@ def run_training(
     if cfg.loader == "gpu":
         loader = GpuLoader(
             train_set,
-            batch_size=cfg.batch_size,
+            batch_size=local.batch_size,
             device=device,
             seed=cfg.seed,
             channels_last=cfg.channels_last,
+            shard=(world.rank, world.world_size) if world is not None else (0, 1),
+        )
+    elif world is not None:
+        shard = distributed.sampler(train_set, world, cfg.seed)
+        loader = distributed.ShardedLoader(
+            make_loader(local, train_set, train=True, sampler=shard), shard, world.rank
         )
     else:
         loader = make_loader(cfg, train_set, train=True)
     execution = fastpath.execution(cfg, model, device)
-    train_model = fastpath.compile_model(model, cfg.compile)  # shares model's parameters
+    ddp_model = distributed.wrap(model, device) if world is not None else model
+    train_model = fastpath.compile_model(ddp_model, cfg.compile)  # shares model's parameters
     test_loader = make_loader(cfg, test_set, train=False) if test_set is not None else None
     tags = {**labels.tags(), tracking.DATASET: cfg.dataset, **environment_tags(device)}
+    params = {**cfg.as_params(), **(world.params(cfg) if world is not None else {})}
     batches = min(len(loader), cfg.max_batches or len(loader))
+    combine = None
+    if world is not None:
+
+        def combine(result: EpochResult) -> EpochResult:
+            result = distributed.combine(result, world, execution)
+            comm_time_s = distributed.measure_comm_time(
+                ddp_model,
+                device,
+                world,
+                batch_size=local.batch_size,
+                steps_per_epoch=batches,
+                execution=execution,
+            )
+            return replace(result, comm_time_s=comm_time_s)
 
     with (
         data_loader_errors(cfg),
         tracking.start_run(
-            experiment, run_name=run_name, tags=tags, params=cfg.as_params(), nested=nested
+            experiment, run_name=run_name, tags=tags, params=params, nested=nested
         ) as run_id,
     ):
-        summary = torchinfo.summary(
-            model, input_size=(cfg.batch_size, 3, 32, 32), device=device, verbose=0
-        )
-        tracking.log_text(str(summary), "model_summary.txt")
+        if tracking.is_writer():
+            summary = torchinfo.summary(
+                model, input_size=(local.batch_size, 3, 32, 32), device=device, verbose=0
+            )
+            tracking.log_text(str(summary), "model_summary.txt")
         tracking.log_metrics({"flops_per_image": execution.flops_per_image})
         warmup_s = None
         if device.type == "cuda" and cfg.fast_path:  # the study's own path keeps its epoch 1
-            sizes = fastpath.warmup_batch_sizes(len(train_set), cfg.batch_size, cfg.max_batches)
+            images = len(train_set) if world is None else -(-len(train_set) // world.world_size)
+            sizes = fastpath.warmup_batch_sizes(images, local.batch_size, cfg.max_batches)
             warmup_s = warm_up(
                 train_model, optimizer, device, batch_sizes=sizes, execution=execution
             )
             tracking.log_metrics({"warmup_s": warmup_s})
-        with epoch_progress(labels.variant, batches, quiet=quiet) as on_batch:
+        with epoch_progress(
+            labels.variant, batches, quiet=quiet or not tracking.is_writer()
+        ) as on_batch:
             results = train(
                 train_model,
                 loader,
@@ -166,5 +197,6 @@ def run_training(
                 max_batches=cfg.max_batches,
                 on_batch=on_batch,
                 execution=execution,
+                combine=combine,
             )
     return TrainingRun(run_id, cfg, device, results, warmup_s)

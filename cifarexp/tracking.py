@@ -62,6 +62,8 @@ def use_store(tracking_uri: str | None) -> str:
     uri = tracking_uri or mlflow.get_tracking_uri()
     _check_uri(uri, source)
     mlflow.set_tracking_uri(uri)
+    if not is_writer():  # rank 0 of a torchrun job opens (or creates) the store alone
+        return uri
     if uri.startswith(("http://", "https://")):
         for name, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
@@ -107,6 +109,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
+def is_writer() -> bool:
+    """Whether this process writes to the store: always, except under torchrun, where only
+    rank 0 does (the other ranks' runs exist only through rank 0's reduced metrics)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def current_uri() -> str:
     return mlflow.get_tracking_uri()
 
@@ -120,15 +128,19 @@ def start_run(
     params: Mapping[str, object] | None = None,
     nested: bool = False,
     reopen: str | None = None,
-) -> Iterator[str]:
+) -> Iterator[str | None]:
     """A run that ends FINISHED, FAILED (error recorded as a tag) or KILLED (Ctrl-C).
 
     Nested runs go into their parent's experiment. Under `mlflow run` (MLFLOW_RUN_ID set)
     the project's run is this run, in the experiment `mlflow run` chose. `reopen` continues
     an earlier run (by id) instead of starting one, and marks KILLED its children that a
     process killed outright left RUNNING. If the store itself fails, the StoreFailed error
-    says which epochs reached it. Yields the run id.
+    says which epochs reached it. Yields the run id; on a rank other than 0 (`is_writer`)
+    nothing is written and it yields None.
     """
+    if not is_writer():
+        yield None
+        return
     try:
         if not nested and not os.environ.get("MLFLOW_RUN_ID"):
             _set_experiment(experiment)
@@ -234,33 +246,47 @@ def _retry_locked(write: Callable[[], None]) -> None:
 
 
 def set_tags(tags: Mapping[str, object]) -> None:
+    if not is_writer():
+        return
     _retry_locked(lambda: mlflow.set_tags({key: str(value) for key, value in tags.items()}))
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    if not is_writer():
+        return
     _retry_locked(lambda: mlflow.log_metrics(dict(metrics), step=step))
 
 
 def log_epoch(result: EpochResult) -> None:
     """The SPEC §4 metrics of one finished epoch, step = epoch number."""
+    if not is_writer():
+        return
     _retry_locked(lambda: mlflow.log_metrics(result.metrics(), step=result.epoch))
     _epochs_logged.setdefault(mlflow.active_run().info.run_id, []).append(result.epoch)
 
 
 def log_text(text: str, artifact_file: str) -> None:
+    if not is_writer():
+        return
     mlflow.log_text(text, artifact_file)
 
 
 def log_artifacts(folder: Path) -> None:
+    if not is_writer():
+        return
     mlflow.log_artifacts(str(folder))
 
 
 def log_table(table: pd.DataFrame, artifact_file: str) -> None:
     """A table as a CSV artifact (readable in the UI and by any tool)."""
+    if not is_writer():
+        return
     mlflow.log_text(table.to_csv(index=False), artifact_file)
 
 
 def log_figure(figure: Figure, artifact_file: str) -> None:
+    if not is_writer():
+        return
     mlflow.log_figure(figure, artifact_file)
 
 

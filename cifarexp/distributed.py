@@ -1,0 +1,290 @@
+"""Several processes, one run (issue 8): DistributedDataParallel under `torchrun`.
+
+`torchrun` starts the processes and sets RANK, WORLD_SIZE and LOCAL_RANK; this module reads
+them, joins the process group (NCCL on CUDA, gloo on CPU), shards the data, wraps the model,
+combines each epoch's measurements over the ranks and measures the gradient communication
+that backward does not hide. Without WORLD_SIZE nothing here is used: one process runs as
+it always did. Only rank 0 talks to MLflow (see `tracking.is_writer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from cifarexp.config import CifarexpError, ConfigError, TrainConfig
+from cifarexp.engine import Batch, EpochResult, Execution, synchronize
+
+# A collective that waits longer than this fails the run instead of hanging it (a crashed or
+# stuck rank); well above one epoch's longest step, evaluation included.
+TIMEOUT = timedelta(minutes=10)
+COMM_STEPS = 3  # extra steps per epoch, each way, to measure comm_time_s (see measure_comm_time)
+# Test hook: a folder where each rank writes the sample indices its sampler gave it, per epoch.
+RECORD_INDICES = "CIFAREXP_RECORD_INDICES"
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher that sets
+    WORLD_SIZE)."""
+    return "WORLD_SIZE" in os.environ
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the run's processes."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str  # nccl or gloo
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def params(self, cfg: TrainConfig) -> dict[str, object]:
+        """What the run logs besides the config."""
+        return {"world_size": self.world_size, "backend": self.backend, "scaling": cfg.scaling}
+
+    def local_config(self, cfg: TrainConfig) -> TrainConfig:
+        """The config one process trains with: --batch-size per process (weak scaling) or
+        split over the processes (strong scaling)."""
+        if cfg.scaling == "weak":
+            return cfg
+        if cfg.batch_size % self.world_size:
+            raise ConfigError(
+                f"--batch-size: {cfg.batch_size} does not split over {self.world_size} "
+                "processes (--scaling strong); give a multiple of the process count"
+            )
+        return cfg.replace(batch_size=cfg.batch_size // self.world_size)
+
+
+def join(device_name: str) -> tuple[World, torch.device]:
+    """Join the process group torchrun set up (once per process) and pick this process's
+    device: cuda:LOCAL_RANK on CUDA (--device auto or cuda), else the CPU."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "cpu" or (device_name == "auto" and not torch.cuda.is_available()):
+        device, backend = torch.device("cpu"), "gloo"
+    elif device_name in ("auto", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device: cuda was asked for but no CUDA device is available")
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        raise ConfigError(
+            f"--device: {device_name} names one device; under torchrun use auto or cuda "
+            "(each process takes cuda:LOCAL_RANK) or cpu"
+        )
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            timeout=TIMEOUT,
+            device_id=device if device.type == "cuda" else None,
+        )
+    return World(rank, world_size, local_rank, backend), device
+
+
+def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """The model under DDP: gradients are averaged over the ranks during backward."""
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+class ShardedLoader:
+    """A DataLoader over this rank's shard (DistributedSampler), reshuffled every epoch:
+    each iteration is one epoch and calls `set_epoch` first, so all ranks draw the same
+    permutation of the whole set and each takes its own disjoint part of it."""
+
+    def __init__(self, loader: DataLoader, sampler: DistributedSampler, rank: int) -> None:
+        self.loader, self.sampler, self.rank, self.epoch = loader, sampler, rank, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.sampler.set_epoch(self.epoch)
+        folder = os.environ.get(RECORD_INDICES)
+        if folder:
+            line = " ".join(map(str, self.sampler))
+            with (Path(folder) / f"rank{self.rank}.txt").open("a") as record:
+                record.write(line + "\n")
+        self.epoch += 1
+        return iter(self.loader)
+
+
+def sampler(dataset: torch.utils.data.Dataset, world: World, seed: int) -> DistributedSampler:
+    return DistributedSampler(
+        dataset, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=seed
+    )
+
+
+# ---------------------------------------------------------------- one epoch over all ranks
+
+
+def combine(result: EpochResult, world: World, execution: Execution) -> EpochResult:
+    """This rank's epoch -> the run's: the slowest rank's times (all-reduce MAX), loss and
+    accuracy over every rank's images (sums of loss * n, correct and n)."""
+    device = _collective_device(world)
+    times = [result.data_time_s, result.train_time_s, result.epoch_time_s]
+    times.append(result.est_epoch_time_s or 0.0)
+    slowest = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    n = result.images
+    sums = torch.tensor(
+        [result.train_loss * n, result.train_acc * n, n], dtype=torch.float64, device=device
+    )
+    dist.all_reduce(sums)
+    data_time, train_time, epoch_time, est = slowest.tolist()
+    loss_sum, correct, images = sums.tolist()
+    mfu = execution.mfu(int(images), epoch_time)
+    return replace(
+        result,
+        data_time_s=data_time,
+        train_time_s=train_time,
+        epoch_time_s=epoch_time,
+        est_epoch_time_s=est if result.est_epoch_time_s is not None else None,
+        train_loss=loss_sum / images,
+        train_acc=correct / images,
+        images=round(images),
+        mfu=mfu / world.world_size if mfu is not None else None,
+    )
+
+
+def measure_comm_time(
+    model: DistributedDataParallel,
+    device: torch.device,
+    world: World,
+    *,
+    batch_size: int,
+    steps_per_epoch: int,
+    execution: Execution,
+    steps: int = COMM_STEPS,
+) -> float:
+    """Seconds per epoch that gradient communication adds to the steps, as the slowest rank
+    sees it, measured outside the timed epoch.
+
+    `steps` forward + backward passes on one random batch are timed (synchronised) as DDP
+    runs them, all-reducing gradient buckets while backward goes on, then `steps` more under
+    `no_sync()`, which skips the all-reduce. The difference per step, times the epoch's
+    steps, is the communication that backward did not hide. The model's weights and
+    buffers are put back as they were; no optimizer step is taken.
+    """
+    saved = copy.deepcopy(model.state_dict())
+    criterion = nn.CrossEntropyLoss()
+    generator = torch.Generator(device).manual_seed(0)
+    images = torch.randn(batch_size, 3, 32, 32, device=device, generator=generator)
+    images = execution.to_device(images, device)
+    labels = torch.zeros(batch_size, dtype=torch.long, device=device)
+    model.train()
+
+    def timed(sync: bool) -> float:
+        model.zero_grad(set_to_none=True)
+        with contextlib.nullcontext() if sync else model.no_sync():
+            _backward(model, criterion, images, labels, execution)  # one untimed, to settle
+            total = 0.0
+            for _ in range(steps):
+                model.zero_grad(set_to_none=True)
+                synchronize(device)
+                dist.barrier()  # every rank starts together: no wait for a late peer counted
+                start = time.perf_counter()
+                _backward(model, criterion, images, labels, execution)
+                synchronize(device)
+                total += time.perf_counter() - start
+        return total / steps
+
+    with_comm, without_comm = timed(sync=True), timed(sync=False)
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(saved)
+    per_epoch = torch.tensor(
+        [max(0.0, with_comm - without_comm) * steps_per_epoch],
+        dtype=torch.float64,
+        device=_collective_device(world),
+    )
+    dist.all_reduce(per_epoch, op=dist.ReduceOp.MAX)
+    return per_epoch.item()
+
+
+def _backward(
+    model: nn.Module,
+    criterion: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    execution: Execution,
+) -> None:
+    with execution.autocast(images.device.type):
+        loss = criterion(model(images), labels)
+    loss.backward()
+
+
+def _collective_device(world: World) -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo CPU ones."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if world.backend == "nccl"
+        else torch.device("cpu")
+    )
+
+
+# ---------------------------------------------------------------- crashes and --nproc
+
+
+class Stopped(CifarexpError):
+    """torchrun stopped this process (SIGTERM): another rank failed, or the job was stopped."""
+
+
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM under torchrun: the launcher stops every process once one has failed, so the
+    run ends FAILED (not KILLED, as a user's Ctrl-C on one process would). Further SIGTERMs
+    are ignored while the run is ended (torchrun sends SIGKILL after its grace period)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Stopped(
+        "torchrun stopped this process: another rank failed (its error is in torchrun's "
+        "output) or the job was stopped; the run is FAILED"
+    )
+
+
+def relaunch(nproc: int, argv: list[str]) -> None:
+    """Run this command again as `nproc` processes on this machine, through torchrun's own
+    launcher (torch.distributed.run), in place of this process; never returns."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "cifarexp",
+        *without_nproc(argv),
+    ]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """`argv` less `--nproc N` / `--nproc=N`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out

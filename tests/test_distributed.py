@@ -1,0 +1,123 @@
+"""Several processes through torchrun (issue 8), on CPU with gloo: one MLflow run from rank 0,
+disjoint shards, the same maths as one process, a crash on one rank ends the run FAILED."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cifarexp import distributed, jobs
+from tests import ddp_entry
+from tests.conftest import TINY_ARGS, all_runs, without
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = {"data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc"}
+
+
+def torchrun(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 240):
+    """`python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS`, finished."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", *args]
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_time_under_torchrun_logs_one_run_from_rank_0_over_disjoint_shards(client, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    args = [*without("--batch-size"), "--batch-size", "4", "--train-size", "16"]
+    done = torchrun(
+        "-m", "cifarexp", "time", *args, cwd=tmp_path,
+        env={distributed.RECORD_INDICES: str(shards)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    [run] = all_runs(client)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert (params["world_size"], params["backend"], params["scaling"]) == ("2", "gloo", "weak")
+    assert params["batch_size"] == "4"
+    for name in [*METRICS, "comm_time_s"]:  # one point per epoch: rank 0 alone logged
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [1, 2], name
+    assert all(m.value >= 0 for m in client.get_metric_history(run.info.run_id, "comm_time_s"))
+    # weak scaling: each rank trains 8 of the 16 images, so an epoch covers all 16
+    rate = client.get_metric_history(run.info.run_id, "images_per_s")[0].value
+    epoch = client.get_metric_history(run.info.run_id, "epoch_time_s")[0].value
+    assert rate * epoch == pytest.approx(16)
+
+    rank0, rank1 = (
+        [
+            list(map(int, line.split()))
+            for line in (shards / f"rank{r}.txt").read_text().splitlines()
+        ]
+        for r in (0, 1)
+    )
+    assert len(rank0) == len(rank1) == 2  # one line per epoch
+    for mine, theirs in zip(rank0, rank1, strict=True):
+        assert not set(mine) & set(theirs)
+        assert sorted(mine + theirs) == list(range(16))
+    assert rank0[0] != rank0[1]  # set_epoch: a new shuffle each epoch
+
+
+def test_strong_scaling_on_two_ranks_matches_one_process_with_the_global_batch(client, tmp_path):
+    done = torchrun("-m", "tests.ddp_entry", "strong", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [ddp] = all_runs(client)
+    assert ddp.data.params["world_size"] == "2"
+    assert ddp.data.params["scaling"] == "strong"
+
+    single = jobs.run_training(
+        ddp_entry.STRONG, jobs.Labels("time", "C2"), experiment="one", quiet=True
+    )
+
+    # Epoch 1: the same weights on the same 8 augmented images. Epoch 2: after one step
+    # whose gradient DDP averaged over the two halves, i.e. the mean over all 8.
+    for name in ("train_loss", "train_acc"):
+        history = client.get_metric_history(ddp.info.run_id, name)
+        expected = [getattr(r, name) for r in single.results]
+        assert [m.value for m in history] == pytest.approx(expected, rel=1e-5), name
+    assert single.results[0].train_loss != single.results[1].train_loss  # it did learn
+
+
+def test_a_crash_on_rank_1_ends_the_run_failed_and_every_process_exits(client, tmp_path):
+    done = torchrun("-m", "tests.ddp_entry", "crash", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "rank 1 crashed" in done.stdout + done.stderr
+    [run] = all_runs(client)
+    assert run.info.status == "FAILED"
+    assert "cifarexp.error" in run.data.tags
+    history = client.get_metric_history(run.info.run_id, "epoch_time_s")
+    assert [m.step for m in history] == [1]  # the finished epoch is kept
+
+
+def test_nproc_relaunches_the_same_command_through_torch_distributed_run(cli, monkeypatch):
+    launched = []
+
+    def execv(path, argv):  # the real one replaces this process and never returns
+        launched.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(distributed.os, "execv", execv)
+    argv = ["cifarexp", "time", *TINY_ARGS, "--nproc", "2", "--scaling", "strong"]
+    monkeypatch.setattr(sys, "argv", argv)
+    result = cli("time", *TINY_ARGS, "--nproc", "2", "--scaling", "strong")
+    assert result.exit_code == 0, result.output
+    [command] = launched
+    assert command[1:] == [
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "-m", "cifarexp", "time", *TINY_ARGS, "--scaling", "strong",
+    ]  # fmt: skip
+
+
+def test_comparisons_refuse_torchrun_with_one_line(cli, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = cli("no-bn", *TINY_ARGS)
+    assert result.exit_code == 2
+    assert "does not run under torchrun" in result.output
