@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The study's GPU measurements, as run on the lent GPU machine (see ../shared/device/README.md):
-#   bash benchmarks/gpu_study.sh PART   with PART = core | study | fast
+#   bash benchmarks/gpu_study.sh PART   with PART = core | study | fast | scaling
 # Each part writes its printed tables under $OUT (default ./gpu-out) and leaves mlflow.db
 # in the working directory, so parts run one after another share one store.
 set -uo pipefail
@@ -36,6 +36,14 @@ case "${1:-core}" in
     run epoch_time python3 benchmarks/epoch_time.py --workers 4 --compile reduce-overhead
     run epoch_time_autotune python3 benchmarks/epoch_time.py --paths c --compile max-autotune
     run gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
+    ;;
+  scaling)  # issue 8 on a 4-GPU machine: weak and strong scaling of `time` under torchrun
+    for n in 1 2 4; do for s in weak strong; do
+      [ "$n" = 1 ] && [ "$s" = strong ] && continue  # one process: the same run as weak
+      run "ddp_${n}_${s}" python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
+        -m cifarexp time "${FULL[@]}" --epochs 3 --workers 4 --device cuda --scaling "$s"
+    done; done
+    python3 benchmarks/scaling.py | tee "$OUT/scaling.txt"
     ;;
 esac
 cp mlflow.db "$OUT/" 2>/dev/null || true

@@ -572,7 +572,10 @@ def main() -> None:
     # Under torchrun a SIGTERM means the launcher is stopping the job: see stop_on_sigterm.
     on_sigterm = distributed.stop_on_sigterm if distributed.launched() else _interrupt
     signal.signal(signal.SIGTERM, on_sigterm)
-    app()
+    try:
+        app()
+    finally:
+        distributed.leave()
 
 
 def _interrupt(signum: int, frame: object) -> None:

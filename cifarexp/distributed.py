@@ -99,6 +99,12 @@ def join(device_name: str) -> tuple[World, torch.device]:
     return World(rank, world_size, local_rank, backend), device
 
 
+def leave() -> None:
+    """Leave the process group, if this process joined one (as PyTorch asks before exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
     """The model under DDP: gradients are averaged over the ranks during backward."""
     return DistributedDataParallel(
