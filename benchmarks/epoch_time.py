@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from overhead import bare_epoch  # the same bare loop as benchmarks/overhead.py
 from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
@@ -91,26 +90,10 @@ def bare_loop(args: argparse.Namespace, device: torch.device) -> Row:
     torch.backends.cudnn.benchmark = True  # as cifarexp sets it on CUDA
     model = ResNet18().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    criterion = nn.CrossEntropyLoss()
     epoch_times, train_acc = [], 0.0
     for _ in range(args.epochs):
-        model.train()
-        start = time.perf_counter()
-        running_loss, correct, seen = 0.0, 0, 0
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            optimizer.zero_grad()
-            outputs = model(x)
-            loss = criterion(outputs, y)
-            loss.backward()
-            optimizer.step()
-            running_loss += loss.item()
-            correct += (outputs.argmax(1) == y).sum().item()
-            seen += y.size(0)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_times.append(time.perf_counter() - start)
-        train_acc = correct / seen
+        seconds, train_acc = bare_epoch(model, loader, optimizer, device)
+        epoch_times.append(seconds)
     return Row(f"(a) bare loop, {args.workers} workers", epoch_times, train_acc)
 
 
