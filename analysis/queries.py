@@ -41,6 +41,8 @@ class Exercise:
         """The parent's main settings (those it has), e.g. 'workers=4, loader=torch'."""
         keys = ("workers", "batch_size", "epochs", "loader", "precision", "compile", "timing")
         values = {k: self.parent.get(f"params.{k}") for k in keys}
+        if isinstance(self.parent.get("params.workers_list"), str):  # a sweep: its counts
+            values["workers"] = self.parent["params.workers_list"]
         return ", ".join(f"{k}={v}" for k, v in values.items() if isinstance(v, str))
 
     @property
