@@ -27,16 +27,13 @@ import statistics
 import tempfile
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from overhead import bare_epoch  # the same bare loop as benchmarks/overhead.py
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
+from torch.utils.data import DataLoader
 
 from cifarexp import tracking
 from cifarexp.config import TrainConfig
-from cifarexp.data import MEAN, STD, synthetic_arrays
+from cifarexp.data import ImageArrayDataset, synthetic_arrays, train_transform
 from cifarexp.jobs import Labels, run_training
 from cifarexp.models import ResNet18
 
@@ -57,31 +54,10 @@ class Row:
 # ----------------------------------------------------------------- (a) the bare loop
 
 
-class ImageArray(Dataset):
-    """What a lab notebook writes: uint8 HWC images -> PIL -> the transforms."""
-
-    def __init__(self, images: np.ndarray, labels: list[int], transform: transforms.Compose):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
-
-
 def bare_loop(args: argparse.Namespace, device: torch.device) -> Row:
     images, labels = synthetic_arrays(args.train_size, seed=args.seed, train=True)
-    transform = transforms.Compose(
-        [
-            transforms.RandomCrop(32, padding=4),
-            transforms.RandomHorizontalFlip(0.5),
-            transforms.ToTensor(),
-            transforms.Normalize(MEAN, STD),
-        ]
-    )
     loader = DataLoader(
-        ImageArray(images, labels, transform),
+        ImageArrayDataset(images, labels, train_transform()),  # the study's pipeline
         batch_size=args.batch_size,
         shuffle=True,
         num_workers=args.workers,

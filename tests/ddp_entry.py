@@ -11,26 +11,20 @@ import signal
 import sys
 
 from cifarexp import distributed, engine, jobs
-from cifarexp.config import TrainConfig
+from tests.conftest import TINY
 
 # One step of 8 images per epoch; the GPU loader's augmentation (on CPU tensors here) draws
 # the same crops and flips for every position whatever the shard, so one process with batch
 # 8 and two with 4 each train on exactly the same augmented images.
-STRONG = TrainConfig(
-    dataset="synthetic",
+STRONG = TINY.replace(
     train_size=8,
     batch_size=8,
-    workers=0,
-    epochs=2,
-    device="cpu",
     loader="gpu",
     batch_norm=False,  # BN statistics are per rank under DDP: only BN-free maths is the same
     lr=0.01,
     scaling="strong",
 )
-CRASH = TrainConfig(
-    dataset="synthetic", train_size=16, batch_size=4, workers=0, epochs=2, device="cpu"
-)
+CRASH = TINY.replace(train_size=16, batch_size=4)
 
 
 def crash_in_epoch_2(train_one_epoch):
