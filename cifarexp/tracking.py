@@ -163,6 +163,11 @@ def start_run(
         _end_run(run_id, "FAILED")  # one try, no error tag: the store is failing
         raise
     except STORE_ERRORS as exc:
+        # MLflow wraps whatever is raised inside its store calls, ours included (e.g. a
+        # signal handler's error arriving mid-write): that is not a failing store.
+        if isinstance(exc.__cause__, CifarexpError):
+            _end_run(run_id, "FAILED", error=exc.__cause__)
+            raise exc.__cause__ from None
         _end_run(run_id, "FAILED")
         raise StoreFailed(_store_failed(run_id, exc)) from None
     except BaseException as exc:

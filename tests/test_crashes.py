@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
+from mlflow.exceptions import MlflowException
+
 from cifarexp import data, jobs, tracking
+from cifarexp.config import CifarexpError
 from tests.conftest import TINY_ARGS, all_runs, without
 
 WORKER_DIED = "DataLoader worker (pid 4242) is killed by signal: Killed. "
@@ -74,3 +78,16 @@ def test_a_stuck_dataloader_worker_fails_the_run_after_loader_timeout(cli, clien
     [run] = all_runs(client)
     assert run.info.status == "FAILED"
     assert "DataLoader timed out after 0.3 seconds" in run.data.tags[tracking.ERROR]
+
+
+def test_our_error_wrapped_by_mlflow_mid_write_is_not_taken_for_a_failing_store(client):
+    # Given an error of ours (e.g. torchrun's SIGTERM handler) raised inside an MLflow call,
+    # which MLflow re-raises as an MlflowException from it,
+    stopped = CifarexpError("stopped by torchrun")
+    with pytest.raises(CifarexpError) as raised, tracking.start_run("wrapped") as run_id:
+        raise MlflowException("INTERNAL_ERROR") from stopped
+    # then our error comes out, and the run ends FAILED with it as the error tag
+    assert raised.value is stopped
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["cifarexp.error"] == "CifarexpError: stopped by torchrun"
