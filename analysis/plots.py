@@ -57,3 +57,19 @@ def device_breakdown(c5: pd.DataFrame, subtitle: str = "") -> Figure:
     ax.set(ylabel="seconds per epoch", title=f"C5: epoch time per device {subtitle}".strip())
     ax.legend()
     return fig
+
+
+def scaling_curve(c5: pd.DataFrame, subtitle: str = "") -> Figure:
+    """C5 extended: speedup in images/s against GPUs, per scaling mode, and the ideal."""
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    base = c5[c5["GPUs"] == 1]
+    for scaling in sorted(set(c5["scaling"]) - {"–"}):
+        rows = pd.concat([base, c5[c5["scaling"] == scaling]])
+        ax.plot(rows["GPUs"], rows["speedup"], "o-", label=f"{scaling} scaling")
+    counts = sorted(set(c5["GPUs"]))
+    ax.plot(counts, counts, "k--", lw=1, label="ideal")
+    ax.set(xlabel="GPUs", ylabel="speedup in images/s vs 1 GPU", xticks=counts, ylim=(0, None))
+    ax.set_title(f"C5: data-parallel scaling {subtitle}".strip())
+    ax.legend()
+    return fig

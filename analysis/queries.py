@@ -10,7 +10,7 @@ from cifarexp import tracking
 
 EPOCH_METRICS = [
     "data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc", "images_per_s",
-    "test_loss", "test_acc", "mfu", "est_epoch_time_s",
+    "test_loss", "test_acc", "mfu", "est_epoch_time_s", "comm_time_s",
 ]  # fmt: skip
 PARENT = "tags.mlflow.parentRunId"
 
@@ -40,6 +40,7 @@ class Exercise:
     def settings(self) -> str:
         """The parent's main settings (those it has), e.g. 'workers=4, loader=torch'."""
         keys = ("workers", "batch_size", "epochs", "loader", "precision", "compile", "timing")
+        keys += ("gpus", "scalings")  # compare-device --gpus
         values = {k: self.parent.get(f"params.{k}") for k in keys}
         if isinstance(self.parent.get("params.workers_list"), str):  # a sweep: its counts
             values["workers"] = self.parent["params.workers_list"]

@@ -18,6 +18,7 @@ TITLES = {
     "c3_workers": "C3: epoch times per DataLoader worker count",
     "c4_one_vs_best": "C4: 1 worker vs the best count",
     "c5_devices": "C5: average epoch time per device",
+    "c5_scaling": "C5: data-parallel scaling over GPUs (steady epochs: 2 on)",
     "c6_optimizers": "C6: optimizers, average training time per epoch and the final epoch",
     "c6_accuracy": "C6: top-1 training accuracy per epoch",
     "c6_loss": "C6: training loss per epoch",
@@ -73,6 +74,11 @@ def _c5(ex: queries.Exercise) -> tuple[dict, dict, str]:
     return {"c5_devices": c5}, {"c5_devices": plots.device_breakdown(c5, _subtitle(ex))}, ""
 
 
+def _c5_scaling(ex: queries.Exercise) -> tuple[dict, dict, str]:
+    c5 = tables.c5_scaling(ex)
+    return {"c5_scaling": c5}, {"c5_scaling": plots.scaling_curve(c5, _subtitle(ex))}, ""
+
+
 def _c6(ex: queries.Exercise) -> tuple[dict, dict, str]:
     c6 = tables.c6_optimizers(ex)
     per_epoch = {
@@ -104,6 +110,11 @@ ITEMS: dict[str, tuple[str, str, Builder]] = {
     "C2": ("C1, C2: where the time of an epoch goes", "cifarexp time", _c2),
     "C3": ("C3, C4: how many DataLoader workers", "cifarexp sweep-workers", _c3),
     "C5": ("C5: GPU vs CPU", "cifarexp compare-device --workers best", _c5),
+    "C5-scaling": (
+        "C5 extended: 1, 2, 4 GPUs (data-parallel, torchrun)",
+        "cifarexp compare-device --gpus 1,2,4 --workers best",
+        _c5_scaling,
+    ),
     "C6": ("C6: five optimizers", "cifarexp compare-optim --workers best", _c6),
     "C7": ("C7: without BatchNorm", "cifarexp no-bn --workers best", _c7),
     "Q1-Q4": ("Q1-Q4: what the model contains", "cifarexp inspect", _q),
@@ -132,6 +143,10 @@ def headline(section: Section) -> dict[str, float]:
     speedup = section.tables.get("c5_devices", pd.DataFrame()).get("speedup vs cpu")
     if speedup is not None and len(speedup) > 1:
         metrics["gpu_speedup"] = float(speedup.max())
+    if "c5_scaling" in section.tables:  # the efficiency at the most GPUs, per mode
+        for mode, rows in section.tables["c5_scaling"].groupby("scaling"):
+            if mode != "–":
+                metrics[f"{mode}_scaling_efficiency"] = float(rows["efficiency %"].iloc[-1])
     return metrics
 
 

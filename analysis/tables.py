@@ -11,9 +11,11 @@ DATA, TRAIN, TOTAL = "data-loading s", "training s", "total s"
 TIMES = {"data_time_s": DATA, "train_time_s": TRAIN, "epoch_time_s": TOTAL}
 
 
-def per_run_means(ex: Exercise) -> pd.DataFrame:
-    """Each measured run's metrics averaged over its epochs, with its params, in run order."""
-    means = ex.epochs.drop(columns=["variant", "epoch"]).groupby("run_id", sort=False).mean()
+def per_run_means(ex: Exercise, first_epoch: int = 1) -> pd.DataFrame:
+    """Each measured run's metrics averaged over its epochs (from `first_epoch` on), with its
+    params, in run order."""
+    epochs = ex.epochs[ex.epochs["epoch"] >= first_epoch]
+    means = epochs.drop(columns=["variant", "epoch"]).groupby("run_id", sort=False).mean()
     params = ex.runs.set_index("run_id")
     joined = params.join(means, how="inner")
     return joined.loc[[r for r in params.index if r in joined.index]].reset_index()
@@ -125,6 +127,37 @@ def c5_devices(ex: Exercise) -> pd.DataFrame:
     cpu = table.loc[table["device"] == "cpu", "avg epoch s"]
     table["speedup vs cpu"] = cpu.iloc[0] / table["avg epoch s"] if not cpu.empty else None
     return table
+
+
+def c5_scaling(ex: Exercise) -> pd.DataFrame:
+    """C5 extended: per scaling mode and GPU count, the steady epoch (epochs 2 on, when there
+    are several: epoch 1 holds cuDNN autotuning and the workers' start), the slowest GPU's
+    parts of it, the gradient communication backward did not hide, images/s, and the
+    speedup (images/s against 1 GPU) and scaling efficiency (speedup / GPUs)."""
+    runs = per_run_means(ex, first_epoch=2 if ex.epochs["epoch"].max() > 1 else 1)
+    gpus = runs.get("params.world_size", pd.Series(index=runs.index)).fillna(1).astype(int)
+    scaling = runs["params.scaling"].where(gpus > 1, "–")
+    batch = runs["params.batch_size"].astype(int)
+    images = (runs["images_per_s"] * runs["epoch_time_s"]).round()
+    table = pd.DataFrame(
+        {
+            "scaling": scaling,
+            "GPUs": gpus,
+            "batch/GPU": batch.where(scaling != "strong", batch // gpus),
+            DATA: runs["data_time_s"],
+            TRAIN: runs["train_time_s"],
+            "comm s": runs.get("comm_time_s"),
+            "epoch s": runs["epoch_time_s"],
+            "images/s": (images / runs["epoch_time_s"]).round().astype(int),
+        }
+    )
+    base = table.loc[table["GPUs"] == 1, "images/s"]
+    table["speedup"] = table["images/s"] / base.iloc[0] if not base.empty else float("nan")
+    table["efficiency %"] = table["speedup"] / table["GPUs"]
+    mode = table["scaling"].map({"–": 0, "weak": 1, "strong": 2})
+    return table.loc[table.assign(mode=mode).sort_values(["mode", "GPUs"]).index].reset_index(
+        drop=True
+    )
 
 
 def c6_optimizers(ex: Exercise) -> pd.DataFrame:

@@ -91,6 +91,27 @@ def log_study(client: MlflowClient, prefix: str = "cifarexp") -> dict[str, str]:
         params={"device": "cuda"}, parent_id=parent,
         epochs=[epoch(0.9, 3.9, 5.0, 2.0, 0.2), epoch(0.9, 3.9, 5.0, 1.8, 0.3)],
     )  # fmt: skip
+    ids["C5-scaling"] = parent = log_run(
+        client, e, command="compare-device", exercise="C5-scaling", params={"gpus": "1,2,4"}
+    )
+    # 50,000 images an epoch; epoch 1 (autotuning) is slow; from epoch 2 on: 1 GPU 5 s,
+    # weak (128 a GPU) 2.6 s and 1.4 s, strong (128 in all) 2.8 s and 1.75 s
+    for variant, gpus, scaling, steady in (
+        ("gpus=1", None, "weak", 5.0),
+        ("gpus=2,scaling=weak", 2, "weak", 2.6),
+        ("gpus=4,scaling=weak", 4, "weak", 1.4),
+        ("gpus=2,scaling=strong", 2, "strong", 2.8),
+        ("gpus=4,scaling=strong", 4, "strong", 1.75),
+    ):
+        params = {"batch_size": 128, "scaling": scaling}
+        if gpus:
+            params["world_size"] = gpus
+        comm = {"comm_time_s": 0.1} if gpus else {}
+        steps = [epoch(0.5, 9.0, 10.0, 2.0, 0.1)] + [epoch(0.5, 4.0, steady, 1.8, 0.3)] * 2
+        log_run(
+            client, e, command="compare-device", exercise="C5-scaling", variant=variant,
+            params=params, parent_id=parent, epochs=[{**step, **comm} for step in steps],
+        )  # fmt: skip
     e = exp("compare-optim")
     ids["C6"] = parent = log_run(client, e, command="compare-optim", exercise="C6")
     for name, acc in (("sgd", 0.72), ("adam", 0.31)):

@@ -45,6 +45,24 @@ def test_c5_marks_the_estimated_cpu_epoch_and_computes_the_speedup(study):
     assert list(c5["speedup vs cpu"]) == pytest.approx([1.0, 40.0])
 
 
+def test_c5_scaling_compares_steady_epochs_with_one_gpu_per_mode(study):
+    section = report.section("C5-scaling", queries.exercise("C5-scaling"))
+    c5 = section.tables["c5_scaling"]
+    assert list(zip(c5["scaling"], c5["GPUs"], c5["batch/GPU"], strict=True)) == [
+        ("–", 1, 128), ("weak", 2, 128), ("weak", 4, 128), ("strong", 2, 64), ("strong", 4, 32),
+    ]  # fmt: skip
+    assert list(c5["epoch s"]) == pytest.approx([5.0, 2.6, 1.4, 2.8, 1.75])  # epoch 1 left out
+    assert list(c5["images/s"]) == [10_000, 19_231, 35_714, 17_857, 28_571]
+    assert list(c5["efficiency %"]) == pytest.approx(
+        [1.0, 0.9615, 0.8929, 0.8929, 0.7143], abs=1e-4
+    )
+    assert pd.isna(c5["comm s"][0]) and list(c5["comm s"][1:]) == pytest.approx([0.1] * 4)
+    assert report.headline(section) == pytest.approx(
+        {"weak_scaling_efficiency": 0.8929, "strong_scaling_efficiency": 0.7143}, abs=1e-4
+    )
+    assert "c5_scaling" in section.figures
+
+
 def test_c6_has_average_training_time_and_loss_and_accuracy_per_epoch(study):
     ex = queries.exercise("C6")
     c6 = tables.c6_optimizers(ex)
@@ -100,7 +118,7 @@ def test_only_finished_runs_count_and_the_newest_child_per_variant_wins(client, 
 
 def test_report_writes_every_item_in_study_order_with_csvs_and_plots(study, tmp_path):
     sections = report.build_report()
-    assert [s.item for s in sections] == ["C2", "C3", "C5", "C6", "C7", "Q1-Q4"]
+    assert [s.item for s in sections] == ["C2", "C3", "C5", "C5-scaling", "C6", "C7", "Q1-Q4"]
     path = report.write_report(sections, tmp_path / "out", "sqlite:///x.db")
     text = path.read_text()
     assert text.index("C1, C2") < text.index("C3, C4") < text.index("C7") < text.index("Q1-Q4")
@@ -108,8 +126,8 @@ def test_report_writes_every_item_in_study_order_with_csvs_and_plots(study, tmp_
     assert "settings: " not in text and "workers=2" in text  # the C2 run's settings
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"c2_epochs.csv", "c3_workers.csv", "c4_one_vs_best.csv", "c5_devices.csv",
-            "c6_optimizers.csv", "c6_accuracy.csv", "c6_loss.csv", "c7_batch_norm.csv",
-            "q1_q4.csv"} <= files  # fmt: skip
+            "c5_scaling.csv", "c6_optimizers.csv", "c6_accuracy.csv", "c6_loss.csv",
+            "c7_batch_norm.csv", "q1_q4.csv"} <= files  # fmt: skip
     assert {"c3_workers.png", "c5_devices.png", "c6_optimizers.png", "c7_batch_norm.png"} <= files
     assert pd.read_csv(tmp_path / "out" / "c3_workers.csv")["workers"].tolist() == [0, 1, 4, 8]
 
