@@ -27,7 +27,7 @@ from cifarexp.config import (
     TrainConfig,
 )
 from cifarexp.console import console, err_console, render
-from cifarexp.jobs import Labels, run_training
+from cifarexp.jobs import Labels, run_launched, run_training
 from cifarexp.optim import OPTIMIZERS
 
 app = typer.Typer(
@@ -371,9 +371,43 @@ def compare_device(
             rich_help_panel=TRAINING,
         ),
     ] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="Compare GPU counts instead, e.g. 1,2,4 (must include 1, the baseline): "
+            "data-parallel training, one torchrun process per GPU. With --devices cpu: CPU "
+            "processes (gloo).",
+            rich_help_panel=SCALE,
+        ),
+    ] = None,
+    scaling: Annotated[
+        str,
+        typer.Option(
+            help="With --gpus: weak (--batch-size per GPU), strong (--batch-size in total, "
+            "split), or both.",
+            rich_help_panel=SCALE,
+        ),
+    ] = "weak,strong",
     resume: Resume = False,
 ) -> None:
-    """C5: average epoch time on each device (GPU vs CPU) and the GPU speedup."""
+    """C5: average epoch time on each device (GPU vs CPU) and the GPU speedup; with --gpus,
+    epoch time, images/s, speedup and scaling efficiency on 1, 2, 4 ... GPUs."""
+    if gpus is not None:
+        device = parse_list("--devices", devices or "cuda")
+        if len(device) > 1:
+            raise ConfigError("--devices: with --gpus give one device, cuda or cpu")
+        section = experiments.compare_gpus(
+            ctx.cfg,
+            [parse_int("--gpus", g) for g in parse_list("--gpus", gpus)],
+            parse_list("--scaling", scaling, SCALINGS),
+            device=device[0],
+            cpu_batches=cpu_batches,
+            experiment=ctx.experiment,
+            resume=resume,
+            quiet=ctx.quiet,
+        )
+        print_section(section)
+        return
     default = "cpu,cuda" if torch.cuda.is_available() else "cpu"
     names = parse_list("--devices", default if devices is None else devices)
     for name in names:
@@ -387,6 +421,14 @@ def compare_device(
         quiet=ctx.quiet,
     )
     print_section(section)
+
+
+@app.command("launched-run", hidden=True)
+def launched_run() -> None:
+    """One process of a variant that a comparison launched through torchrun."""
+    with user_errors():
+        tracking.use_store(None)  # the launcher's, from MLFLOW_TRACKING_URI
+        run_launched()
 
 
 @command("compare-optim", exclude=("optimizer",))

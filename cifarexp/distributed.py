@@ -13,6 +13,8 @@ import contextlib
 import copy
 import os
 import signal
+import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -32,7 +34,14 @@ from cifarexp.engine import Batch, EpochResult, Execution, synchronize
 # A collective that waits longer than this fails the run instead of hanging it (a crashed or
 # stuck rank); well above one epoch's longest step, evaluation included.
 TIMEOUT = timedelta(minutes=10)
-COMM_STEPS = 3  # extra steps per epoch, each way, to measure comm_time_s (see measure_comm_time)
+COMM_PAIRS = 7  # steps with and without gradient all-reduce per epoch (see measure_comm_time)
+# How cifarexp runs DDP: no broadcast of the BN buffers from rank 0 before every forward
+# (a collective per step that the training maths does not need: each rank keeps its own
+# running statistics, and rank 0's model is the one evaluated), and gradients that are views
+# into the all-reduce buckets (no copy in and out of them). benchmarks/ddp_probe.py on 4 H100s
+# found no gain beyond noise either way: the host's time per step dominates (see README).
+DDP_OPTIONS = {"broadcast_buffers": False, "gradient_as_bucket_view": True}
+LAUNCH_GRACE_S = 10  # after Ctrl-C, how long launched processes get to end their run
 # Test hook: a folder where each rank writes the sample indices its sampler gave it, per epoch.
 RECORD_INDICES = "CIFAREXP_RECORD_INDICES"
 
@@ -105,10 +114,11 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
-    """The model under DDP: gradients are averaged over the ranks during backward."""
+def wrap(model: nn.Module, device: torch.device, **options: object) -> DistributedDataParallel:
+    """The model under DDP (with DistributedDataParallel's `options`): gradients are
+    averaged over the ranks during backward."""
     return DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None
+        model, device_ids=[device.index] if device.type == "cuda" else None, **options
     )
 
 
@@ -180,16 +190,17 @@ def measure_comm_time(
     batch_size: int,
     steps_per_epoch: int,
     execution: Execution,
-    steps: int = COMM_STEPS,
+    pairs: int = COMM_PAIRS,
 ) -> float:
     """Seconds per epoch that gradient communication adds to the steps, as the slowest rank
     sees it, measured outside the timed epoch.
 
-    `steps` forward + backward passes on one random batch are timed (synchronised) as DDP
-    runs them, all-reducing gradient buckets while backward goes on, then `steps` more under
-    `no_sync()`, which skips the all-reduce. The difference per step, times the epoch's
-    steps, is the communication that backward did not hide. The model's weights and
-    buffers are put back as they were; no optimizer step is taken.
+    `pairs` times, one forward + backward pass on a fixed random batch as DDP runs it
+    (all-reducing gradient buckets while backward goes on), then one under `no_sync()`
+    (no all-reduce), each synchronised and started together on every rank. The median of
+    the differences, times the epoch's steps, is the communication that backward did not
+    hide; alternating the two and taking the median keeps drifts and one-off stalls out.
+    The model's weights and buffers are put back as they were; no optimizer step is taken.
     """
     saved = copy.deepcopy(model.state_dict())
     criterion = nn.CrossEntropyLoss()
@@ -201,24 +212,20 @@ def measure_comm_time(
 
     def timed(sync: bool) -> float:
         model.zero_grad(set_to_none=True)
+        dist.barrier()  # every rank starts together: no wait for a late peer counted
+        synchronize(device)
+        start = time.perf_counter()
         with contextlib.nullcontext() if sync else model.no_sync():
-            _backward(model, criterion, images, labels, execution)  # one untimed, to settle
-            total = 0.0
-            for _ in range(steps):
-                model.zero_grad(set_to_none=True)
-                synchronize(device)
-                dist.barrier()  # every rank starts together: no wait for a late peer counted
-                start = time.perf_counter()
-                _backward(model, criterion, images, labels, execution)
-                synchronize(device)
-                total += time.perf_counter() - start
-        return total / steps
+            _backward(model, criterion, images, labels, execution)
+        synchronize(device)
+        return time.perf_counter() - start
 
-    with_comm, without_comm = timed(sync=True), timed(sync=False)
+    timed(sync=True), timed(sync=False)  # untimed: allocations, cuDNN choices
+    exposed = statistics.median(timed(sync=True) - timed(sync=False) for _ in range(pairs))
     model.zero_grad(set_to_none=True)
     model.load_state_dict(saved)
     per_epoch = torch.tensor(
-        [max(0.0, with_comm - without_comm) * steps_per_epoch],
+        [max(0.0, exposed) * steps_per_epoch],
         dtype=torch.float64,
         device=_collective_device(world),
     )
@@ -268,7 +275,31 @@ def stop_on_sigterm(signum: int, frame: object) -> None:
 def relaunch(nproc: int, argv: list[str]) -> None:
     """Run this command again as `nproc` processes on this machine, through torchrun's own
     launcher (torch.distributed.run), in place of this process; never returns."""
-    command = [
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, torchrun_command(nproc, without_nproc(argv)))
+
+
+def launch(nproc: int, argv: list[str], env: dict[str, str]) -> int:
+    """Run `cifarexp ARGV` as `nproc` processes on this machine through torchrun's launcher,
+    with `env` added to this environment, and wait; their exit code. On Ctrl-C (which they
+    get too) it waits for them to end their run, and stops them if they don't."""
+    environment = {**os.environ, **env}
+    environment.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is this process's, not theirs
+    process = subprocess.Popen(torchrun_command(nproc, argv), env=environment)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM sent to this process alone
+        try:
+            process.wait(timeout=LAUNCH_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.terminate()  # torchrun stops its processes in turn
+            process.wait()
+        raise
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -276,11 +307,8 @@ def relaunch(nproc: int, argv: list[str]) -> None:
         f"--nproc-per-node={nproc}",
         "-m",
         "cifarexp",
-        *without_nproc(argv),
+        *argv,
     ]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, command)
 
 
 def without_nproc(argv: list[str]) -> list[str]:

@@ -11,13 +11,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+
 from analysis import queries, report
 from cifarexp import tracking
-from cifarexp.config import ConfigError, TrainConfig
+from cifarexp.config import CifarexpError, ConfigError, TrainConfig
 from cifarexp.console import err_console
 from cifarexp.data import cpu_count
 from cifarexp.engine import resolve_device
-from cifarexp.jobs import Labels, environment_tags, run_training
+from cifarexp.jobs import Labels, environment_tags, run_processes, run_training
 
 WORKERS_STEP = 4
 WORKERS_TOLERANCE = 0.03  # a count must cut data-loading time by more than this to go on
@@ -35,21 +37,29 @@ class Comparison:
     reused: dict[str, str]  # variant -> finished child of a resumed run
     section: report.Section | None = None
 
-    def run(self, variant: str, cfg: TrainConfig) -> str:
-        """Train one variant as a child run (or reuse its finished run); its run id."""
+    def run(self, variant: str, cfg: TrainConfig, processes: int = 1) -> str:
+        """Train one variant as a child run (or reuse its finished run); its run id. With
+        `processes` > 1 it trains data-parallel in that many processes under torchrun."""
         if variant in self.reused:
             err_console.print(f"{variant}: reusing finished run {self.reused[variant]}")
             return self.reused[variant]
         labels = Labels(self.labels.command, self.labels.exercise, variant)
-        run = run_training(
-            cfg,
-            labels,
-            experiment=self.experiment,
-            run_name=variant,
-            nested=True,
-            quiet=self.quiet,
-        )
-        return run.run_id
+        if processes == 1:
+            run = run_training(
+                cfg,
+                labels,
+                experiment=self.experiment,
+                run_name=variant,
+                parent=self.parent_id,
+                quiet=self.quiet,
+            )
+            return run.run_id
+        run_processes(cfg, labels, processes, parent=self.parent_id, quiet=self.quiet)
+        children = queries.finished_children(self.parent_id)
+        found = children[children[f"tags.{tracking.VARIANT}"] == variant]
+        if found.empty:
+            raise CifarexpError(f"{variant}: its processes ended without a finished run")
+        return str(found["run_id"].iloc[0])
 
 
 @contextmanager
@@ -214,6 +224,54 @@ def compare_device(
         Labels("compare-device", "C5"), base, variants, options,
         experiment=experiment, resume=resume, quiet=quiet,
     )  # fmt: skip
+
+
+def compare_gpus(
+    base: TrainConfig,
+    gpus: list[int],
+    scalings: list[str],
+    *,
+    device: str = "cuda",
+    cpu_batches: int | None = None,
+    experiment: str,
+    resume: bool = False,
+    quiet: bool = False,
+) -> report.Section:
+    """C5 extended: the same training on 1 GPU, then data-parallel on each other count in
+    `gpus`, one torchrun process per GPU, in each scaling mode (weak: --batch-size per GPU,
+    strong: in total). With device cpu the counts are CPU processes (gloo) and `cpu_batches`
+    limits every epoch, to try it where there is no GPU."""
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f"--devices: with --gpus give cuda or cpu, not {device!r}")
+    if any(n < 1 for n in gpus) or 1 not in gpus:
+        raise ConfigError(f"--gpus: counts are >= 1 and include 1, the baseline; got {gpus}")
+    if device == "cuda" and max(gpus) > torch.cuda.device_count():
+        raise ConfigError(
+            f"--gpus: {max(gpus)} GPUs asked for, this machine has {torch.cuda.device_count()}"
+            " (--devices cpu runs CPU processes instead)"
+        )
+    odd = [n for n in gpus if base.batch_size % n] if "strong" in scalings else []
+    if odd:
+        raise ConfigError(
+            f"--batch-size: {base.batch_size} does not split over {odd[0]} GPUs "
+            "(strong scaling); give a multiple of every count in --gpus"
+        )
+    base = base.replace(device=device, max_batches=cpu_batches if device == "cpu" else None)
+    options = {
+        "gpus": ",".join(map(str, gpus)),
+        "scalings": ",".join(scalings),
+        "devices": device,
+        "cpu_batches": cpu_batches,
+    }
+    labels = Labels("compare-device", "C5-scaling")
+    with comparison(
+        labels, base, options, experiment=experiment, resume=resume, quiet=quiet
+    ) as comp:
+        comp.run("gpus=1", base)  # the baseline: one process, no DDP
+        for scaling in scalings:
+            for n in sorted(set(gpus) - {1}):
+                comp.run(f"gpus={n},scaling={scaling}", base.replace(scaling=scaling), n)
+    return comp.section
 
 
 def compare_optim(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -96,7 +98,7 @@ def run_training(
     *,
     experiment: str,
     run_name: str | None = None,
-    nested: bool = False,
+    parent: str | None = None,
     quiet: bool = False,
 ) -> TrainingRun:
     """Train `cfg` inside an MLflow run, logging each epoch's metrics as soon as it ends.
@@ -142,7 +144,9 @@ def run_training(
     else:
         loader = make_loader(cfg, train_set, train=True)
     execution = fastpath.execution(cfg, model, device)
-    ddp_model = distributed.wrap(model, device) if world is not None else model
+    ddp_model = (
+        model if world is None else distributed.wrap(model, device, **distributed.DDP_OPTIONS)
+    )
     train_model = fastpath.compile_model(ddp_model, cfg.compile)  # shares model's parameters
     test_loader = make_loader(cfg, test_set, train=False) if test_set is not None else None
     tags = {**labels.tags(), tracking.DATASET: cfg.dataset, **environment_tags(device)}
@@ -166,7 +170,7 @@ def run_training(
     with (
         data_loader_errors(cfg),
         tracking.start_run(
-            experiment, run_name=run_name, tags=tags, params=params, nested=nested
+            experiment, run_name=run_name, tags=tags, params=params, parent=parent
         ) as run_id,
     ):
         if tracking.is_writer():
@@ -200,3 +204,38 @@ def run_training(
                 combine=combine,
             )
     return TrainingRun(run_id, cfg, device, results, warmup_s)
+
+
+# ---------------------------------------------------------------- a run of several processes
+
+LAUNCHED_RUN = "CIFAREXP_LAUNCHED_RUN"  # what `cifarexp launched-run` trains (JSON)
+
+
+def run_processes(
+    cfg: TrainConfig, labels: Labels, processes: int, *, parent: str, quiet: bool = False
+) -> None:
+    """Train `cfg` as `processes` data-parallel processes on this machine (one per GPU, or
+    CPU processes with gloo), launched through torchrun, as a child run of `parent`; waits.
+    The processes run the hidden command `cifarexp launched-run`, which reads this spec."""
+    spec = {"config": cfg.as_params(), "labels": asdict(labels), "parent": parent, "quiet": quiet}
+    env = {LAUNCHED_RUN: json.dumps(spec), "MLFLOW_TRACKING_URI": tracking.current_uri()}
+    code = distributed.launch(processes, ["launched-run"], env)
+    if code != 0:
+        raise CifarexpError(
+            f"{labels.variant}: its {processes} processes failed (torchrun exit status "
+            f"{code}; the error is above)"
+        )
+
+
+def run_launched() -> TrainingRun:
+    """The training `run_processes` launched this process for (one rank of it)."""
+    spec = json.loads(os.environ[LAUNCHED_RUN])
+    labels = Labels(**spec["labels"])
+    return run_training(
+        TrainConfig(**spec["config"]),
+        labels,
+        experiment="",  # a child goes into its parent's experiment
+        run_name=labels.variant,
+        parent=spec["parent"],
+        quiet=spec["quiet"],
+    )

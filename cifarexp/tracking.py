@@ -126,12 +126,13 @@ def start_run(
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
     params: Mapping[str, object] | None = None,
-    nested: bool = False,
+    parent: str | None = None,
     reopen: str | None = None,
 ) -> Iterator[str | None]:
     """A run that ends FINISHED, FAILED (error recorded as a tag) or KILLED (Ctrl-C).
 
-    Nested runs go into their parent's experiment. Under `mlflow run` (MLFLOW_RUN_ID set)
+    A child of `parent` (a run id: the active run of this process, or one another process
+    keeps open) goes into its parent's experiment. Under `mlflow run` (MLFLOW_RUN_ID set)
     the project's run is this run, in the experiment `mlflow run` chose. `reopen` continues
     an earlier run (by id) instead of starting one, and marks KILLED its children that a
     process killed outright left RUNNING. If the store itself fails, the StoreFailed error
@@ -142,10 +143,15 @@ def start_run(
         yield None
         return
     try:
-        if not nested and not os.environ.get("MLFLOW_RUN_ID"):
+        if parent is None and not os.environ.get("MLFLOW_RUN_ID"):
             _set_experiment(experiment)
         run = mlflow.start_run(
-            run_id=reopen, run_name=run_name, nested=nested, tags=dict(tags or {})
+            run_id=reopen,
+            run_name=run_name,
+            nested=parent is not None,
+            parent_run_id=parent,
+            experiment_id=mlflow.get_run(parent).info.experiment_id if parent else None,
+            tags=dict(tags or {}),
         )
         if reopen is not None:
             kill_stale_children(reopen)

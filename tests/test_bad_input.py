@@ -14,7 +14,7 @@ from tests.conftest import TINY_ARGS, all_runs, without
 
 USAGE, RUNTIME = 2, 1
 TRAINING = ["time", "sweep-workers", "compare-device", "compare-optim", "no-bn"]
-COMMANDS = {command.name for command in app.registered_commands}
+COMMANDS = {command.name for command in app.registered_commands if not command.hidden}
 OTHERS = [name for name in ("inspect", "report", "lab") if name in COMMANDS]
 # The valid arguments each command gets besides the bad one (lab's would run the study, but
 # every case below fails before anything runs).

@@ -121,3 +121,40 @@ def test_comparisons_refuse_torchrun_with_one_line(cli, monkeypatch):
     result = cli("no-bn", *TINY_ARGS)
     assert result.exit_code == 2
     assert "does not run under torchrun" in result.output
+
+
+def test_compare_device_gpus_runs_each_count_as_a_child_and_tabulates_scaling(cli, client):
+    # CPU processes stand in for GPUs (gloo): 1 process alone, then 2 under torchrun
+    args = [*without("--device"), "--devices", "cpu", "--gpus", "1,2", "--scaling", "strong"]
+    result = cli("compare-device", *args)
+    assert result.exit_code == 0, result.output
+    assert "data-parallel scaling" in result.output and "gpus=1,2" in result.output
+    runs = {r.data.tags["cifarexp.variant"]: r for r in all_runs(client)}
+    parent = runs.pop("")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["cifarexp.exercise"] == "C5-scaling"
+    assert set(runs) == {"gpus=1", "gpus=2,scaling=strong"}
+    for child in runs.values():
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.experiment_id == parent.info.experiment_id
+    ddp = runs["gpus=2,scaling=strong"].data.params
+    assert (ddp["world_size"], ddp["scaling"], ddp["batch_size"]) == ("2", "strong", "16")
+    assert "world_size" not in runs["gpus=1"].data.params  # the baseline: no DDP
+    assert "strong_scaling_efficiency" in parent.data.metrics
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpus", "2,4", "--devices", "cpu"], "include 1"),
+        (["--gpus", "1,2", "--devices", "cpu,cuda"], "one device"),
+        (["--gpus", "1,2", "--devices", "cuda:1"], "cuda or cpu"),
+        (["--gpus", "1,3", "--devices", "cpu"], "does not split over 3"),
+        (["--gpus", "1,2", "--devices", "cpu", "--scaling", "wide"], "unknown 'wide'"),
+    ],
+)
+def test_compare_device_gpus_rejects_bad_counts_with_one_line(cli, store, args, message):
+    result = cli("compare-device", *without("--device"), *args)
+    assert result.exit_code == 2
+    assert message in result.output
