@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The study's GPU measurements, as run on the lent GPU machine (see ../shared/device/README.md):
-#   bash benchmarks/gpu_study.sh PART   with PART = core | study | fast | scaling
+#   bash benchmarks/gpu_study.sh PART...   with PART = core | study | fast | scaling |
+#                                        scaling-events | scaling-fast
 # Each part writes its printed tables under $OUT (default ./gpu-out) and leaves mlflow.db
-# in the working directory, so parts run one after another share one store.
+# in the working directory (copied to $OUT after each step), so parts share one store.
 set -uo pipefail
 OUT=${OUT:-./gpu-out}
 mkdir -p "$OUT"
@@ -11,9 +12,12 @@ if [ -d .whl ]; then  # the GPU machine has torch but not mlflow/torchinfo: carr
   export PYTHONPATH=/tmp/site:$PWD
 fi
 FULL=(--dataset synthetic --train-size 50000 --quiet)
-run() { local name=$1; shift; echo "== $*"; "$@" 2>&1 | tee "$OUT/$name.txt"; }
+run() {  # a step's output into $OUT/NAME.txt, and the store so far beside it
+  local name=$1; shift; echo "== $*"; "$@" 2>&1 | tee "$OUT/$name.txt"
+  cp mlflow.db "$OUT/" 2>/dev/null || true
+}
 nvidia-smi -L
-case "${1:-core}" in
+for part in "${@:-core}"; do case "$part" in
   core)  # issue 2 (C2, overhead), issue 3 (C3/C4), issue 6 (fast path) checks
     run c2_time python3 -m cifarexp time "${FULL[@]}" --epochs 5 --workers 8
     run overhead python3 benchmarks/overhead.py --train-size 50000 --workers 8 --pairs 3
@@ -37,14 +41,24 @@ case "${1:-core}" in
     run epoch_time_autotune python3 benchmarks/epoch_time.py --paths c --compile max-autotune
     run gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
     ;;
-  scaling)  # issue 8 on a 4-GPU machine: weak and strong scaling of `time` under torchrun
-    for n in 1 2 4; do for s in weak strong; do
-      [ "$n" = 1 ] && [ "$s" = strong ] && continue  # one process: the same run as weak
-      run "ddp_${n}_${s}" python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
-        -m cifarexp time "${FULL[@]}" --epochs 3 --workers 4 --device cuda --scaling "$s"
-    done; done
-    python3 benchmarks/scaling.py | tee "$OUT/scaling.txt"
+  scaling)  # issue 8 on a 4-GPU machine: where a DDP step's time goes, then C5 over 1, 2, 4 GPUs
+    { nvidia-smi topo -m; lscpu | grep -E '^(CPU\(s\)|Thread|Core|Socket|Model name|NUMA)'; } \
+      > "$OUT/machine.txt" 2>&1
+    for n in ${PROBE:-1 4}; do
+      run "probe_$n" python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
+        benchmarks/ddp_probe.py --workers "${WORKERS:-8}"
+    done
+    run c5_gpus python3 -m cifarexp compare-device "${FULL[@]}" --gpus 1,2,4 --epochs 3 \
+      --workers "${WORKERS:-8}"
     ;;
-esac
-cp mlflow.db "$OUT/" 2>/dev/null || true
+  scaling-events)  # the same, the standard loader timed with CUDA events (no per-step wait)
+    run c5_gpus_events python3 -m cifarexp compare-device "${FULL[@]}" --gpus 1,2,4 \
+      --epochs 3 --workers "${WORKERS:-8}" --timing events
+    ;;
+  scaling-fast)  # the same on the fast path of issue 6
+    run c5_gpus_fast timeout "${FAST_LIMIT:-600}" python3 -m cifarexp compare-device \
+      "${FULL[@]}" --gpus 1,2,4 --epochs 3 --loader gpu --precision bf16 --channels-last \
+      --compile reduce-overhead --timing events
+    ;;
+esac; done
 tar czf "$OUT/mlartifacts.tgz" mlartifacts 2>/dev/null || true
