@@ -59,7 +59,7 @@ def probe(
     model = build_model(cfg.model).to(device)
     options = WAYS[way]
     if options is not None:
-        model = distributed.wrap(model, device, **options)
+        model = distributed.wrap(model, device, options)
     optimizer = build_optimizer(
         cfg.optimizer,
         model.parameters(),

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -40,7 +41,12 @@ COMM_PAIRS = 7  # steps with and without gradient all-reduce per epoch (see meas
 # running statistics, and rank 0's model is the one evaluated), and gradients that are views
 # into the all-reduce buckets (no copy in and out of them). benchmarks/ddp_probe.py on 4 H100s
 # found no gain beyond noise either way: the host's time per step dominates (see README).
-DDP_OPTIONS = {"broadcast_buffers": False, "gradient_as_bucket_view": True}
+BUFFER_SYNC = (  # the option's name since torch 2.14 (the old one is deprecated there)
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else "broadcast_buffers"
+)
+DDP_OPTIONS = {BUFFER_SYNC: False, "gradient_as_bucket_view": True}
 LAUNCH_GRACE_S = 10  # after Ctrl-C, how long launched processes get to end their run
 # Test hook: a folder where each rank writes the sample indices its sampler gave it, per epoch.
 RECORD_INDICES = "CIFAREXP_RECORD_INDICES"
@@ -114,7 +120,9 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, device: torch.device, **options: object) -> DistributedDataParallel:
+def wrap(
+    model: nn.Module, device: torch.device, options: Mapping[str, object] = DDP_OPTIONS
+) -> DistributedDataParallel:
     """The model under DDP (with DistributedDataParallel's `options`): gradients are
     averaged over the ranks during backward."""
     return DistributedDataParallel(

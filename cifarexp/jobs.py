@@ -144,9 +144,7 @@ def run_training(
     else:
         loader = make_loader(cfg, train_set, train=True)
     execution = fastpath.execution(cfg, model, device)
-    ddp_model = (
-        model if world is None else distributed.wrap(model, device, **distributed.DDP_OPTIONS)
-    )
+    ddp_model = distributed.wrap(model, device) if world is not None else model
     train_model = fastpath.compile_model(ddp_model, cfg.compile)  # shares model's parameters
     test_loader = make_loader(cfg, test_set, train=False) if test_set is not None else None
     tags = {**labels.tags(), tracking.DATASET: cfg.dataset, **environment_tags(device)}
