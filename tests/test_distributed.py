@@ -4,8 +4,10 @@ disjoint shards, the same maths as one process, a crash on one rank ends the run
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from cifarexp import distributed, jobs
 from tests import ddp_entry
 from tests.conftest import TINY_ARGS, all_runs, without
+from tests.processes import start_cifarexp
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = {"data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc"}
@@ -158,3 +161,29 @@ def test_compare_device_gpus_rejects_bad_counts_with_one_line(cli, store, args, 
     result = cli("compare-device", *without("--device"), *args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_sigterm_to_compare_device_gpus_stops_its_torchrun_job_and_ends_every_run(client, tmp_path):
+    args = [*without("--device", without("--epochs")), "--epochs", "30", "--devices", "cpu"]
+    process = start_cifarexp("compare-device", *args, "--gpus", "1,2", "--scaling", "weak",
+                             cwd=tmp_path)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not any(  # an epoch of the 2-process child is in the store
+            r.data.tags.get("cifarexp.variant") == "gpus=2,scaling=weak"
+            and "epoch_time_s" in r.data.metrics
+            for r in all_runs(client)
+        ):
+            assert process.popen.poll() is None and time.monotonic() < deadline, process.log()
+            time.sleep(0.2)
+        os.kill(process.pid, signal.SIGTERM)  # this process alone, not its torchrun job
+        code = process.wait(timeout=120)
+        time.sleep(1)
+        with pytest.raises(ProcessLookupError):  # nothing it started is left
+            os.killpg(process.pid, 0)
+    finally:
+        process.stop()
+
+    assert code == 130, process.log()
+    status = {r.data.tags["cifarexp.variant"]: r.info.status for r in all_runs(client)}
+    assert status == {"": "KILLED", "gpus=1": "FINISHED", "gpus=2,scaling=weak": "FAILED"}
