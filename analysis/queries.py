@@ -40,7 +40,8 @@ class Exercise:
     def settings(self) -> str:
         """The parent's main settings (those it has), e.g. 'workers=4, loader=torch'."""
         keys = ("workers", "batch_size", "epochs", "loader", "precision", "compile", "timing")
-        keys += ("gpus", "scalings")  # compare-device --gpus
+        if isinstance(self.parent.get("params.gpus"), str):  # compare-device --gpus
+            keys += ("gpus", "scaling")
         values = {k: self.parent.get(f"params.{k}") for k in keys}
         if isinstance(self.parent.get("params.workers_list"), str):  # a sweep: its counts
             values["workers"] = self.parent["params.workers_list"]
@@ -118,10 +119,11 @@ def latest_sweep(device_type: str, dataset: str) -> pd.Series | None:
     return None if found.empty else found.iloc[0]
 
 
-def unfinished(command: str, params: dict[str, object]) -> pd.Series | None:
-    """The newest top-level run of `command`, if it has exactly these params and did not
-    finish (FAILED, KILLED, or RUNNING because its process was killed outright)."""
-    found = top_level(tracking.search_runs(tracking.tag_filter({tracking.COMMAND: command})))
+def unfinished(exercise: str, params: dict[str, object]) -> pd.Series | None:
+    """The newest top-level run of `exercise` (C3, C5, C5-scaling, ...), if it has exactly
+    these params and did not finish (FAILED, KILLED, or RUNNING because its process was
+    killed outright)."""
+    found = top_level(tracking.search_runs(tracking.tag_filter({tracking.EXERCISE: exercise})))
     for _, run in found.iterrows():
         if all(str(run.get(f"params.{k}")) == str(v) for k, v in params.items()):
             return None if run["status"] == "FINISHED" else run

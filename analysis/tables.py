@@ -134,11 +134,15 @@ def c5_scaling(ex: Exercise) -> pd.DataFrame:
     are several: epoch 1 holds cuDNN autotuning and the workers' start), the slowest GPU's
     parts of it, the gradient communication backward did not hide, images/s, and the
     speedup (images/s against 1 GPU) and scaling efficiency (speedup / GPUs)."""
-    runs = per_run_means(ex, first_epoch=2 if ex.epochs["epoch"].max() > 1 else 1)
-    gpus = runs.get("params.world_size", pd.Series(index=runs.index)).fillna(1).astype(int)
+    first = 2 if ex.epochs["epoch"].max() > 1 else 1
+    runs = per_run_means(ex, first_epoch=first)
+    steady = ex.epochs[ex.epochs["epoch"] >= first]
+    images = (steady["images_per_s"] * steady["epoch_time_s"]).groupby(steady["run_id"]).sum()
+    seconds = steady.groupby("run_id")["epoch_time_s"].sum()
+    world_size = runs.get("params.world_size", pd.Series(index=runs.index, dtype=object))
+    gpus = pd.to_numeric(world_size, errors="coerce").fillna(1).astype(int)  # 1: no DDP
     scaling = runs["params.scaling"].where(gpus > 1, "–")
     batch = runs["params.batch_size"].astype(int)
-    images = (runs["images_per_s"] * runs["epoch_time_s"]).round()
     table = pd.DataFrame(
         {
             "scaling": scaling,
@@ -148,7 +152,7 @@ def c5_scaling(ex: Exercise) -> pd.DataFrame:
             TRAIN: runs["train_time_s"],
             "comm s": runs.get("comm_time_s"),
             "epoch s": runs["epoch_time_s"],
-            "images/s": (images / runs["epoch_time_s"]).round().astype(int),
+            "images/s": (images / seconds).loc[runs["run_id"]].round().astype(int).to_numpy(),
         }
     )
     base = table.loc[table["GPUs"] == 1, "images/s"]
