@@ -54,7 +54,7 @@ def probe(
     *,
     steps: int,
     warmup: int,
-) -> dict:
+) -> dict[str, object]:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     options = WAYS[way]
@@ -141,7 +141,9 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     grads = sum(p.numel() for p in build_model(cfg.model).parameters())
     took = allreduce_ms(grads, device)
-    rows = [probe(way, cfg, world, device, steps=args.steps, warmup=args.warmup) for way in WAYS]
+    rows: list[dict[str, object]] = [
+        probe(way, cfg, world, device, steps=args.steps, warmup=args.warmup) for way in WAYS
+    ]
     gathered: list[list[dict]] = [[] for _ in range(world.world_size)]
     dist.all_gather_object(gathered, rows)
     if world.is_main:

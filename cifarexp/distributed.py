@@ -47,7 +47,7 @@ BUFFER_SYNC = (  # the option's name since torch 2.14 (the old one is deprecated
     else "broadcast_buffers"
 )
 DDP_OPTIONS = {BUFFER_SYNC: False, "gradient_as_bucket_view": True}
-LAUNCH_GRACE_S = 10  # after Ctrl-C, how long launched processes get to end their run
+LAUNCH_GRACE_S = 30  # after Ctrl-C, how long a launched job gets to end its runs
 # Test hook: a folder where each rank writes the sample indices its sampler gave it, per epoch.
 RECORD_INDICES = "CIFAREXP_RECORD_INDICES"
 
@@ -76,16 +76,21 @@ class World:
         return {"world_size": self.world_size, "backend": self.backend, "scaling": cfg.scaling}
 
     def local_config(self, cfg: TrainConfig) -> TrainConfig:
-        """The config one process trains with: --batch-size per process (weak scaling) or
-        split over the processes (strong scaling)."""
-        if cfg.scaling == "weak":
-            return cfg
-        if cfg.batch_size % self.world_size:
-            raise ConfigError(
-                f"--batch-size: {cfg.batch_size} does not split over {self.world_size} "
-                "processes (--scaling strong); give a multiple of the process count"
-            )
-        return cfg.replace(batch_size=cfg.batch_size // self.world_size)
+        """The config one process trains with (see `per_process_batch`)."""
+        return cfg.replace(batch_size=per_process_batch(cfg, self.world_size))
+
+
+def per_process_batch(cfg: TrainConfig, processes: int) -> int:
+    """--batch-size per process (weak scaling), or split over `processes` (strong scaling),
+    which it must divide."""
+    if cfg.scaling == "weak":
+        return cfg.batch_size
+    if cfg.batch_size % processes:
+        raise ConfigError(
+            f"--batch-size: {cfg.batch_size} does not split over {processes} processes "
+            "(--scaling strong); give a multiple of every process count"
+        )
+    return cfg.batch_size // processes
 
 
 def join(device_name: str) -> tuple[World, torch.device]:
@@ -290,23 +295,37 @@ def relaunch(nproc: int, argv: list[str]) -> None:
 
 def launch(nproc: int, argv: list[str], env: dict[str, str]) -> int:
     """Run `cifarexp ARGV` as `nproc` processes on this machine through torchrun's launcher,
-    with `env` added to this environment, and wait; their exit code. On Ctrl-C (which they
-    get too) it waits for them to end their run, and stops them if they don't."""
+    with `env` added to this environment, and wait; their exit code. They run in a process
+    group of their own, which this process stops if it is stopped (see `_stop`)."""
     environment = {**os.environ, **env}
     environment.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is this process's, not theirs
-    process = subprocess.Popen(torchrun_command(nproc, argv), env=environment)
+    command = torchrun_command(nproc, argv)
+    process = subprocess.Popen(command, env=environment, start_new_session=True)
     try:
         return process.wait()
-    except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM sent to this process alone
-        try:
-            process.wait(timeout=LAUNCH_GRACE_S)
-        except subprocess.TimeoutExpired:
-            process.terminate()  # torchrun stops its processes in turn
-            process.wait()
+    except BaseException:  # Ctrl-C, a SIGTERM (see cli.main), or any other exit
+        _stop(process)
         raise
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a launched job as Ctrl-C stops a run: SIGINT to torchrun, which passes it on to
+    every rank (each ends its run KILLED). If the job has not ended LAUNCH_GRACE_S later (or
+    on another Ctrl-C): SIGTERM to torchrun, then SIGKILL to the job's whole group."""
+    for stop in (
+        lambda: process.send_signal(signal.SIGINT),
+        process.terminate,
+        lambda: os.killpg(process.pid, signal.SIGKILL),
+    ):
+        with contextlib.suppress(ProcessLookupError):
+            stop()
+        with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
+            process.wait(timeout=LAUNCH_GRACE_S)
+            return
+
+
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """`python -m torch.distributed.run` running `cifarexp ARGV` as `nproc` processes here."""
     return [
         sys.executable,
         "-m",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from analysis import queries, report
-from cifarexp import tracking
+from cifarexp import distributed, tracking
 from cifarexp.config import CifarexpError, ConfigError, TrainConfig
 from cifarexp.console import err_console
 from cifarexp.data import cpu_count
@@ -77,7 +77,7 @@ def comparison(
     from the store and log its tables, plots, text and headline metrics on the parent."""
     device = resolve_device(base.device)
     params = {**base.as_params(), **options}
-    previous = queries.unfinished(labels.command, params) if resume else None
+    previous = queries.unfinished(labels.exercise, params) if resume else None
     if resume and previous is None:
         err_console.print("Nothing to resume: no unfinished run with these settings.")
     reopen = None if previous is None else previous["run_id"]
@@ -250,16 +250,13 @@ def compare_gpus(
             f"--gpus: {max(gpus)} GPUs asked for, this machine has {torch.cuda.device_count()}"
             " (--devices cpu runs CPU processes instead)"
         )
-    odd = [n for n in gpus if base.batch_size % n] if "strong" in scalings else []
-    if odd:
-        raise ConfigError(
-            f"--batch-size: {base.batch_size} does not split over {odd[0]} GPUs "
-            "(strong scaling); give a multiple of every count in --gpus"
-        )
+    for scaling in scalings:  # a batch that does not split fails now, not in a child
+        for n in gpus:
+            distributed.per_process_batch(base.replace(scaling=scaling), n)
     base = base.replace(device=device, max_batches=cpu_batches if device == "cpu" else None)
     options = {
         "gpus": ",".join(map(str, gpus)),
-        "scalings": ",".join(scalings),
+        "scaling": ",".join(scalings),  # the modes run, not the base config's one
         "devices": device,
         "cpu_batches": cpu_batches,
     }

@@ -227,6 +227,10 @@ def run_processes(
 
 def run_launched() -> TrainingRun:
     """The training `run_processes` launched this process for (one rank of it)."""
+    if LAUNCHED_RUN not in os.environ:
+        raise CifarexpError(
+            "launched-run is internal to `cifarexp compare-device --gpus`, which starts it"
+        )
     spec = json.loads(os.environ[LAUNCHED_RUN])
     labels = Labels(**spec["labels"])
     return run_training(
