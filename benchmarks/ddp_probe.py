@@ -60,13 +60,7 @@ def probe(
     options = WAYS[way]
     if options is not None:
         model = distributed.wrap(model, device, options)
-    optimizer = build_optimizer(
-        cfg.optimizer,
-        model.parameters(),
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum,
-    )
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())  # the study's defaults
     train_set = load_split(cfg, train=True)
     shard = distributed.sampler(train_set, world, cfg.seed)
     loader = make_loader(cfg, train_set, train=True, sampler=shard)
