@@ -393,14 +393,11 @@ def compare_device(
     """C5: average epoch time on each device (GPU vs CPU) and the GPU speedup; with --gpus,
     epoch time, images/s, speedup and scaling efficiency on 1, 2, 4 ... GPUs."""
     if gpus is not None:
-        device = parse_list("--devices", devices or "cuda")
-        if len(device) > 1:
-            raise ConfigError("--devices: with --gpus give one device, cuda or cpu")
         section = experiments.compare_gpus(
             ctx.cfg,
             [parse_int("--gpus", g) for g in parse_list("--gpus", gpus)],
             parse_list("--scaling", scaling, SCALINGS),
-            device=device[0],
+            device=devices or "cuda",
             cpu_batches=cpu_batches,
             experiment=ctx.experiment,
             resume=resume,

@@ -242,7 +242,7 @@ def compare_gpus(
     strong: in total). With device cpu the counts are CPU processes (gloo) and `cpu_batches`
     limits every epoch, to try it where there is no GPU."""
     if device not in ("cuda", "cpu"):
-        raise ConfigError(f"--devices: with --gpus give cuda or cpu, not {device!r}")
+        raise ConfigError(f"--devices: with --gpus give one device, cuda or cpu, not {device!r}")
     if any(n < 1 for n in gpus) or 1 not in gpus:
         raise ConfigError(f"--gpus: counts are >= 1 and include 1, the baseline; got {gpus}")
     if device == "cuda" and max(gpus) > torch.cuda.device_count():
