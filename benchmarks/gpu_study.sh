@@ -12,6 +12,7 @@ if [ -d .whl ]; then  # the GPU machine has torch but not mlflow/torchinfo: carr
   export PYTHONPATH=/tmp/site:$PWD
 fi
 FULL=(--dataset synthetic --train-size 50000 --quiet)
+LOADER=(--workers "${WORKERS:-8}" --persistent-workers --pin-memory)  # scaling: no per-epoch start-up
 run() {  # a step's output into $OUT/NAME.txt, and the store so far beside it
   local name=$1; shift; echo "== $*"; "$@" 2>&1 | tee "$OUT/$name.txt"
   cp mlflow.db "$OUT/" 2>/dev/null || true
@@ -41,19 +42,21 @@ for part in "${@:-core}"; do case "$part" in
     run epoch_time_autotune python3 benchmarks/epoch_time.py --paths c --compile max-autotune
     run gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
     ;;
-  scaling)  # issue 8 on a 4-GPU machine: where a DDP step's time goes, then C5 over 1, 2, 4 GPUs
+  scaling)  # issue 8 on a 4-GPU machine: what DDP adds to a step, then C5 over 1, 2, 4 GPUs
     { nvidia-smi topo -m; lscpu | grep -E '^(CPU\(s\)|Thread|Core|Socket|Model name|NUMA)'; } \
       > "$OUT/machine.txt" 2>&1
-    for n in ${PROBE:-1 4}; do
+    for n in ${PROBE:-2 4}; do
+      run "steps_$n" python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
+        benchmarks/ddp_steps.py --rounds 6
       run "probe_$n" python3 -m torch.distributed.run --standalone --nproc-per-node "$n" \
         benchmarks/ddp_probe.py --workers "${WORKERS:-8}"
     done
     run c5_gpus python3 -m cifarexp compare-device "${FULL[@]}" --gpus 1,2,4 --epochs 3 \
-      --workers "${WORKERS:-8}"
+      "${LOADER[@]}"
     ;;
   scaling-events)  # the same, the standard loader timed with CUDA events (no per-step wait)
     run c5_gpus_events python3 -m cifarexp compare-device "${FULL[@]}" --gpus 1,2,4 \
-      --epochs 3 --workers "${WORKERS:-8}" --timing events
+      --epochs 3 "${LOADER[@]}" --timing events
     ;;
   scaling-fast)  # the same on the fast path of issue 6
     run c5_gpus_fast timeout "${FAST_LIMIT:-600}" python3 -m cifarexp compare-device \

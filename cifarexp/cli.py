@@ -376,7 +376,8 @@ def compare_device(
         typer.Option(
             help="Compare GPU counts instead, e.g. 1,2,4 (must include 1, the baseline): "
             "data-parallel training, one torchrun process per GPU. With --devices cpu: CPU "
-            "processes (gloo).",
+            "processes (gloo). Add --persistent-workers --pin-memory to measure DDP, not the "
+            "workers' start-up that every epoch of every process pays.",
             rich_help_panel=SCALE,
         ),
     ] = None,

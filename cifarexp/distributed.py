@@ -39,8 +39,8 @@ COMM_PAIRS = 7  # steps with and without gradient all-reduce per epoch (see meas
 # How cifarexp runs DDP: no broadcast of the BN buffers from rank 0 before every forward
 # (a collective per step that the training maths does not need: each rank keeps its own
 # running statistics, and rank 0's model is the one evaluated), and gradients that are views
-# into the all-reduce buckets (no copy in and out of them). benchmarks/ddp_probe.py on 4 H100s
-# found no gain beyond noise either way: the host's time per step dominates (see README).
+# into the all-reduce buckets (no copy in and out of them). benchmarks/ddp_steps.py on 2 H200s
+# (unprofiled): DDP adds 11-20% to a step with these options, 25-40% with PyTorch's defaults.
 BUFFER_SYNC = (  # the option's name since torch 2.14 (the old one is deprecated there)
     "forward_sync_buffers"
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
