@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import inspect
 import os
 import signal
@@ -18,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -296,16 +297,39 @@ def relaunch(nproc: int, argv: list[str]) -> None:
 def launch(nproc: int, argv: list[str], env: dict[str, str]) -> int:
     """Run `cifarexp ARGV` as `nproc` processes on this machine through torchrun's launcher,
     with `env` added to this environment, and wait; their exit code. They run in a process
-    group of their own, which this process stops if it is stopped (see `_stop`)."""
+    group of their own, which this process stops if it is stopped (see `_stop`), or which
+    stops itself if this process is killed outright (see `_interrupt_on_parent_death`)."""
     environment = {**os.environ, **env}
     environment.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is this process's, not theirs
     command = torchrun_command(nproc, argv)
-    process = subprocess.Popen(command, env=environment, start_new_session=True)
+    process = subprocess.Popen(
+        command, env=environment, start_new_session=True, preexec_fn=_interrupt_on_parent_death()
+    )
     try:
         return process.wait()
     except BaseException:  # Ctrl-C, a SIGTERM (see cli.main), or any other exit
         _stop(process)
         raise
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _interrupt_on_parent_death() -> Callable[[], None] | None:
+    """On Linux, what the launched torchrun runs before it starts: ask the kernel for a SIGINT
+    when this process dies, even killed outright (SIGKILL), so that the job stops as on a
+    Ctrl-C (every rank ends its run KILLED) rather than training on with no one waiting.
+    prctl is looked up here, in this process: the child calls it and nothing else."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def set_parent_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGINT))
+        if os.getppid() != parent:  # it died before the request: nothing waits for the job
+            os._exit(1)
+
+    return set_parent_death_signal
 
 
 def _stop(process: subprocess.Popen) -> None:

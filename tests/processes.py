@@ -73,6 +73,28 @@ def wait_for_epoch(client: MlflowClient, process: Process, timeout: float = 180)
     raise AssertionError(f"no epoch logged in {timeout} s:\n{process.log()}")
 
 
+def processes_in(folder: Path) -> list[int]:
+    """The pids of the processes whose working directory is `folder` (Linux /proc), this
+    one (the tests may work there too) left out."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if (entry / "cwd").resolve(strict=True) == folder.resolve():
+                    pids.append(int(entry.name))
+            except OSError:  # gone, or not ours to read
+                continue
+    return pids
+
+
+def wait_until_gone(folder: Path, timeout: float) -> list[int]:
+    """The processes still working in `folder` after up to `timeout` s (none, once all exit)."""
+    deadline = time.monotonic() + timeout
+    while (left := processes_in(folder)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ import pytest
 from cifarexp import distributed, jobs
 from tests import ddp_entry
 from tests.conftest import TINY_ARGS, all_runs, without
-from tests.processes import start_cifarexp
+from tests.processes import Process, processes_in, start_cifarexp, wait_until_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = {"data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc"}
@@ -163,27 +163,45 @@ def test_compare_device_gpus_rejects_bad_counts_with_one_line(cli, store, args, 
     assert message in result.output
 
 
-def test_sigterm_to_compare_device_gpus_stops_its_torchrun_job_and_ends_every_run(client, tmp_path):
+def start_compare_gpus_until_its_job_trains(client, tmp_path: Path) -> Process:
+    """`compare-device --gpus 1,2 --devices cpu` (30 epochs), once an epoch of its
+    2-process child is in the store."""
     args = [*without("--device", without("--epochs")), "--epochs", "30", "--devices", "cpu"]
     process = start_cifarexp("compare-device", *args, "--gpus", "1,2", "--scaling", "weak",
                              cwd=tmp_path)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not any(
+        r.data.tags.get("cifarexp.variant") == "gpus=2,scaling=weak"
+        and "epoch_time_s" in r.data.metrics
+        for r in all_runs(client)
+    ):
+        if process.popen.poll() is not None or time.monotonic() > deadline:
+            process.stop()
+            raise AssertionError(process.log())
+        time.sleep(0.2)
+    return process
+
+
+@pytest.mark.parametrize(
+    ("stop", "code", "parent"),
+    [
+        (signal.SIGTERM, 130, "KILLED"),
+        # Killed outright, the parent cannot end its own run; its torchrun job still stops.
+        (signal.SIGKILL, -signal.SIGKILL, "RUNNING"),
+    ],
+)
+def test_stopping_compare_device_gpus_stops_its_torchrun_job_and_its_run(
+    client, tmp_path, stop, code, parent
+):
+    process = start_compare_gpus_until_its_job_trains(client, tmp_path)
     try:
-        deadline = time.monotonic() + 240
-        while not any(  # an epoch of the 2-process child is in the store
-            r.data.tags.get("cifarexp.variant") == "gpus=2,scaling=weak"
-            and "epoch_time_s" in r.data.metrics
-            for r in all_runs(client)
-        ):
-            assert process.popen.poll() is None and time.monotonic() < deadline, process.log()
-            time.sleep(0.2)
-        os.kill(process.pid, signal.SIGTERM)  # this process alone, not its torchrun job
-        code = process.wait(timeout=120)
-        time.sleep(1)
-        with pytest.raises(ProcessLookupError):  # nothing it started is left
-            os.killpg(process.pid, 0)
+        os.kill(process.pid, stop)  # this process alone, not its torchrun job
+        assert process.wait(timeout=120) == code, process.log()
+        assert wait_until_gone(tmp_path, timeout=60) == [], process.log()  # nothing is left
     finally:
         process.stop()
+        for pid in processes_in(tmp_path):
+            os.kill(pid, signal.SIGKILL)
 
-    assert code == 130, process.log()
     status = {r.data.tags["cifarexp.variant"]: r.info.status for r in all_runs(client)}
-    assert status == {"": "KILLED", "gpus=1": "FINISHED", "gpus=2,scaling=weak": "KILLED"}
+    assert status == {"": parent, "gpus=1": "FINISHED", "gpus=2,scaling=weak": "KILLED"}
