@@ -41,7 +41,7 @@ COMM_PAIRS = 7  # steps with and without gradient all-reduce per epoch (see meas
 # (a collective per step that the training maths does not need: each rank keeps its own
 # running statistics, and rank 0's model is the one evaluated), and gradients that are views
 # into the all-reduce buckets (no copy in and out of them). benchmarks/ddp_steps.py on 2 H200s
-# (unprofiled): DDP adds 11-20% to a step with these options, 25-40% with PyTorch's defaults.
+# (unprofiled): DDP adds 5-20% to a step with these options, 21-40% with PyTorch's defaults.
 BUFFER_SYNC = (  # the option's name since torch 2.14 (the old one is deprecated there)
     "forward_sync_buffers"
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters

@@ -61,12 +61,20 @@ def start_cifarexp(*args: str, cwd: Path, name: str = "cifarexp") -> Process:
     return start([sys.executable, "-m", "cifarexp", *args], cwd, name)
 
 
-def wait_for_epoch(client: MlflowClient, process: Process, timeout: float = 180):
-    """The first run that has logged an epoch, once one has (polling the store)."""
+def wait_for_epoch(
+    client: MlflowClient, process: Process, timeout: float = 180, variant: str | None = None
+):
+    """The first run (of `variant`, if given) that has logged an epoch, once one has
+    (polling the store)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.popen.poll() is None, f"ended before an epoch:\n{process.log()}"
-        logged = [run for run in all_runs(client) if "epoch_time_s" in run.data.metrics]
+        logged = [
+            run
+            for run in all_runs(client)
+            if "epoch_time_s" in run.data.metrics
+            and variant in (None, run.data.tags.get("cifarexp.variant"))
+        ]
         if logged:
             return logged[0]
         time.sleep(0.1)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from cifarexp import distributed, jobs
 from tests import ddp_entry
 from tests.conftest import TINY_ARGS, all_runs, without
-from tests.processes import Process, processes_in, start_cifarexp, wait_until_gone
+from tests.processes import processes_in, start_cifarexp, wait_for_epoch, wait_until_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = {"data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc"}
@@ -94,7 +93,7 @@ def test_a_crash_on_rank_1_ends_the_run_failed_and_every_process_exits(client, t
     assert done.returncode != 0
     assert "rank 1 crashed" in done.stdout + done.stderr
     [run] = all_runs(client)
-    assert run.info.status == "FAILED"
+    assert run.info.status == "FAILED", done.stdout + done.stderr
     assert "cifarexp.error" in run.data.tags
     history = client.get_metric_history(run.info.run_id, "epoch_time_s")
     assert [m.step for m in history] == [1]  # the finished epoch is kept
@@ -163,25 +162,6 @@ def test_compare_device_gpus_rejects_bad_counts_with_one_line(cli, store, args, 
     assert message in result.output
 
 
-def start_compare_gpus_until_its_job_trains(client, tmp_path: Path) -> Process:
-    """`compare-device --gpus 1,2 --devices cpu` (30 epochs), once an epoch of its
-    2-process child is in the store."""
-    args = [*without("--device", without("--epochs")), "--epochs", "30", "--devices", "cpu"]
-    process = start_cifarexp("compare-device", *args, "--gpus", "1,2", "--scaling", "weak",
-                             cwd=tmp_path)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not any(
-        r.data.tags.get("cifarexp.variant") == "gpus=2,scaling=weak"
-        and "epoch_time_s" in r.data.metrics
-        for r in all_runs(client)
-    ):
-        if process.popen.poll() is not None or time.monotonic() > deadline:
-            process.stop()
-            raise AssertionError(process.log())
-        time.sleep(0.2)
-    return process
-
-
 @pytest.mark.parametrize(
     ("stop", "code", "parent"),
     [
@@ -193,8 +173,11 @@ def start_compare_gpus_until_its_job_trains(client, tmp_path: Path) -> Process:
 def test_stopping_compare_device_gpus_stops_its_torchrun_job_and_its_run(
     client, tmp_path, stop, code, parent
 ):
-    process = start_compare_gpus_until_its_job_trains(client, tmp_path)
+    args = [*without("--device", without("--epochs")), "--epochs", "30", "--devices", "cpu"]
+    process = start_cifarexp("compare-device", *args, "--gpus", "1,2", "--scaling", "weak",
+                             cwd=tmp_path)  # fmt: skip
     try:
+        wait_for_epoch(client, process, timeout=240, variant="gpus=2,scaling=weak")
         os.kill(process.pid, stop)  # this process alone, not its torchrun job
         assert process.wait(timeout=120) == code, process.log()
         assert wait_until_gone(tmp_path, timeout=60) == [], process.log()  # nothing is left
