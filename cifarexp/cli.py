@@ -609,9 +609,11 @@ def lab_(
 
 def main() -> None:
     # SIGTERM (`kill`, a scheduler's time limit) ends runs as Ctrl-C does: KILLED, epochs kept.
-    # Under torchrun a SIGTERM means the launcher is stopping the job: see stop_on_sigterm.
-    on_sigterm = distributed.stop_on_sigterm if distributed.launched() else _interrupt
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # Under torchrun the launcher's signals mean more: see distributed.handle_stops.
+    if distributed.launched():
+        distributed.handle_stops()
+    else:
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
     finally:

@@ -275,15 +275,36 @@ class Stopped(CifarexpError):
     """torchrun stopped this process (SIGTERM): another rank failed, or the job was stopped."""
 
 
+def handle_stops() -> None:
+    """How a process under torchrun stops (see `stop_on_sigint`, `stop_on_sigterm`)."""
+    signal.signal(signal.SIGINT, stop_on_sigint)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+
+
+def stop_on_sigint(signum: int, frame: object) -> None:
+    """SIGINT under torchrun: a Ctrl-C that torchrun passed on, or the death of the command
+    that launched the job (see `_interrupt_on_parent_death`); the run ends KILLED."""
+    _ignore_stops()
+    raise KeyboardInterrupt
+
+
 def stop_on_sigterm(signum: int, frame: object) -> None:
     """SIGTERM under torchrun: the launcher stops every process once one has failed, so the
-    run ends FAILED (not KILLED, as a user's Ctrl-C on one process would). Further SIGTERMs
-    are ignored while the run is ended (torchrun sends SIGKILL after its grace period)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    run ends FAILED (not KILLED, as a user's Ctrl-C on one process would)."""
+    _ignore_stops()
     raise Stopped(
         "torchrun stopped this process: another rank failed (its error is in torchrun's "
         "output) or the job was stopped; the run is FAILED"
     )
+
+
+def _ignore_stops() -> None:
+    """Once stopping, ignore further SIGINTs and SIGTERMs, so that nothing interrupts the run
+    while it ends. torchrun may send several: a parent's death reaches it once per thread
+    of that parent, and each one makes it signal the ranks again. It SIGKILLs a rank that
+    has not exited after its grace period."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def relaunch(nproc: int, argv: list[str]) -> None:

@@ -7,7 +7,6 @@ python -m torch.distributed.run --nproc-per-node 2 -m tests.ddp_entry strong|cra
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 from cifarexp import distributed, engine, jobs
@@ -37,7 +36,7 @@ def crash_in_epoch_2(train_one_epoch):
 
 
 def main(mode: str) -> None:
-    signal.signal(signal.SIGTERM, distributed.stop_on_sigterm)  # as cifarexp.cli.main does
+    distributed.handle_stops()  # as cifarexp.cli.main does
     if mode == "crash" and os.environ["RANK"] == "1":
         engine.train_one_epoch = crash_in_epoch_2(engine.train_one_epoch)
     cfg = STRONG if mode == "strong" else CRASH
