@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -208,11 +210,34 @@ def _end_run(run_id: str, status: str, error: BaseException | None = None) -> No
     active = mlflow.active_run()
     if active is None or active.info.run_id != run_id:
         return  # already ended (mlflow.end_run drops the run before it writes the status)
-    with contextlib.suppress(*STORE_ERRORS):
-        if error is not None:
-            mlflow.set_tag(ERROR, f"{type(error).__name__}: {error}"[:5000])
-    with contextlib.suppress(*STORE_ERRORS):
-        mlflow.end_run(status)
+    with _stops_deferred():
+        with contextlib.suppress(*STORE_ERRORS):
+            if error is not None:
+                mlflow.set_tag(ERROR, f"{type(error).__name__}: {error}"[:5000])
+        with contextlib.suppress(*STORE_ERRORS):
+            mlflow.end_run(status)
+
+
+@contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """Inside, a SIGINT or SIGTERM waits, and is raised again on the way out: a run being
+    ended is not interrupted half-written (MLflow would wrap the handler's error as a store
+    error, which `_end_run` ignores, and the run would stay RUNNING). E.g. torchrun's SIGTERM
+    reaching a rank that is ending its run FAILED after another rank crashed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers run in, and are set from, the main thread only
+        return
+    stops = (signal.SIGINT, signal.SIGTERM)
+    received: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in stops}
+    try:
+        yield
+    finally:
+        for stop, handler in handlers.items():
+            # None: a handler not set from Python, which cannot be put back
+            signal.signal(stop, signal.SIG_DFL if handler is None else handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def _store_failed(run_id: str, exc: BaseException) -> str:
