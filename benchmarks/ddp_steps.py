@@ -7,13 +7,17 @@ timed as the study times steps (synchronised, one by one). The ways take turns, 
 rounds of --steps steps each, so a drift of the machine touches them all alike. Prints, per
 way, the median step of the slowest rank in ms and its ratio to the step with no DDP (every
 rank training at once); one way trains on rank 0 while the others wait, to show what the
-other processes cost it.
+other processes cost it. Then, per way, how steps spread: p90, and the mean over steps of
+the slowest rank's step (what every step would cost if all ranks waited for the slowest, as
+an all-reduce makes them), and the host's median per phase of the step.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -24,31 +28,33 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from cifarexp import distributed
-from cifarexp.engine import Execution, _train_step, synchronize
+from cifarexp.engine import synchronize
 from cifarexp.models import build_model
 from cifarexp.optim import build_optimizer
 
 OPTIONS = distributed.DDP_OPTIONS
-SOLO = "no DDP, rank 0 alone (the others idle)"
-# name -> (DDP options or None for no DDP, comm hook, steps under no_sync)
-WAYS: dict[str, tuple[dict | None, Callable | None, bool]] = {
-    "no DDP": (None, None, False),
-    SOLO: (None, None, False),
-    "DDP, PyTorch's defaults": ({}, None, False),
-    "DDP, cifarexp's options": (OPTIONS, None, False),
-    "DDP under no_sync (no all-reduce)": (OPTIONS, None, True),
-    "DDP + static_graph": ({**OPTIONS, "static_graph": True}, None, False),
-    "DDP + one 100 MB bucket": ({**OPTIONS, "bucket_cap_mb": 100}, None, False),
-    "DDP + bf16 gradients": (OPTIONS, default_hooks.bf16_compress_hook, False),
+# Per phase of a step: the host's time, then the GPU stream's (between events recorded at the
+# same points: kernels and any idle wait for the host or for another stream, e.g. NCCL's).
+PHASES = ("forward", "backward", "optimizer", "wait", "GPU fwd", "GPU bwd", "GPU opt")
+# key -> (name, DDP options or None for no DDP, comm hook, steps under no_sync)
+WAYS: dict[str, tuple[str, dict | None, Callable | None, bool]] = {
+    "nodp": ("no DDP", None, None, False),
+    "solo": ("no DDP, rank 0 alone (the others idle)", None, None, False),
+    "defaults": ("DDP, PyTorch's defaults", {}, None, False),
+    "options": ("DDP, cifarexp's options", OPTIONS, None, False),
+    "nosync": ("DDP under no_sync (no all-reduce)", OPTIONS, None, True),
+    "static": ("DDP + static_graph", {**OPTIONS, "static_graph": True}, None, False),
+    "bucket": ("DDP + one 100 MB bucket", {**OPTIONS, "bucket_cap_mb": 100}, None, False),
+    "bf16": ("DDP + bf16 gradients", OPTIONS, default_hooks.bf16_compress_hook, False),
 }
 
 
 class Way:
     """One way of running the step: its own model and optimizer, the same start."""
 
-    def __init__(self, name: str, device: torch.device, batch_size: int) -> None:
-        options, hook, self.no_sync = WAYS[name]
-        self.idle = name == SOLO and dist.get_rank() != 0
+    def __init__(self, key: str, device: torch.device, batch_size: int) -> None:
+        self.name, options, hook, self.no_sync = WAYS[key]
+        self.idle = key == "solo" and dist.get_rank() != 0
         torch.manual_seed(0)
         model = build_model("resnet18").to(device)
         self.optimizer = build_optimizer("sgd", model.parameters())
@@ -59,22 +65,63 @@ class Way:
         self.model, self.device = model, device
         self.images = torch.randn(batch_size, 3, 32, 32, device=device)
         self.labels = torch.randint(0, 10, (batch_size,), device=device)
-        self.criterion, self.steps_ms = nn.CrossEntropyLoss(), []
+        self.criterion = nn.CrossEntropyLoss()
+        self.steps_ms: list[float] = []
+        self.phases_ms: list[list[float]] = []
 
     def run(self, steps: int, *, record: bool = True) -> None:
         dist.barrier()
         if self.idle:
             return
         for _ in range(steps):
-            start = time.perf_counter()
+            mark = Marks(cuda=self.device.type == "cuda")
             with self.model.no_sync() if self.no_sync else contextlib.nullcontext():
-                _train_step(
-                    self.model, self.criterion, self.optimizer, self.images, self.labels,
-                    Execution(),
-                )  # fmt: skip
+                # The study's step (engine._train_step), with the time of each phase.
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.criterion(self.model(self.images), self.labels)
+                mark()
+                loss.backward()
+                mark()
+            self.optimizer.step()
+            mark()
             synchronize(self.device)
             if record:
-                self.steps_ms.append((time.perf_counter() - start) * 1000)
+                phases = mark.phases_ms()
+                self.steps_ms.append(sum(phases[:4]))
+                self.phases_ms.append(phases)
+
+
+class Marks:
+    """Points in one step: the host's clock and, on CUDA, an event on the GPU's stream. The
+    first is taken on creation; the last host time when the phases are asked for."""
+
+    def __init__(self, *, cuda: bool) -> None:
+        self.cuda, self.host, self.events = cuda, [], []
+        self()
+
+    def __call__(self) -> None:
+        self.host.append(time.perf_counter())
+        if self.cuda:
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[-1].record()
+
+    def phases_ms(self) -> list[float]:
+        """The host's time per phase (the last one up to now), then the GPU's per phase (0
+        off CUDA); the GPU must be synchronised."""
+        host = [*self.host, time.perf_counter()]
+        gpu = [a.elapsed_time(b) for a, b in itertools.pairwise(self.events)]
+        return [(b - a) * 1000 for a, b in itertools.pairwise(host)] + (gpu or [0.0] * 3)
+
+
+def pin_cores() -> list[int]:
+    """Bind this process (and the threads and workers it starts) to its own share of the
+    CPUs, disjoint from the other local ranks'; the CPUs it got."""
+    cpus = sorted(os.sched_getaffinity(0))
+    ranks, rank = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    share = len(cpus) // ranks
+    mine = cpus[rank * share : (rank + 1) * share]
+    os.sched_setaffinity(0, mine)
+    return mine
 
 
 def main() -> None:
@@ -82,29 +129,64 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--ways", default=",".join(WAYS), help="of: " + ", ".join(WAYS))
+    parser.add_argument("--pin-cores", action="store_true", help="each rank on its own CPUs")
     args = parser.parse_args()
+    keys = args.ways.split(",")
+    if keys[0] != "nodp" or set(keys) - set(WAYS):
+        parser.error(f"--ways: nodp (the reference) first, then any of {', '.join(WAYS)}")
+    cpus = pin_cores() if args.pin_cores else None
     world, device = distributed.join("auto")
     torch.backends.cudnn.benchmark = True
-    ways = {name: Way(name, device, args.batch_size) for name in WAYS}
+    ways = {key: Way(key, device, args.batch_size) for key in keys}
     for way in ways.values():
         way.run(10, record=False)  # cuDNN choices, DDP's bucket rebuild
     for _ in range(args.rounds):
         for way in ways.values():
             way.run(args.steps)
-    medians = torch.tensor(
-        [statistics.median(way.steps_ms or [0.0]) for way in ways.values()], device=device
-    )
-    dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+    records = [(way.steps_ms, way.phases_ms) for way in ways.values()]
+    gathered: list[list] = [[] for _ in range(world.world_size)]
+    dist.all_gather_object(gathered, records)
     if world.is_main:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPUs"
-        print(
-            f"{world.world_size} processes on {name}, batch "
-            f"{args.batch_size}, {args.rounds} x {args.steps} steps per way, the slowest rank"
-        )
-        alone = medians[0].item()
-        for name, ms in zip(ways, medians.tolist(), strict=True):
-            print(f"{name:40} {ms:7.2f} ms/step  {ms / alone:5.2f}x")
+        report(ways, gathered, world, device, args, cpus)
     distributed.leave()
+
+
+def report(
+    ways: dict[str, Way],
+    gathered: list[list],
+    world: distributed.World,
+    device: torch.device,
+    args: argparse.Namespace,
+    cpus: list[int] | None,
+) -> None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPUs"
+    pinned = f", each rank on {len(cpus)} CPUs of its own" if cpus else ""
+    print(
+        f"{world.world_size} processes on {name}, batch {args.batch_size}, "
+        f"{args.rounds} x {args.steps} steps per way, the slowest rank{pinned}"
+    )
+    print(
+        f"{'way':40} {'median':>7}  ratio  {'p90':>6} {'slowest':>7}  medians: "
+        + " ".join(f"{p:>9}" for p in PHASES)
+    )
+    reference = None
+    for index, way in enumerate(ways.values()):
+        ranks = [gathered[r][index] for r in range(world.world_size)]
+        ranks = [(steps, phases) for steps, phases in ranks if steps]  # the idle ranks: none
+        median = max(statistics.median(steps) for steps, _ in ranks)
+        p90 = max(statistics.quantiles(steps, n=10)[-1] for steps, _ in ranks)
+        by_step = zip(*(steps for steps, _ in ranks), strict=True)
+        slowest = statistics.mean(max(step) for step in by_step)
+        phases = [
+            max(statistics.median(p[i] for p in phases) for _, phases in ranks)
+            for i in range(len(PHASES))
+        ]
+        reference = reference or median
+        print(
+            f"{way.name:40} {median:7.2f} {median / reference:5.2f}x {p90:6.2f} {slowest:7.2f}"
+            "           " + " ".join(f"{p:9.2f}" for p in phases)
+        )
 
 
 if __name__ == "__main__":
