@@ -46,6 +46,7 @@ WAYS: dict[str, tuple[str, dict | None, Callable | None, bool]] = {
     "static": ("DDP + static_graph", {**OPTIONS, "static_graph": True}, None, False),
     "bucket": ("DDP + one 100 MB bucket", {**OPTIONS, "bucket_cap_mb": 100}, None, False),
     "bf16": ("DDP + bf16 gradients", OPTIONS, default_hooks.bf16_compress_hook, False),
+    "priority": ("DDP + high-priority NCCL stream", OPTIONS, None, False),
 }
 
 
@@ -58,6 +59,10 @@ class Way:
         torch.manual_seed(0)
         model = build_model("resnet18").to(device)
         self.optimizer = build_optimizer("sgd", model.parameters())
+        if key == "priority":  # NCCL's kernels get the SMs first when they are launched
+            group_options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+            group = dist.new_group(backend="nccl", pg_options=group_options)
+            options = {**options, "process_group": group}
         if options is not None:
             model = distributed.wrap(model, device, options)
             if hook is not None:
