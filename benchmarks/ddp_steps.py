@@ -9,7 +9,8 @@ way, the median step of the slowest rank in ms and its ratio to the step with no
 rank training at once); one way trains on rank 0 while the others wait, to show what the
 other processes cost it. Then, per way, how steps spread: p90, and the mean over steps of
 the slowest rank's step (what every step would cost if all ranks waited for the slowest, as
-an all-reduce makes them), and the host's median per phase of the step.
+an all-reduce makes them), and each phase's median on the host's clock and on the GPU's
+stream.
 """
 
 from __future__ import annotations
@@ -134,12 +135,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--ways", default=",".join(WAYS), help="of: " + ", ".join(WAYS))
+    parser.add_argument("--ways", help="of: " + ", ".join(WAYS) + " (default: all)")
     parser.add_argument("--pin-cores", action="store_true", help="each rank on its own CPUs")
     args = parser.parse_args()
-    keys = args.ways.split(",")
+    cuda = torch.cuda.is_available()
+    keys = args.ways.split(",") if args.ways else [k for k in WAYS if cuda or k != "priority"]
     if keys[0] != "nodp" or set(keys) - set(WAYS):
         parser.error(f"--ways: nodp (the reference) first, then any of {', '.join(WAYS)}")
+    if "priority" in keys and not cuda:
+        parser.error("--ways: priority needs CUDA (an NCCL stream)")
     cpus = pin_cores() if args.pin_cores else None
     world, device = distributed.join("auto")
     torch.backends.cudnn.benchmark = True
