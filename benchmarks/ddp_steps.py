@@ -37,6 +37,7 @@ OPTIONS = distributed.DDP_OPTIONS
 # Per phase of a step: the host's time, then the GPU stream's (between events recorded at the
 # same points: kernels and any idle wait for the host or for another stream, e.g. NCCL's).
 PHASES = ("forward", "backward", "optimizer", "wait", "GPU fwd", "GPU bwd", "GPU opt")
+HOST_PHASES = 4  # the first four: together, the step's wall time
 # key -> (name, DDP options or None for no DDP, comm hook, steps under no_sync)
 WAYS: dict[str, tuple[str, dict | None, Callable | None, bool]] = {
     "nodp": ("no DDP", None, None, False),
@@ -72,8 +73,7 @@ class Way:
         self.images = torch.randn(batch_size, 3, 32, 32, device=device)
         self.labels = torch.randint(0, 10, (batch_size,), device=device)
         self.criterion = nn.CrossEntropyLoss()
-        self.steps_ms: list[float] = []
-        self.phases_ms: list[list[float]] = []
+        self.phases_ms: list[list[float]] = []  # per step, per PHASES
 
     def run(self, steps: int, *, record: bool = True) -> None:
         dist.barrier()
@@ -92,9 +92,7 @@ class Way:
             mark()
             synchronize(self.device)
             if record:
-                phases = mark.phases_ms()
-                self.steps_ms.append(sum(phases[:4]))
-                self.phases_ms.append(phases)
+                self.phases_ms.append(mark.phases_ms())
 
 
 class Marks:
@@ -153,9 +151,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for way in ways.values():
             way.run(args.steps)
-    records = [(way.steps_ms, way.phases_ms) for way in ways.values()]
     gathered: list[list] = [[] for _ in range(world.world_size)]
-    dist.all_gather_object(gathered, records)
+    dist.all_gather_object(gathered, [way.phases_ms for way in ways.values()])
     if world.is_main:
         report(ways, gathered, world, device, args, cpus)
     distributed.leave()
@@ -182,13 +179,14 @@ def report(
     reference = None
     for index, way in enumerate(ways.values()):
         ranks = [gathered[r][index] for r in range(world.world_size)]
-        ranks = [(steps, phases) for steps, phases in ranks if steps]  # the idle ranks: none
-        median = max(statistics.median(steps) for steps, _ in ranks)
-        p90 = max(statistics.quantiles(steps, n=10)[-1] for steps, _ in ranks)
-        by_step = zip(*(steps for steps, _ in ranks), strict=True)
+        ranks = [phases for phases in ranks if phases]  # the idle ranks have none
+        steps = [[sum(p[:HOST_PHASES]) for p in phases] for phases in ranks]  # host wall time
+        median = max(statistics.median(rank) for rank in steps)
+        p90 = max(statistics.quantiles(rank, n=10)[-1] for rank in steps)
+        by_step = zip(*steps, strict=True)
         slowest = statistics.mean(max(step) for step in by_step)
         phases = [
-            max(statistics.median(p[i] for p in phases) for _, phases in ranks)
+            max(statistics.median(p[i] for p in phases) for phases in ranks)
             for i in range(len(PHASES))
         ]
         reference = reference or median
