@@ -45,6 +45,10 @@ class Section:
     def missing(self) -> bool:
         return not self.tables
 
+    def metrics(self) -> dict[str, float]:
+        """The one-number answers, logged as metrics on the section's parent run."""
+        return headline(self)
+
 
 Builder = Callable[[queries.Exercise], tuple[dict, dict, str]]
 
@@ -102,7 +106,7 @@ def _c7(ex: queries.Exercise) -> tuple[dict, dict, str]:
 
 
 def _q(ex: queries.Exercise) -> tuple[dict, dict, str]:
-    return {"q1_q4": tables.q1_q4_answers(ex)}, {}, ""
+    return {"q1_q4": tables.q1_q4_answers(queries.answers(ex))}, {}, ""
 
 
 # item -> (heading, the command that produces it, builder), in the study's order
@@ -133,6 +137,11 @@ def section(item: str, ex: queries.Exercise | None) -> Section:
             f"device {ex.device_name}; {ex.settings or 'settings not recorded'}"
         )
     return result
+
+
+def summarize(item: str, run_id: str) -> Section:
+    """The section of `item` from the run `run_id` (a comparison's parent, say)."""
+    return section(item, queries.exercise(item, run_id=run_id))
 
 
 def headline(section: Section) -> dict[str, float]:

@@ -212,32 +212,29 @@ def _last_epoch(ex: Exercise, runs: pd.DataFrame) -> pd.DataFrame:
     return last.loc[runs["run_id"]].reset_index(drop=True)
 
 
-def q1_q4_answers(ex: Exercise) -> pd.DataFrame:
-    """Q1-Q4 from the inspect run's metrics: one row per question and quantity."""
-    run = ex.parent
-    metric = lambda name: run.get(f"metrics.{name}")  # noqa: E731
+def q1_q4_answers(answers: dict) -> pd.DataFrame:
+    """Q1-Q4 from an inspect run's answers (`cifarexp.inspection`'s schema): one row per
+    question and quantity."""
+    convs, fc = answers["q1_conv_layers"], answers["q2_last_linear"]
     rows = [
-        ("Q1", "convolutional layers", metric("conv_layers")),
-        ("Q1", "  in the stem", metric("conv_layers_stem")),
-        ("Q1", "  on the main path of the blocks", metric("conv_layers_main_path")),
-        ("Q1", "  in shortcut projections", metric("conv_layers_shortcut")),
-        ("Q2", "input dimension of the last linear layer", metric("last_linear_in_features")),
-        ("Q3", "trainable parameters", metric("trainable_params")),
+        ("Q1", "convolutional layers", convs["total"]),
+        ("Q1", "  in the stem", convs["stem"]),
+        ("Q1", "  on the main path of the blocks", convs["main_path"]),
+        ("Q1", "  in shortcut projections", convs["shortcut"]),
+        ("Q2", "input dimension of the last linear layer", fc["in_features"]),
+        ("Q3", "trainable parameters", answers["trainable_parameters"]["elements"]),
     ]
-    for name in str(run.get("params.optimizers", "")).split(","):
+    for name, optimizer in answers["q3_q4_optimizers"].items():
         rows += [
-            ("Q3", f"{name}: gradients after backward", metric(f"{name}_grad_elements")),
-            ("Q4", f"{name}: optimizer state elements", metric(f"{name}_state_elements")),
-            ("Q4", f"{name}: optimizer state MiB", metric(f"{name}_state_mib")),
+            ("Q3", f"{name}: gradients after backward",
+             optimizer["gradients_after_backward"]["elements"]),
+            ("Q4", f"{name}: optimizer state elements", optimizer["state_total"]["elements"]),
+            ("Q4", f"{name}: optimizer state MiB", optimizer["state_total"]["mib"]),
+        ]  # fmt: skip
+        rows += [
+            ("Q4", f"{name}: keeps {key}", count["elements"])
+            for key, count in sorted(optimizer["state"].items())
         ]
-        states = sorted(
-            key.removeprefix(f"metrics.{name}_state_").removesuffix("_elements")
-            for key in run.index
-            if key.startswith(f"metrics.{name}_state_") and key.endswith("_elements")
-            and pd.notna(run[key]) and key != f"metrics.{name}_state_elements"
-        )  # fmt: skip
-        rows += [("Q4", f"{name}: keeps {state}", metric(f"{name}_state_{state}_elements"))
-                 for state in states]  # fmt: skip
-    table = pd.DataFrame(rows, columns=["item", "quantity", "value"]).dropna()
+    table = pd.DataFrame(rows, columns=["item", "quantity", "value"])
     table["value"] = [f"{v:,.2f}" if v % 1 else f"{int(v):,}" for v in table["value"]]
-    return table.reset_index(drop=True)
+    return table

@@ -1,4 +1,4 @@
-"""Where a data-parallel training step's time goes on each GPU (issue 8). Run it under torchrun:
+"""Where a data-parallel training step's time goes on each GPU. Run it under torchrun:
 
     python -m torch.distributed.run --standalone --nproc-per-node 4 benchmarks/ddp_probe.py
 
@@ -22,9 +22,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from cifarexp import distributed
+from cifarexp.build import train_loader
 from cifarexp.config import TrainConfig
-from cifarexp.data import load_split, make_loader
-from cifarexp.engine import Execution, _train_step, synchronize
+from cifarexp.data import load_split
+from cifarexp.distributed import world_from_environment
+from cifarexp.engine import Execution, synchronize, train_step
 from cifarexp.models import build_model
 from cifarexp.optim import build_optimizer
 
@@ -59,11 +61,9 @@ def probe(
     model = build_model(cfg.model).to(device)
     options = WAYS[way]
     if options is not None:
-        model = distributed.wrap(model, device, options)
+        model = distributed.wrap(model, device, world, options)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())  # the study's defaults
-    train_set = load_split(cfg, train=True)
-    shard = distributed.sampler(train_set, world, cfg.seed)
-    loader = make_loader(cfg, train_set, train=True, sampler=shard)
+    loader = train_loader(cfg, world, load_split(cfg, train=True), device)  # this rank's shard
     criterion, execution = nn.CrossEntropyLoss(), Execution()
     batches = iter(loader)
     wait = wall = 0.0
@@ -73,7 +73,7 @@ def probe(
         images, labels = next(batches)
         waited = time.perf_counter() - start
         images, labels = images.to(device), labels.to(device)
-        _train_step(model, criterion, optimizer, images, labels, execution)
+        train_step(model, criterion, optimizer, images, labels, execution)
         synchronize(device)
         return waited, time.perf_counter() - start
 
@@ -131,7 +131,8 @@ def main() -> None:
         batch_size=args.batch_size,
         workers=args.workers,
     )
-    world, device = distributed.join("auto")
+    world = world_from_environment("auto")
+    device = distributed.join(world, "auto")
     torch.backends.cudnn.benchmark = True
     grads = sum(p.numel() for p in build_model(cfg.model).parameters())
     took = allreduce_ms(grads, device)
@@ -140,7 +141,7 @@ def main() -> None:
     ]
     gathered: list[list[dict]] = [[] for _ in range(world.world_size)]
     dist.all_gather_object(gathered, rows)
-    if world.is_main:
+    if world.writes:
         print(f"{world.world_size} processes, batch {args.batch_size}, {args.workers} workers each")
         print(
             f"all-reduce of the {grads * 4 / 2**20:.1f} MiB of fp32 gradients alone: {took:.2f} ms"

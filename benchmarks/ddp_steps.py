@@ -1,4 +1,4 @@
-"""What DDP adds to a training step, unprofiled (issue 8). Run it under torchrun:
+"""What DDP adds to a training step, unprofiled. Run it under torchrun:
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/ddp_steps.py
 
@@ -29,11 +29,13 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from cifarexp import distributed
-from cifarexp.engine import synchronize
+from cifarexp.distributed import world_from_environment
+from cifarexp.engine import Execution, synchronize, train_step
 from cifarexp.models import build_model
 from cifarexp.optim import build_optimizer
 
 OPTIONS = distributed.DDP_OPTIONS
+STUDY = Execution()  # the study's step: fp32, eager
 # Per phase of a step: the host's time, then the GPU stream's (between events recorded at the
 # same points: kernels and any idle wait for the host or for another stream, e.g. NCCL's).
 PHASES = ("forward", "backward", "optimizer", "wait", "GPU fwd", "GPU bwd", "GPU opt")
@@ -55,7 +57,9 @@ WAYS: dict[str, tuple[str, dict | None, Callable | None, bool]] = {
 class Way:
     """One way of running the step: its own model and optimizer, the same start."""
 
-    def __init__(self, key: str, device: torch.device, batch_size: int) -> None:
+    def __init__(
+        self, key: str, world: distributed.World, device: torch.device, batch_size: int
+    ) -> None:
         self.name, options, hook, self.no_sync = WAYS[key]
         self.idle = key == "solo" and dist.get_rank() != 0
         torch.manual_seed(0)
@@ -66,10 +70,16 @@ class Way:
             group = dist.new_group(backend="nccl", pg_options=group_options)
             options = {**options, "process_group": group}
         if options is not None:
-            model = distributed.wrap(model, device, options)
+            model = distributed.wrap(model, device, world, options)
             if hook is not None:
                 model.register_comm_hook(None, hook)
         self.model, self.device = model, device
+        # The phases of the study's step (engine.train_step) end where these hooks fire:
+        # forward (with zero_grad) at the model's output, backward at the optimizer's step.
+        self.marks: Marks | None = None
+        model.register_forward_hook(self.mark)
+        self.optimizer.register_step_pre_hook(self.mark)
+        self.optimizer.register_step_post_hook(self.mark)
         self.images = torch.randn(batch_size, 3, 32, 32, device=device)
         self.labels = torch.randint(0, 10, (batch_size,), device=device)
         self.criterion = nn.CrossEntropyLoss()
@@ -80,19 +90,19 @@ class Way:
         if self.idle:
             return
         for _ in range(steps):
-            mark = Marks(cuda=self.device.type == "cuda")
+            self.marks = Marks(cuda=self.device.type == "cuda")
             with self.model.no_sync() if self.no_sync else contextlib.nullcontext():
-                # The study's step (engine._train_step), with the time of each phase.
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = self.criterion(self.model(self.images), self.labels)
-                mark()
-                loss.backward()
-                mark()
-            self.optimizer.step()
-            mark()
+                train_step(
+                    self.model, self.criterion, self.optimizer, self.images, self.labels, STUDY
+                )
             synchronize(self.device)
             if record:
-                self.phases_ms.append(mark.phases_ms())
+                self.phases_ms.append(self.marks.phases_ms())
+            self.marks = None
+
+    def mark(self, *hook_args: object) -> None:
+        if self.marks is not None:
+            self.marks()
 
 
 class Marks:
@@ -143,9 +153,10 @@ def main() -> None:
     if "priority" in keys and not cuda:
         parser.error("--ways: priority needs CUDA (an NCCL stream)")
     cpus = pin_cores() if args.pin_cores else None
-    world, device = distributed.join("auto")
+    world = world_from_environment("auto")
+    device = distributed.join(world, "auto")
     torch.backends.cudnn.benchmark = True
-    ways = {key: Way(key, device, args.batch_size) for key in keys}
+    ways = {key: Way(key, world, device, args.batch_size) for key in keys}
     for way in ways.values():
         way.run(10, record=False)  # cuDNN choices, DDP's bucket rebuild
     for _ in range(args.rounds):
@@ -153,7 +164,7 @@ def main() -> None:
             way.run(args.steps)
     gathered: list[list] = [[] for _ in range(world.world_size)]
     dist.all_gather_object(gathered, [way.phases_ms for way in ways.values()])
-    if world.is_main:
+    if world.writes:
         report(ways, gathered, world, device, args, cpus)
     distributed.leave()
 

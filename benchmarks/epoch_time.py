@@ -29,13 +29,11 @@ from dataclasses import dataclass
 
 import torch
 from overhead import bare_epoch  # the same bare loop as benchmarks/overhead.py
-from torch.utils.data import DataLoader
 
 from cifarexp import tracking
+from cifarexp.build import build_training
 from cifarexp.config import TrainConfig
-from cifarexp.data import ImageArrayDataset, synthetic_arrays, train_transform
 from cifarexp.jobs import Labels, run_training
-from cifarexp.models import ResNet18
 
 
 @dataclass(frozen=True)
@@ -54,30 +52,21 @@ class Row:
 # ----------------------------------------------------------------- (a) the bare loop
 
 
-def bare_loop(args: argparse.Namespace, device: torch.device) -> Row:
-    images, labels = synthetic_arrays(args.train_size, seed=args.seed, train=True)
-    loader = DataLoader(
-        ImageArrayDataset(images, labels, train_transform()),  # the study's pipeline
-        batch_size=args.batch_size,
-        shuffle=True,
-        num_workers=args.workers,
-    )
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = True  # as cifarexp sets it on CUDA
-    model = ResNet18().to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+def bare_loop(cfg: TrainConfig, epochs: int) -> Row:
+    """(a): the model, optimizer and DataLoader cifarexp builds, trained by a lab's loop."""
+    training = build_training(cfg)
     epoch_times, train_acc = [], 0.0
-    for _ in range(args.epochs):
-        seconds, train_acc = bare_epoch(model, loader, optimizer, device)
+    for _ in range(epochs):
+        seconds, train_acc = bare_epoch(training)
         epoch_times.append(seconds)
-    return Row(f"(a) bare loop, {args.workers} workers", epoch_times, train_acc)
+    return Row(f"(a) bare loop, {cfg.workers} workers", epoch_times, train_acc)
 
 
 # ----------------------------------------------------------------- (b), (c) cifarexp
 
 
 def cifarexp_path(name: str, cfg: TrainConfig) -> Row:
-    run = run_training(cfg, Labels("benchmark", "C2", name), experiment="benchmark", quiet=True)
+    run = run_training(cfg, Labels("benchmark", "C2", name), experiment="benchmark")
     results = run.results
     mfus = [r.mfu for r in results[1:] or results if r.mfu is not None]
     return Row(
@@ -168,7 +157,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as store:
         tracking.use_store(f"sqlite:///{store}/mlflow.db")
         if "a" in args.paths:
-            rows["a"] = bare_loop(args, device)
+            rows["a"] = bare_loop(cfg, args.epochs)
         if "b" in args.paths:
             rows["b"] = cifarexp_path(f"(b) cifarexp standard, {args.workers} workers", cfg)
         if "c" in args.paths:

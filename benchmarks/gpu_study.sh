@@ -19,14 +19,14 @@ run() {  # a step's output into $OUT/NAME.txt, and the store so far beside it
 }
 nvidia-smi -L
 for part in "${@:-core}"; do case "$part" in
-  core)  # issue 2 (C2, overhead), issue 3 (C3/C4), issue 6 (fast path) checks
+  core)  # C2, the harness's overhead, C3/C4, the fast path
     run c2_time python3 -m cifarexp time "${FULL[@]}" --epochs 5 --workers 8
     run overhead python3 benchmarks/overhead.py --train-size 50000 --workers 8 --pairs 3
     run c3_sweep python3 -m cifarexp sweep-workers "${FULL[@]}"
     run epoch_time python3 benchmarks/epoch_time.py --workers 16 --compile reduce-overhead
     run gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
     ;;
-  study)  # issue 3 (C5-C7) with the best count of the sweep above, C2 again, the report
+  study)  # C5-C7 with the best count of the sweep above, C2 again, the report
     run c5_device python3 -m cifarexp compare-device "${FULL[@]}" --workers best --cpu-batches 10
     run c6_optim python3 -m cifarexp compare-optim "${FULL[@]}" --workers best
     run c7_no_bn python3 -m cifarexp no-bn "${FULL[@]}" --workers best
@@ -37,12 +37,12 @@ for part in "${@:-core}"; do case "$part" in
     python3 -m cifarexp report --out report > "$OUT/report.txt" 2>&1
     tar czf "$OUT/report.tgz" report
     ;;
-  fast)  # issue 6: the three paths, then the fast path with max-autotune, and the GPU tests
+  fast)  # the three paths, then the fast path with max-autotune, and the GPU tests
     run epoch_time python3 benchmarks/epoch_time.py --workers 4 --compile reduce-overhead
     run epoch_time_autotune python3 benchmarks/epoch_time.py --paths c --compile max-autotune
     run gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
     ;;
-  scaling)  # issue 8 on a 4-GPU machine: what DDP adds to a step, then C5 over 1, 2, 4 GPUs
+  scaling)  # on a 4-GPU machine: what DDP adds to a step, then C5 over 1, 2, 4 GPUs
     { nvidia-smi topo -m; lscpu | grep -E '^(CPU\(s\)|Thread|Core|Socket|Model name|NUMA)'; } \
       > "$OUT/machine.txt" 2>&1
     for n in ${PROBE:-2 4}; do
@@ -58,7 +58,7 @@ for part in "${@:-core}"; do case "$part" in
     run c5_gpus_events python3 -m cifarexp compare-device "${FULL[@]}" --gpus 1,2,4 \
       --epochs 3 "${LOADER[@]}" --timing events
     ;;
-  scaling-fast)  # the same on the fast path of issue 6
+  scaling-fast)  # the same on the fast path
     run c5_gpus_fast timeout "${FAST_LIMIT:-600}" python3 -m cifarexp compare-device \
       "${FULL[@]}" --gpus 1,2,4 --epochs 3 --loader gpu --precision bf16 --channels-last \
       --compile reduce-overhead --timing events

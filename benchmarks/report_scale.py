@@ -1,4 +1,4 @@
-"""How does `cifarexp report` scale with the store? (issue 5)
+"""How does `cifarexp report` scale with the store?
 
 Fills a temporary sqlite store with studies of realistic shape (params, tags, per-epoch
 histories; logged directly, no training) and times building and writing the report at

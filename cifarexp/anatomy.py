@@ -1,4 +1,4 @@
-"""What the model contains (SPEC §1 Q1–Q4), computed from its modules: no MLflow, no printing."""
+"""What the model contains (Q1–Q4), computed from its modules: no MLflow, no printing."""
 
 from __future__ import annotations
 

@@ -1,259 +1,153 @@
-"""The `cifarexp` command line: parses options, builds configs, delegates, prints the answer."""
+"""The `cifarexp` command line: parses options, builds configs, delegates, prints the answer.
+
+Each command lists its options (the aliases of `options`) and imports what it runs only
+when it runs, so that `--help` and a usage error answer at once.
+"""
+
+from __future__ import annotations
 
 import functools
-import inspect
-import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 import typer
-from rich.markup import escape
 
-from analysis import queries, report
-from cifarexp import distributed, experiments, inspection, lab, tracking
-from cifarexp.config import (
-    COMPILE_MODES,
-    DATASETS,
-    LOADERS,
-    PRECISIONS,
-    SCALINGS,
-    TIMINGS,
-    CifarexpError,
-    ConfigError,
-    TrainConfig,
-)
-from cifarexp.console import console, err_console, render
-from cifarexp.jobs import Labels, run_launched, run_training
-from cifarexp.optim import OPTIMIZERS
+from cifarexp import __version__, processes
+from cifarexp import options as opt
+from cifarexp.config import OPTIMIZERS, SCALINGS, ConfigError, TrainConfig, UserError
+
+if TYPE_CHECKING:
+    from cifarexp.distributed import World
+    from cifarexp.jobs import Progress
 
 app = typer.Typer(
     help="Where the time of a ResNet-18 / CIFAR-10 training run goes, tracked with MLflow.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+D = TrainConfig()  # the study's defaults, shown by --help
+CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"cifarexp {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _app() -> None:
+def _app(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     """Where the time of a ResNet-18 / CIFAR-10 training run goes, tracked with MLflow."""
 
 
-DATA, TRAINING, RUN = "Data", "Training", "Tracking and output"
-FAST = "Fast path (GPU)"
-SCALE = "Several processes (torchrun)"
+# ---------------------------------------------------------------- what every command shares
 
 
-def _option(name: str, kind: Any, default: Any, help: str, panel: str) -> inspect.Parameter:
-    return inspect.Parameter(
-        name,
-        inspect.Parameter.KEYWORD_ONLY,
-        default=default,
-        annotation=Annotated[kind, typer.Option(help=help, rich_help_panel=panel)],
-    )
+@dataclass(frozen=True)
+class Session:
+    """What a command runs with besides its config: its process's world, where it logs,
+    and how it shows progress."""
+
+    world: World
+    experiment: str
+    progress: Progress | None
 
 
-# The options every training command shares, with one name everywhere (SPEC §4).
-TRAIN_OPTIONS = [
-    _option("epochs", int, 5, "Epochs to train (the study: 5).", TRAINING),
-    _option(
-        "workers",
-        str,
-        "2",
-        "DataLoader worker processes (C3), or 'best': the best count of the latest finished "
-        "sweep-workers run for this device and dataset.",
-        DATA,
-    ),
-    _option("optimizer", str, "sgd", f"Optimizer: {', '.join(OPTIMIZERS)}.", TRAINING),
-    _option("device", str, "auto", "auto (CUDA when present), cpu, cuda or cuda:N.", TRAINING),
-    _option(
-        "dataset",
-        str,
-        "cifar10",
-        f"{' or '.join(DATASETS)}: synthetic is CIFAR-shaped, learnable, made locally.",
-        DATA,
-    ),
-    _option("data_dir", str, "./data", "Where CIFAR-10 is (downloaded when absent).", DATA),
-    _option("train_size", int | None, None, "Train on the first N images only.", DATA),
-    _option("test_size", int | None, None, "Evaluate on the first N test images only.", DATA),
-    _option("batch_size", int, 128, "Mini-batch size.", TRAINING),
-    _option("lr", float, 0.1, "Learning rate.", TRAINING),
-    _option("momentum", float, 0.9, "Momentum (sgd, nesterov).", TRAINING),
-    _option("weight_decay", float, 5e-4, "Weight decay.", TRAINING),
-    _option("seed", int, 0, "Seed for weights, shuffling and synthetic data.", TRAINING),
-    _option("pin_memory", bool, False, "DataLoader pin_memory.", DATA),
-    _option("persistent_workers", bool, False, "Keep DataLoader workers between epochs.", DATA),
-    _option(
-        "loader_timeout",
-        float,
-        600.0,
-        "Seconds to wait for a batch from the DataLoader workers before the run fails "
-        "(a stuck worker); 0 waits forever.",
-        DATA,
-    ),
-    _option("eval", bool, False, "Evaluate on the test split after each epoch (not timed).", DATA),
-    _option(
-        "loader",
-        str,
-        "torch",
-        f"{' or '.join(LOADERS)}: gpu keeps the uint8 train set on the device and augments "
-        "whole batches there, as the study's transforms do (--workers, --pin-memory unused; "
-        "on CPU the same code runs on CPU tensors).",
-        FAST,
-    ),
-    _option(
-        "precision",
-        str,
-        "fp32",
-        f"{', '.join(PRECISIONS)}: fp32 is PyTorch's default (cuDNN may use TF32 for "
-        "convolutions), tf32 adds TF32 matmuls (CUDA only), bf16 is autocast.",
-        FAST,
-    ),
-    _option("channels_last", bool, False, "Model and inputs in NHWC memory order.", FAST),
-    _option(
-        "compile",
-        str,
-        "none",
-        f"torch.compile mode: {', '.join(COMPILE_MODES)} (CUDA only; compiled during the "
-        "warm-up, logged as warmup_s).",
-        FAST,
-    ),
-    _option(
-        "timing",
-        str,
-        "sync",
-        f"{' or '.join(TIMINGS)}: sync synchronises every step (the study's C2); events times "
-        "with CUDA events and waits once per epoch (CUDA only).",
-        FAST,
-    ),
-    _option(
-        "scaling",
-        str,
-        "weak",
-        f"{' or '.join(SCALINGS)}, under torchrun: weak trains --batch-size images per process "
-        "and step, strong --batch-size in total, split over the processes.",
-        SCALE,
-    ),
-    _option(
-        "nproc",
-        int,
-        1,
-        "Run this command as N processes on this machine, one per GPU (or N CPU processes "
-        "with --device cpu), through torch.distributed.run; 1 = this process only.",
-        SCALE,
-    ),
-]
-RUN_OPTIONS = [
-    _option(
-        "tracking_uri",
-        str | None,
-        None,
-        "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).",
-        RUN,
-    ),
-    _option("experiment", str | None, None, "MLflow experiment (default: cifarexp-COMMAND).", RUN),
-    _option("quiet", bool, False, "No progress bars.", RUN),
-]
-
-
-class Context:
-    """What a command gets besides its own options: the config and where to log."""
-
-    def __init__(self, command: str, cfg: TrainConfig, experiment: str, quiet: bool) -> None:
-        self.command, self.cfg, self.experiment, self.quiet = command, cfg, experiment, quiet
-
-
-def command(
-    name: str,
-    *,
-    train_options: bool = True,
-    exclude: tuple[str, ...] = (),
-    distributed_ok: bool = False,
-    **defaults: Any,
-) -> Callable:
-    """Register `fn` as a command taking its own options plus the shared ones (less
-    `exclude`, with `defaults` changed). Only a `distributed_ok` command runs under torchrun
-    (or --nproc N).
-
-    `fn` receives a validated `ctx: Context`. Errors meant for the user become one line:
-    bad input exits 2, runtime failures exit 1, Ctrl-C exits 130; never a traceback.
-    """
+def command(name: str, *, under_torchrun: bool = False) -> Callable:
+    """Register `fn` as the command `name`. Errors meant for the user become one line: bad
+    input exits 2, runtime failures exit 1, Ctrl-C exits 130; never a traceback. Only an
+    `under_torchrun` command runs under torchrun (or --nproc N)."""
 
     def decorate(fn: Callable) -> Callable:
-        own = [p for p in inspect.signature(fn).parameters.values() if p.name != "ctx"]
-        skip = {q.name for q in own} | set(exclude)
-        if not distributed_ok:
-            skip |= {"scaling", "nproc"}
-        shared = [
-            p.replace(default=defaults.get(p.name, p.default))
-            for p in (TRAIN_OPTIONS if train_options else []) + RUN_OPTIONS
-            if p.name not in skip
-        ]
-
-        @functools.wraps(fn)
-        def wrapper(**values: Any) -> Any:
+        @functools.wraps(fn)  # typer reads fn's own signature through it
+        def run(*args: Any, **kwargs: Any) -> Any:
             with user_errors():
-                nproc = values.pop("nproc", 1)
-                if nproc < 1:
-                    raise ConfigError(f"--nproc: must be >= 1, got {nproc}")
-                if distributed.launched() and not distributed_ok:
+                if processes.launched() and not under_torchrun:
                     raise ConfigError(
-                        f"{name} does not run under torchrun yet; run it as one process "
-                        "(the `time` command runs under torchrun and --nproc)"
+                        f"{name} does not run under torchrun; run it as one process (the "
+                        "`time` command runs under torchrun and --nproc)"
                     )
-                if nproc > 1 and not distributed.launched():
-                    distributed.relaunch(nproc, sys.argv[1:])
-                run = {p.name: values.pop(p.name) for p in RUN_OPTIONS}
-                tracking.use_store(run["tracking_uri"])
-                config = {p.name: values.pop(p.name) for p in shared if p.name in values}
-                cfg = make_config(config) if train_options else TrainConfig()
-                experiment = run["experiment"] or lab.experiment(name)
-                ctx = Context(name, cfg, experiment, run["quiet"])
-                return fn(ctx=ctx, **values)
+                return fn(*args, **kwargs)
 
-        params = own + shared
-        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {p.name: p.annotation for p in params}
-        del wrapper.__wrapped__  # typer must see the new signature, not fn's
-        return app.command(name)(wrapper)
+        return app.command(name)(run)
 
     return decorate
 
 
-def make_config(values: dict[str, Any]) -> TrainConfig:
-    """TrainConfig from option values; `--workers best` resolved from the store."""
-    workers = values.get("workers", "2")
+def open_session(
+    command: str,
+    *,
+    tracking_uri: str | None,
+    experiment: str | None,
+    quiet: bool,
+    device: str = "auto",
+    nproc: int = 1,
+) -> Session:
+    """Relaunch under torchrun for --nproc N; else this process's world, its store, its
+    experiment and its progress display."""
+    if nproc > 1 and not processes.launched():
+        processes.relaunch(nproc, sys.argv[1:])
+    from cifarexp import console, distributed, tracking
+
+    console.show_notices()
+    world = distributed.world_from_environment(device)
+    tracking.use_store(tracking_uri, world)
+    return Session(
+        world,
+        experiment or tracking.default_experiment(command),
+        None if quiet else console.progress,
+    )
+
+
+def training_config(values: dict[str, Any], **overrides: Any) -> TrainConfig:
+    """The TrainConfig of a command's options (`values`: its locals; those that are config
+    fields), with `overrides`; workers "best" is resolved from the store."""
+    given = {k: v for k, v in values.items() if k in CONFIG_FIELDS} | overrides
+    workers = given.get("workers")
     if workers == "best":
-        device, dataset = values.get("device", "auto"), values.get("dataset", "cifar10")
-        values["workers"] = experiments.resolve_best_workers(device, dataset)
+        from cifarexp.experiments import resolve_best_workers
+
+        given["workers"] = resolve_best_workers(given.get("device", "auto"), given["dataset"])
     elif isinstance(workers, str):
-        values["workers"] = parse_int("--workers", workers)
-    return TrainConfig(**values)
+        given["workers"] = parse_int("workers", workers)
+    return TrainConfig(**given)
 
 
-def parse_int(option: str, text: str) -> int:
+def parse_int(field: str, text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ConfigError(f"{option}: {text!r} is not a whole number") from None
+        raise ConfigError(f"{text!r} is not a whole number", field) from None
 
 
-def parse_list(option: str, text: str, choices: Iterable[str] | None = None) -> list[str]:
+def parse_list(field: str, text: str, choices: Iterable[str] | None = None) -> list[str]:
     """A comma-separated list: no empty items, no duplicates, each one of `choices`."""
     items = [item.strip() for item in text.split(",")]
     if not text.strip() or "" in items:
-        raise ConfigError(f"{option}: empty item in {text!r}; give a comma-separated list")
+        raise ConfigError(f"empty item in {text!r}; give a comma-separated list", field)
     if len(set(items)) < len(items):
-        raise ConfigError(f"{option}: duplicate item in {text!r}")
+        raise ConfigError(f"duplicate item in {text!r}", field)
     allowed = list(choices) if choices is not None else None
     unknown = [item for item in items if allowed is not None and item not in allowed]
     if unknown:
-        raise ConfigError(f"{option}: unknown {unknown[0]!r}; choose from {', '.join(allowed)}")
+        raise ConfigError(f"unknown {unknown[0]!r}; choose from {', '.join(allowed)}", field)
     return items
+
+
+def _message(exc: UserError) -> str:
+    return f"{opt.flag(exc.field)}: {exc.message}" if exc.field else exc.message
 
 
 @contextmanager
@@ -262,65 +156,109 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    except (CifarexpError, *tracking.STORE_ERRORS) as exc:
-        message = escape(str(exc))  # store errors may hold [brackets]
-        err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise typer.BadParameter(_message(exc)) from None
+    except UserError as exc:
+        _print_error(_message(exc))
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        err_console.print("Interrupted: finished epochs are in the store; the run is KILLED.")
+        _print_interrupted()
         raise typer.Exit(130) from None
+    except Exception as exc:
+        from cifarexp import tracking
+
+        if not isinstance(exc, tracking.STORE_ERRORS):
+            raise
+        _print_error(str(exc))
+        raise typer.Exit(1) from None
 
 
-@command("time", distributed_ok=True)
+def _print_error(message: str) -> None:
+    from rich.markup import escape
+
+    from cifarexp.console import err_console
+
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _print_interrupted() -> None:
+    """What a stop left in the store, as the store says it."""
+    from cifarexp.console import err_console
+
+    tracking = sys.modules.get("cifarexp.tracking")  # imported once a run has started
+    ended = tracking.last_ended() if tracking is not None else None
+    if ended is None or ended[1] != "FINISHED":
+        err_console.print("Interrupted: finished epochs are in the store; the run is KILLED.")
+    else:
+        err_console.print(f"Interrupted after run {ended[0]} had FINISHED; nothing is lost.")
+
+
+# ---------------------------------------------------------------- C1, C2: time
+
+
+@command("time", under_torchrun=True)
 def time_(
-    ctx: Context,
-    run_name: Annotated[
-        str | None, typer.Option(help="MLflow run name.", rich_help_panel=RUN)
-    ] = None,
+    epochs: opt.Epochs = D.epochs,
+    workers: opt.Workers = str(D.workers),
+    optimizer: opt.OptimizerName = D.optimizer,
+    device: opt.Device = D.device,
+    dataset: opt.DatasetName = D.dataset,
+    data_dir: opt.DataDir = D.data_dir,
+    train_size: opt.TrainSize = D.train_size,
+    test_size: opt.TestSize = D.test_size,
+    batch_size: opt.BatchSize = D.batch_size,
+    lr: opt.Lr = D.lr,
+    momentum: opt.Momentum = D.momentum,
+    weight_decay: opt.WeightDecay = D.weight_decay,
+    seed: opt.Seed = D.seed,
+    pin_memory: opt.PinMemory = D.pin_memory,
+    persistent_workers: opt.PersistentWorkers = D.persistent_workers,
+    loader_timeout: opt.LoaderTimeout = D.loader_timeout,
+    eval: opt.Eval = D.eval,
+    loader: opt.LoaderName = D.loader,
+    precision: opt.PrecisionName = D.precision,
+    channels_last: opt.ChannelsLast = D.channels_last,
+    compile: opt.Compile = D.compile,
+    timing: opt.TimingName = D.timing,
+    scaling: opt.ScalingName = D.scaling,
+    nproc: opt.Nproc = 1,
+    run_name: opt.RunName = None,
+    tracking_uri: opt.TrackingUri = None,
+    experiment: opt.Experiment = None,
+    quiet: opt.Quiet = False,
 ) -> None:
     """C1, C2: train and time every epoch: data-loading wait, computation, wall clock."""
+    session = open_session(
+        "time", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet, device=device,
+        nproc=nproc,
+    )  # fmt: skip
+    cfg = training_config(locals())
+    from analysis import report
+    from cifarexp.console import print_section
+    from cifarexp.jobs import Labels, run_training
+
     run = run_training(
-        ctx.cfg,
+        cfg,
         Labels("time", "C2"),
-        experiment=ctx.experiment,
+        experiment=session.experiment,
         run_name=run_name,
-        quiet=ctx.quiet,
+        world=session.world,
+        progress=session.progress,
     )
     if run.run_id is not None:  # None on the ranks other than 0 of a torchrun job
-        print_section(report.section("C2", queries.exercise("C2", run_id=run.run_id)))
+        print_section(report.summarize("C2", run.run_id))
 
 
-Resume = Annotated[
-    bool,
-    typer.Option(
-        help="Continue the previous run with the same settings if it did not finish: reuse "
-        "its finished variants, run the rest.",
-        rich_help_panel=RUN,
-    ),
-]
+# ---------------------------------------------------------------- C3, C4: sweep-workers
 
 
-def print_section(section: report.Section) -> None:
-    """A section's tables and text, and the run they are logged on."""
-    for name, table in section.tables.items():
-        if not table.empty:
-            title = f"{report.TITLES[name]} ({section.dataset})"
-            console.print(render(table, title))
-    if section.text:
-        console.print(section.text, highlight=False)
-    console.print(f"Source: {section.source}.", style="dim", highlight=False)
-
-
-@command("sweep-workers", epochs=1)
+@command("sweep-workers")
 def sweep_workers(
-    ctx: Context,
     workers: Annotated[
         str,
         typer.Option(
             help="Worker counts to run, e.g. 0,4,8,12; auto: 1 (for C4), then 0, 4, 8, ... "
             "until data-loading time stops falling by more than 3%.",
-            rich_help_panel=DATA,
+            rich_help_panel=opt.DATA,
         ),
     ] = "auto",
     gpu_loader: Annotated[
@@ -328,38 +266,73 @@ def sweep_workers(
         typer.Option(
             help="Add a row with the data kept on the device (--loader gpu), to compare with "
             "every worker count. Default: on when training on CUDA.",
-            rich_help_panel=DATA,
+            rich_help_panel=opt.DATA,
         ),
     ] = None,
-    resume: Resume = False,
+    epochs: opt.Epochs = 1,
+    optimizer: opt.OptimizerName = D.optimizer,
+    device: opt.Device = D.device,
+    dataset: opt.DatasetName = D.dataset,
+    data_dir: opt.DataDir = D.data_dir,
+    train_size: opt.TrainSize = D.train_size,
+    test_size: opt.TestSize = D.test_size,
+    batch_size: opt.BatchSize = D.batch_size,
+    lr: opt.Lr = D.lr,
+    momentum: opt.Momentum = D.momentum,
+    weight_decay: opt.WeightDecay = D.weight_decay,
+    seed: opt.Seed = D.seed,
+    pin_memory: opt.PinMemory = D.pin_memory,
+    persistent_workers: opt.PersistentWorkers = D.persistent_workers,
+    loader_timeout: opt.LoaderTimeout = D.loader_timeout,
+    eval: opt.Eval = D.eval,
+    loader: opt.LoaderName = D.loader,
+    precision: opt.PrecisionName = D.precision,
+    channels_last: opt.ChannelsLast = D.channels_last,
+    compile: opt.Compile = D.compile,
+    timing: opt.TimingName = D.timing,
+    resume: opt.Resume = False,
+    tracking_uri: opt.TrackingUri = None,
+    experiment: opt.Experiment = None,
+    quiet: opt.Quiet = False,
 ) -> None:
     """C3, C4: data-loading time per DataLoader worker count, the best count, 1 vs best."""
     counts = None
     if workers != "auto":
-        counts = [parse_int("--workers", w) for w in parse_list("--workers", workers)]
+        counts = [parse_int("workers", w) for w in parse_list("workers", workers)]
         if any(c < 0 for c in counts):
-            raise ConfigError(f"--workers: counts must be >= 0, got {workers!r}")
+            raise ConfigError(f"counts must be >= 0, got {workers!r}", "workers")
+    session = open_session(
+        "sweep-workers", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet
+    )
+    cfg = training_config(locals(), workers=D.workers)
+    from analysis import report
+    from cifarexp import experiments
+    from cifarexp.console import print_section
+
     if gpu_loader is None:
-        gpu_loader = experiments.resolve_device(ctx.cfg.device).type == "cuda"
+        gpu_loader = experiments.resolve_device(cfg.device).type == "cuda"
     section = experiments.sweep_workers(
-        ctx.cfg,
+        cfg,
         counts,
+        summarize=report.summarize,
         gpu_loader=gpu_loader,
-        experiment=ctx.experiment,
+        experiment=session.experiment,
         resume=resume,
-        quiet=ctx.quiet,
+        progress=session.progress,
     )
     print_section(section)
 
 
-@command("compare-device", exclude=("device",))
+# ---------------------------------------------------------------- C5: compare-device
+
+
+@command("compare-device")
 def compare_device(
-    ctx: Context,
     devices: Annotated[
         str | None,
         typer.Option(
             help="Devices to compare, e.g. cpu,cuda (default: cpu, plus cuda when present).",
-            rich_help_panel=TRAINING,
+            rich_help_panel=opt.TRAINING,
         ),
     ] = None,
     cpu_batches: Annotated[
@@ -367,8 +340,7 @@ def compare_device(
         typer.Option(
             help="On CPU time only the first N batches of each epoch and estimate "
             "the epoch from their throughput (marked estimated).",
-            min=1,
-            rich_help_panel=TRAINING,
+            rich_help_panel=opt.TRAINING,
         ),
     ] = None,
     gpus: Annotated[
@@ -378,7 +350,7 @@ def compare_device(
             "data-parallel training, one torchrun process per GPU. With --devices cpu: CPU "
             "processes (gloo). Add --persistent-workers --pin-memory to measure DDP, not the "
             "workers' start-up that every epoch of every process pays.",
-            rich_help_panel=SCALE,
+            rich_help_panel=opt.SCALE,
         ),
     ] = None,
     scaling: Annotated[
@@ -386,38 +358,70 @@ def compare_device(
         typer.Option(
             help="With --gpus: weak (--batch-size per GPU), strong (--batch-size in total, "
             "split), or both.",
-            rich_help_panel=SCALE,
+            rich_help_panel=opt.SCALE,
         ),
-    ] = "weak,strong",
-    resume: Resume = False,
+    ] = ",".join(SCALINGS),
+    epochs: opt.Epochs = D.epochs,
+    workers: opt.Workers = str(D.workers),
+    optimizer: opt.OptimizerName = D.optimizer,
+    dataset: opt.DatasetName = D.dataset,
+    data_dir: opt.DataDir = D.data_dir,
+    train_size: opt.TrainSize = D.train_size,
+    test_size: opt.TestSize = D.test_size,
+    batch_size: opt.BatchSize = D.batch_size,
+    lr: opt.Lr = D.lr,
+    momentum: opt.Momentum = D.momentum,
+    weight_decay: opt.WeightDecay = D.weight_decay,
+    seed: opt.Seed = D.seed,
+    pin_memory: opt.PinMemory = D.pin_memory,
+    persistent_workers: opt.PersistentWorkers = D.persistent_workers,
+    loader_timeout: opt.LoaderTimeout = D.loader_timeout,
+    eval: opt.Eval = D.eval,
+    loader: opt.LoaderName = D.loader,
+    precision: opt.PrecisionName = D.precision,
+    channels_last: opt.ChannelsLast = D.channels_last,
+    compile: opt.Compile = D.compile,
+    timing: opt.TimingName = D.timing,
+    resume: opt.Resume = False,
+    tracking_uri: opt.TrackingUri = None,
+    experiment: opt.Experiment = None,
+    quiet: opt.Quiet = False,
 ) -> None:
     """C5: average epoch time on each device (GPU vs CPU) and the GPU speedup; with --gpus,
     epoch time, images/s, speedup and scaling efficiency on 1, 2, 4 ... GPUs."""
+    session = open_session(
+        "compare-device", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet
+    )
+    cfg = training_config(locals(), scaling=D.scaling)
+    from analysis import report
+    from cifarexp import experiments
+    from cifarexp.console import print_section
+
     if gpus is not None:
         section = experiments.compare_gpus(
-            ctx.cfg,
-            [parse_int("--gpus", g) for g in parse_list("--gpus", gpus)],
-            parse_list("--scaling", scaling, SCALINGS),
+            cfg,
+            [parse_int("gpus", g) for g in parse_list("gpus", gpus)],
+            parse_list("scaling", scaling, SCALINGS),
+            summarize=report.summarize,
             device=devices or "cuda",
             cpu_batches=cpu_batches,
-            experiment=ctx.experiment,
+            experiment=session.experiment,
             resume=resume,
-            quiet=ctx.quiet,
+            progress=session.progress,
         )
-        print_section(section)
-        return
-    default = "cpu,cuda" if torch.cuda.is_available() else "cpu"
-    names = parse_list("--devices", default if devices is None else devices)
-    for name in names:
-        experiments.resolve_device(name, "--devices")
-    section = experiments.compare_device(
-        ctx.cfg,
-        names,
-        cpu_batches=cpu_batches,
-        experiment=ctx.experiment,
-        resume=resume,
-        quiet=ctx.quiet,
-    )
+    else:
+        import torch
+
+        default = "cpu,cuda" if torch.cuda.is_available() else "cpu"
+        section = experiments.compare_device(
+            cfg,
+            parse_list("devices", default if devices is None else devices),
+            summarize=report.summarize,
+            cpu_batches=cpu_batches,
+            experiment=session.experiment,
+            resume=resume,
+            progress=session.progress,
+        )
     print_section(section)
 
 
@@ -425,58 +429,144 @@ def compare_device(
 def launched_run() -> None:
     """One process of a variant that a comparison launched through torchrun."""
     with user_errors():
-        tracking.use_store(None)  # the launcher's, from MLFLOW_TRACKING_URI
-        run_launched()
+        from cifarexp import console, jobs, tracking
+        from cifarexp.distributed import world_from_environment
+
+        spec = jobs.launched_run()
+        console.show_notices()
+        # the launcher's store, from MLFLOW_TRACKING_URI
+        tracking.use_store(None, world_from_environment(spec.config.device))
+        jobs.train_launched(spec, console.progress)
 
 
-@command("compare-optim", exclude=("optimizer",))
+# ---------------------------------------------------------------- C6, C7
+
+
+@command("compare-optim")
 def compare_optim(
-    ctx: Context,
     optimizers: Annotated[
-        str, typer.Option(help="Optimizers to compare.", rich_help_panel=TRAINING)
+        str,
+        typer.Option(
+            help=f"Optimizers to compare, any of {', '.join(OPTIMIZERS)}.",
+            rich_help_panel=opt.TRAINING,
+        ),
     ] = ",".join(OPTIMIZERS),
-    resume: Resume = False,
+    epochs: opt.Epochs = D.epochs,
+    workers: opt.Workers = str(D.workers),
+    device: opt.Device = D.device,
+    dataset: opt.DatasetName = D.dataset,
+    data_dir: opt.DataDir = D.data_dir,
+    train_size: opt.TrainSize = D.train_size,
+    test_size: opt.TestSize = D.test_size,
+    batch_size: opt.BatchSize = D.batch_size,
+    lr: opt.Lr = D.lr,
+    momentum: opt.Momentum = D.momentum,
+    weight_decay: opt.WeightDecay = D.weight_decay,
+    seed: opt.Seed = D.seed,
+    pin_memory: opt.PinMemory = D.pin_memory,
+    persistent_workers: opt.PersistentWorkers = D.persistent_workers,
+    loader_timeout: opt.LoaderTimeout = D.loader_timeout,
+    eval: opt.Eval = D.eval,
+    loader: opt.LoaderName = D.loader,
+    precision: opt.PrecisionName = D.precision,
+    channels_last: opt.ChannelsLast = D.channels_last,
+    compile: opt.Compile = D.compile,
+    timing: opt.TimingName = D.timing,
+    resume: opt.Resume = False,
+    tracking_uri: opt.TrackingUri = None,
+    experiment: opt.Experiment = None,
+    quiet: opt.Quiet = False,
 ) -> None:
     """C6: SGD, Nesterov, Adagrad, Adadelta, Adam: training time, loss and accuracy."""
-    names = parse_list("--optimizers", optimizers, OPTIMIZERS)
+    names = parse_list("optimizers", optimizers, OPTIMIZERS)
+    session = open_session(
+        "compare-optim", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet
+    )
+    cfg = training_config(locals())
+    from analysis import report
+    from cifarexp import experiments
+    from cifarexp.console import print_section
+
     section = experiments.compare_optim(
-        ctx.cfg, names, experiment=ctx.experiment, resume=resume, quiet=ctx.quiet
+        cfg,
+        names,
+        summarize=report.summarize,
+        experiment=session.experiment,
+        resume=resume,
+        progress=session.progress,
     )
     print_section(section)
 
 
 @command("no-bn")
 def no_bn(
-    ctx: Context,
     baseline: Annotated[
         bool,
         typer.Option(
-            help="Also train the BN model with the same settings.", rich_help_panel=TRAINING
+            help="Also train the BN model with the same settings.", rich_help_panel=opt.TRAINING
         ),
     ] = True,
-    resume: Resume = False,
+    epochs: opt.Epochs = D.epochs,
+    workers: opt.Workers = str(D.workers),
+    optimizer: opt.OptimizerName = D.optimizer,
+    device: opt.Device = D.device,
+    dataset: opt.DatasetName = D.dataset,
+    data_dir: opt.DataDir = D.data_dir,
+    train_size: opt.TrainSize = D.train_size,
+    test_size: opt.TestSize = D.test_size,
+    batch_size: opt.BatchSize = D.batch_size,
+    lr: opt.Lr = D.lr,
+    momentum: opt.Momentum = D.momentum,
+    weight_decay: opt.WeightDecay = D.weight_decay,
+    seed: opt.Seed = D.seed,
+    pin_memory: opt.PinMemory = D.pin_memory,
+    persistent_workers: opt.PersistentWorkers = D.persistent_workers,
+    loader_timeout: opt.LoaderTimeout = D.loader_timeout,
+    eval: opt.Eval = D.eval,
+    loader: opt.LoaderName = D.loader,
+    precision: opt.PrecisionName = D.precision,
+    channels_last: opt.ChannelsLast = D.channels_last,
+    compile: opt.Compile = D.compile,
+    timing: opt.TimingName = D.timing,
+    resume: opt.Resume = False,
+    tracking_uri: opt.TrackingUri = None,
+    experiment: opt.Experiment = None,
+    quiet: opt.Quiet = False,
 ) -> None:
     """C7: the model without BatchNorm against the BN model: loss and accuracy."""
+    session = open_session("no-bn", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet)
+    cfg = training_config(locals())
+    from analysis import report
+    from cifarexp import experiments
+    from cifarexp.console import print_section
+
     section = experiments.no_bn(
-        ctx.cfg, baseline=baseline, experiment=ctx.experiment, resume=resume, quiet=ctx.quiet
+        cfg,
+        summarize=report.summarize,
+        baseline=baseline,
+        experiment=session.experiment,
+        resume=resume,
+        progress=session.progress,
     )
     print_section(section)
 
 
-@command("inspect", train_options=False)
+# ---------------------------------------------------------------- Q1-Q4: inspect
+
+
+@command("inspect")
 def inspect_(
-    ctx: Context,
     optimizers: Annotated[
         str,
         typer.Option(
             help=f"Optimizers to take one step with (Q3, Q4); any of {', '.join(OPTIMIZERS)}.",
-            rich_help_panel=TRAINING,
+            rich_help_panel=opt.TRAINING,
         ),
     ] = "sgd,adam",
     batch_norm: Annotated[
         bool,
         typer.Option(
-            "--bn/--no-bn", help="The BN model or the BN-free one.", rich_help_panel=TRAINING
+            "--bn/--no-bn", help="The BN model or the BN-free one.", rich_help_panel=opt.TRAINING
         ),
     ] = True,
     batch_size: Annotated[
@@ -484,19 +574,20 @@ def inspect_(
         typer.Option(
             help="Synthetic images in the one training step and the summary's input "
             "(the counts do not depend on it).",
-            min=1,
-            rich_help_panel=TRAINING,
+            rich_help_panel=opt.TRAINING,
         ),
     ] = 8,
-    seed: Annotated[
-        int, typer.Option(help="Seed for weights and the batch.", rich_help_panel=TRAINING)
-    ] = 0,
+    seed: opt.Seed = D.seed,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print only the answers, as JSON.", rich_help_panel=RUN)
+        bool,
+        typer.Option("--json", help="Print only the answers, as JSON.", rich_help_panel=opt.RUN),
     ] = False,
+    tracking_uri: opt.TrackingUri = None,
+    experiment: opt.Experiment = None,
+    quiet: opt.Quiet = False,
 ) -> None:
     """Q1-Q4: conv layers, the last linear layer's input, parameters, gradients, optimizer state."""
-    names = parse_list("--optimizers", optimizers, OPTIMIZERS)
+    names = parse_list("optimizers", optimizers, OPTIMIZERS)
     cfg = TrainConfig(
         dataset="synthetic",
         train_size=batch_size,
@@ -506,119 +597,142 @@ def inspect_(
         seed=seed,
         batch_norm=batch_norm,
     )
-    result = inspection.run_inspection(cfg, tuple(names), experiment=ctx.experiment)
+    session = open_session("inspect", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet)
+    from cifarexp import inspection
+    from cifarexp.console import console, inspection_tables
+
+    result = inspection.run_inspection(cfg, tuple(names), experiment=session.experiment)
     if as_json:
         typer.echo(result.json())
         return
-    for shown in inspection.inspection_tables(result):
+    for shown in inspection_tables(result):
         console.print(shown)
     console.print(
         f"Logged as run {result.run_id} (model_summary.txt, tables as CSV, answers.json)."
     )
 
 
-@command("report", train_options=False)
+# ---------------------------------------------------------------- the report and the lab
+
+
+@command("report")
 def report_(
-    ctx: Context,
-    out: Annotated[
-        Path, typer.Option(help="Folder for report.md, the CSVs and the PNGs.", rich_help_panel=RUN)
-    ] = Path("report"),
+    out: opt.Out = Path("report"),
     runs: Annotated[
         str | None,
         typer.Option(
             help="Use these runs instead of the latest finished ones, e.g. C3=<run id>,C6=<run id> "
-            f"(items: {', '.join(report.ITEMS)}).",
-            rich_help_panel=RUN,
+            "(items: C2, C3, C5, C5-scaling, C6, C7, Q1-Q4).",
+            rich_help_panel=opt.RUN,
         ),
     ] = None,
+    tracking_uri: opt.TrackingUri = None,
+    experiment: opt.Experiment = None,
+    quiet: opt.Quiet = False,
 ) -> None:
     """The study's tables and plots, from the tracking store, into a report folder."""
+    open_session("report", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet)
+    from analysis import queries, report
+    from cifarexp import tracking
+
     run_ids = {}
-    for pair in parse_list("--runs", runs) if runs is not None else []:
+    for pair in parse_list("runs", runs) if runs is not None else []:
         item, _, run_id = pair.partition("=")
         if item not in report.ITEMS or not run_id:
             raise ConfigError(
-                f"--runs: {pair!r} is not ITEM=RUN_ID with ITEM in {', '.join(report.ITEMS)}"
+                f"{pair!r} is not ITEM=RUN_ID with ITEM in {', '.join(report.ITEMS)}", "runs"
             )
         if item in run_ids:
-            raise ConfigError(f"--runs: {item} is given twice")
+            raise ConfigError(f"{item} is given twice", "runs")
         if queries.run_by_id(run_id) is None:
-            raise ConfigError(f"--runs: no run {run_id} in {tracking.current_uri()}")
+            raise ConfigError(f"no run {run_id} in {tracking.current_uri()}", "runs")
         run_ids[item] = run_id
-    sections = report.build_report(run_ids)
-    write_and_log_report(sections, out)
+    write_and_log_report(report.build_report(run_ids), out)
 
 
 def make_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CifarexpError(f"--out: cannot write the report to {out} ({exc.strerror})") from None
+        raise _unwritable(out, exc) from None
 
 
-def write_and_log_report(sections: list[report.Section], out: Path) -> None:
+def _unwritable(out: Path, exc: OSError) -> UserError:
+    from cifarexp.config import CifarexpError
+
+    return CifarexpError(f"cannot write the report to {out} ({exc.strerror})", "out")
+
+
+def write_and_log_report(sections: list, out: Path) -> None:
     """Write the report folder, print it, and log the folder on a `report` run."""
+    from analysis import report
+    from cifarexp import tracking
+    from cifarexp.console import console, print_section
+    from cifarexp.jobs import Labels
+
     try:
         path = report.write_report(sections, out, tracking.current_uri())
     except OSError as exc:
-        raise CifarexpError(f"--out: cannot write the report to {out} ({exc.strerror})") from None
+        raise _unwritable(out, exc) from None
     for section in sections:
         if section.missing:
             console.print(f"[bold]{section.heading}[/]: not run yet; run `{section.command}`.")
         else:
             print_section(section)
     labels = Labels("report", "report")
-    with tracking.start_run(lab.experiment("report"), tags=labels.tags(), params={"out": str(out)}):
+    experiment = tracking.default_experiment("report")
+    with tracking.start_run(experiment, tags=labels.tags(), params={"out": str(out)}):
         tracking.log_artifacts(out)
     console.print(f"Report written to {path}.")
 
 
-@command("lab", train_options=False)
+Preset = Literal["full", "quick"]
+
+
+@command("lab")
 def lab_(
-    ctx: Context,
     preset: Annotated[
-        str,
+        Preset,
         typer.Option(
             help="full: the study's sizes (50,000 images, 5 epochs); quick: a few minutes on a "
             "2-core CPU (512 images, 2 epochs).",
-            rich_help_panel=TRAINING,
+            rich_help_panel=opt.TRAINING,
         ),
     ] = "full",
-    dataset: Annotated[
-        str, typer.Option(help="cifar10 or synthetic.", rich_help_panel=DATA)
-    ] = "cifar10",
-    data_dir: Annotated[
-        str, typer.Option(help="Where CIFAR-10 is.", rich_help_panel=DATA)
-    ] = "./data",
-    device: Annotated[
-        str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=TRAINING)
-    ] = "auto",
-    out: Annotated[Path, typer.Option(help="Folder for the report.", rich_help_panel=RUN)] = Path(
-        "report"
-    ),
+    dataset: opt.DatasetName = D.dataset,
+    data_dir: opt.DataDir = D.data_dir,
+    device: opt.Device = D.device,
+    out: opt.Out = Path("report"),
+    tracking_uri: opt.TrackingUri = None,
+    experiment: opt.Experiment = None,
+    quiet: opt.Quiet = False,
 ) -> None:
     """The whole study, from nothing to every answer: inspect, time, sweep-workers,
     compare-device, compare-optim, no-bn (with the best worker count), then the report."""
-    if preset not in lab.PRESETS:
-        raise ConfigError(f"--preset: unknown {preset!r}; choose from {', '.join(lab.PRESETS)}")
     base = TrainConfig(dataset=dataset, data_dir=data_dir, device=device)
     make_out_dir(out)  # a bad --out fails now, not after the whole study
-    sections = lab.run_lab(base, preset, quiet=ctx.quiet)
-    write_and_log_report(sections, out)
+    session = open_session("lab", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet)
+    from analysis import report
+    from cifarexp import lab
+    from cifarexp.console import console
+
+    lab.run_lab(
+        base,
+        preset,
+        summarize=report.summarize,
+        progress=session.progress,
+        on_step=console.rule,
+    )
+    write_and_log_report(report.build_report(), out)
 
 
 def main() -> None:
-    # SIGTERM (`kill`, a scheduler's time limit) ends runs as Ctrl-C does: KILLED, epochs kept.
-    # Under torchrun the launcher's signals mean more: see distributed.handle_stops.
-    if distributed.launched():
-        distributed.handle_stops()
-    else:
-        signal.signal(signal.SIGTERM, _interrupt)
+    under_torchrun = processes.launched()
+    processes.handle_stops(under_torchrun=under_torchrun)
     try:
         app()
     finally:
-        distributed.leave()
+        if under_torchrun:
+            from cifarexp import distributed
 
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+            distributed.leave()  # as PyTorch asks before a process of a group exits

@@ -1,25 +1,73 @@
-"""The configuration of one training run: a frozen dataclass, validated once at the edge."""
+"""The configuration of one training run: a frozen dataclass, validated once at the edge.
+
+Nothing here imports torch: the command line reads the choices below before any heavy
+library is loaded. Errors name config fields (`batch_size`), never command-line flags.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-DATASETS = ("cifar10", "synthetic")
-# The fast path (issue 6); each tuple's first value is the study's behaviour and the default.
-LOADERS = ("torch", "gpu")
-PRECISIONS = ("fp32", "tf32", "bf16")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
-TIMINGS = ("sync", "events")
-# Under torchrun (issue 8): --batch-size per process (weak) or in total, split (strong).
-SCALINGS = ("weak", "strong")
+Dataset = Literal["cifar10", "synthetic"]
+Optimizer = Literal["sgd", "nesterov", "adagrad", "adadelta", "adam"]
+Loader = Literal["torch", "gpu"]  # torch: DataLoader + PIL transforms; gpu: uint8 set on the device
+Precision = Literal["fp32", "tf32", "bf16"]
+CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune"]
+Timing = Literal["sync", "events"]  # sync: per-step synchronised (C2); events: CUDA events
+Scaling = Literal["weak", "strong"]  # under torchrun: batch_size per process, or in total
+
+DATASETS: tuple[str, ...] = get_args(Dataset)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+LOADERS: tuple[str, ...] = get_args(Loader)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+TIMINGS: tuple[str, ...] = get_args(Timing)
+SCALINGS: tuple[str, ...] = get_args(Scaling)
+MODELS = ("resnet18",)
+CHOICES = {  # the fields with a fixed set of values
+    "dataset": DATASETS,
+    "optimizer": OPTIMIZERS,
+    "loader": LOADERS,
+    "precision": PRECISIONS,
+    "compile": COMPILE_MODES,
+    "timing": TIMINGS,
+    "scaling": SCALINGS,
+    "model": MODELS,
+}
+
+CIFAR10_SIZES = {True: 50_000, False: 10_000}  # images in the train (True) and test split
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds alike
+MAX_WORKERS = 256
+MAX_BATCH = 2**16  # far past what a device trains at once; a typo's 10**12 fails at once
+MAX_DEVICE_INDEX_DIGITS = 4
+IMAGE_BYTES = 32 * 32 * 3  # one uint8 CIFAR image
 
 
-class ConfigError(ValueError):
-    """Bad input: the message names the option (shown as a usage error, exit 2)."""
+class UserError(Exception):
+    """An error meant for the user, shown as one line; `field` names the config field at
+    fault, if any (the command line shows it as its option)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.field = message, field
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
 
 
-class CifarexpError(RuntimeError):
+class ConfigError(UserError, ValueError):
+    """Bad input (a usage error, exit 2): nothing has run."""
+
+    exit_code = 2
+
+
+class CifarexpError(UserError, RuntimeError):
     """A runtime failure with a message meant for the user (exit 1, no traceback)."""
 
 
@@ -28,10 +76,10 @@ class TrainConfig:
     """Everything that defines a training run; every field is logged as an MLflow param."""
 
     # data
-    dataset: str = "cifar10"  # "cifar10" or "synthetic" (SPEC §5)
+    dataset: Dataset = "cifar10"  # see the README's "CIFAR-10 or synthetic data"
     data_dir: str = "./data"
-    train_size: int | None = None  # first N training images; None = all 50,000
-    test_size: int | None = None  # first N test images for --eval; None = all 10,000
+    train_size: int | None = None  # first N training images; None = the whole split
+    test_size: int | None = None  # first N test images for eval; None = the whole split
     batch_size: int = 128
     workers: int = 2  # DataLoader num_workers
     pin_memory: bool = False
@@ -41,7 +89,7 @@ class TrainConfig:
     model: str = "resnet18"
     batch_norm: bool = True  # False = the C7 variant with every BatchNorm removed
     # optimisation
-    optimizer: str = "sgd"
+    optimizer: Optimizer = "sgd"
     lr: float = 0.1
     momentum: float = 0.9  # used by sgd/nesterov only
     weight_decay: float = 5e-4
@@ -51,61 +99,53 @@ class TrainConfig:
     seed: int = 0
     eval: bool = False  # evaluate on the test split after each epoch, outside the timing
     max_batches: int | None = None  # stop each epoch after N batches (CPU estimates, C5)
-    # fast path (issue 6)
-    loader: str = "torch"  # torch: DataLoader + PIL transforms; gpu: uint8 set on the device
-    precision: str = "fp32"  # fp32 (PyTorch's defaults), tf32, or bf16 via autocast
+    # the fast path (README: "The fast path")
+    loader: Loader = "torch"
+    precision: Precision = "fp32"  # fp32 (PyTorch's defaults), tf32, or bf16 via autocast
     channels_last: bool = False  # NHWC memory order for the model and its inputs
-    compile: str = "none"  # torch.compile mode, or none
-    timing: str = "sync"  # sync: per-step synchronised (C2); events: CUDA events, no waits
-    # several processes (issue 8; used only under torchrun)
-    scaling: str = "weak"  # weak: batch_size per process; strong: batch_size in total
+    compile: CompileMode = "none"  # torch.compile mode, or none
+    timing: Timing = "sync"
+    # several processes (README: "Scaling out"; used only under torchrun)
+    scaling: Scaling = "weak"
 
     def __post_init__(self) -> None:
-        from cifarexp.models import MODELS
-        from cifarexp.optim import OPTIMIZERS
-
-        _check(self.dataset in DATASETS, "--dataset", f"must be one of {', '.join(DATASETS)}")
-        _check(self.train_size is None or self.train_size >= 1, "--train-size", "must be >= 1")
-        _check(self.test_size is None or self.test_size >= 1, "--test-size", "must be >= 1")
-        _check(self.batch_size >= 1, "--batch-size", "must be >= 1")
-        _check(self.workers >= 0, "--workers", "must be >= 0")
-        _check(self.loader_timeout >= 0, "--loader-timeout", "must be >= 0 (0 = no timeout)")
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            _check(value in choices, name, f"{value!r} is not one of {', '.join(choices)}")
+        for name in ("lr", "momentum", "weight_decay", "loader_timeout"):
+            value = getattr(self, name)
+            _check(math.isfinite(value), name, f"must be a finite number, got {value}")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.momentum >= 0, "momentum", "must be >= 0")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(self.loader_timeout >= 0, "loader_timeout", "must be >= 0 (0 = no timeout)")
+        _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(0 <= self.seed <= MAX_SEED, "seed", f"must be between 0 and {MAX_SEED}")
+        _check(
+            1 <= self.batch_size <= MAX_BATCH, "batch_size", f"must be between 1 and {MAX_BATCH:,}"
+        )
+        _check(0 <= self.workers <= MAX_WORKERS, "workers", f"must be between 0 and {MAX_WORKERS}")
         _check(
             not self.persistent_workers or self.workers > 0,
-            "--persistent-workers",
-            "needs --workers >= 1",
+            "persistent_workers",
+            "needs workers >= 1",
         )
-        _check(self.model in MODELS, "--model", f"must be one of {', '.join(MODELS)}")
-        _check(
-            self.optimizer in OPTIMIZERS,
-            "--optimizer",
-            f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}",
-        )
-        _check(self.lr > 0, "--lr", "must be > 0")
-        _check(self.momentum >= 0, "--momentum", "must be >= 0")
-        _check(self.weight_decay >= 0, "--weight-decay", "must be >= 0")
-        _check(self.epochs >= 1, "--epochs", "must be >= 1")
-        _check(self.max_batches is None or self.max_batches >= 1, "--cpu-batches", "must be >= 1")
+        _check(self.max_batches is None or self.max_batches >= 1, "max_batches", "must be >= 1")
+        for train in (True, False):
+            _check_size(self, train)
         check_device_name(self.device)
-        for option, value, choices in (
-            ("--loader", self.loader, LOADERS),
-            ("--precision", self.precision, PRECISIONS),
-            ("--compile", self.compile, COMPILE_MODES),
-            ("--timing", self.timing, TIMINGS),
-            ("--scaling", self.scaling, SCALINGS),
-        ):
-            _check(value in choices, option, f"{value!r} is not one of {', '.join(choices)}")
+
+    def images(self, *, train: bool) -> int:
+        """How many images of a split the run uses."""
+        size = self.train_size if train else self.test_size
+        return size if size is not None else CIFAR10_SIZES[train]
 
     @property
     def fast_path(self) -> bool:
-        """Whether any fast-path setting is on (such a run warms up before epoch 1 on CUDA)."""
-        return (self.loader, self.precision, self.channels_last, self.compile, self.timing) != (
-            LOADERS[0],
-            PRECISIONS[0],
-            False,
-            COMPILE_MODES[0],
-            TIMINGS[0],
-        )
+        """Whether any fast-path setting differs from the study's."""
+        study = TrainConfig()
+        fields = ("loader", "precision", "channels_last", "compile", "timing")
+        return any(getattr(self, f) != getattr(study, f) for f in fields)
 
     def check_device(self, device_type: str) -> None:
         """The settings that need CUDA, checked once the device is known (off CUDA they
@@ -113,9 +153,9 @@ class TrainConfig:
         if device_type == "cuda":
             return
         on = f"needs a CUDA device (this run is on {device_type})"
-        _check(self.timing == "sync", "--timing", f"events {on}; use --timing sync")
-        _check(self.compile == "none", "--compile", f"{self.compile} {on}; use --compile none")
-        _check(self.precision != "tf32", "--precision", f"tf32 {on}; use fp32 or bf16")
+        _check(self.timing == "sync", "timing", f"events {on}; use sync")
+        _check(self.compile == "none", "compile", f"{self.compile} {on}; use none")
+        _check(self.precision != "tf32", "precision", f"tf32 {on}; use fp32 or bf16")
 
     def replace(self, **changes: object) -> TrainConfig:
         """A copy with some fields changed (validated again)."""
@@ -125,13 +165,50 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def check_device_name(device: str, option: str = "--device") -> None:
-    """auto, cpu, cuda or cuda:N, else a ConfigError naming `option`."""
+def check_device_name(device: str, field: str = "device") -> None:
+    """auto, cpu, cuda or cuda:N (N in ASCII digits), else a ConfigError naming `field`."""
     kind, colon, index = device.partition(":")
-    ok = device in ("auto", "cpu", "cuda") or (kind == "cuda" and colon and index.isdigit())
-    _check(ok, option, f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    ok = device in ("auto", "cpu", "cuda") or (
+        kind == "cuda"
+        and colon
+        and index.isascii()
+        and index.isdigit()
+        and len(index) <= MAX_DEVICE_INDEX_DIGITS
+    )
+    _check(bool(ok), field, f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 
 
-def _check(ok: bool, option: str, message: str) -> None:
+def memory_bytes() -> int | None:
+    """This machine's physical memory, where the system says."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_size(cfg: TrainConfig, train: bool) -> None:
+    """A split's size: at least 1; no more than CIFAR-10 has; a synthetic set that fits in
+    memory (its uint8 images, and as much again while they are made)."""
+    field = "train_size" if train else "test_size"
+    size = getattr(cfg, field)
+    if size is None:
+        return
+    _check(size >= 1, field, "must be >= 1")
+    if cfg.dataset == "cifar10":
+        most = CIFAR10_SIZES[train]
+        split = "train" if train else "test"
+        _check(size <= most, field, f"{size:,} is more than CIFAR-10's {most:,} {split} images")
+        return
+    memory = memory_bytes()
+    if memory is not None:
+        _check(
+            2 * size * IMAGE_BYTES <= memory,
+            field,
+            f"{size:,} synthetic images ({size * IMAGE_BYTES / 2**30:,.1f} GiB) do not fit "
+            f"in this machine's {memory / 2**30:.0f} GiB of memory",
+        )
+
+
+def _check(ok: bool, field: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"{option}: {message}")
+        raise ConfigError(message, field)

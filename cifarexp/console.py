@@ -1,70 +1,168 @@
-"""What the user sees in the terminal: progress bars and rich tables."""
+"""What the user sees in the terminal: progress, notices, the study's tables."""
 
 from __future__ import annotations
 
+import logging
+import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
-from analysis.report import format_value
-from cifarexp.engine import OnBatch
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from analysis.report import Section
+    from cifarexp.anatomy import Count
+    from cifarexp.engine import EpochResult
+    from cifarexp.inspection import Inspection
 
 console = Console()
 err_console = Console(stderr=True)
 
 
-class EpochProgress:
-    """A progress bar per epoch (only when attached to a terminal and not quiet)."""
+# ---------------------------------------------------------------- notices
 
-    def __init__(self, progress: Progress, label: str, batches: int) -> None:
-        self._progress, self._label, self._batches = progress, label, batches
-        self._task: int | None = None
-        self._epoch = 0
+
+class _Notices(logging.Handler):
+    """cifarexp's notices and Python's warnings, one clean line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        style = "yellow" if record.levelno >= logging.WARNING else "dim"
+        text = record.getMessage()
+        if record.name == "py.warnings":  # "path:line: Category: message\n  code" -> message
+            text = text.splitlines()[0].split(": ", 2)[-1]
+        err_console.print(escape(text), style=style, highlight=False, soft_wrap=True)
+
+
+def show_notices() -> None:
+    """Route the `cifarexp` loggers and Python's warnings to the terminal, one line each."""
+    handler = _Notices()
+    for name in ("cifarexp", "py.warnings"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    logging.captureWarnings(True)
+    warnings.simplefilter("default", UserWarning)
+
+
+# ---------------------------------------------------------------- progress
+
+
+class EpochProgress:
+    """A run's progress: in a terminal, a bar per epoch (epoch i/N, batches per second, the
+    running mean loss and accuracy of the epoch so far); elsewhere (a pipe, CI, `mlflow
+    run`) one line per finished epoch. A variant of a comparison ends with one line."""
+
+    def __init__(self, label: str, epochs: int, batches: int, progress: Progress | None):
+        self.label, self.epochs, self.batches, self.progress = label, epochs, batches, progress
+        self.task: int | None = None
+        self.epoch = 0
+        self.loss_sum = self.acc_sum = 0.0
+        self.started = time.perf_counter()
+        self.last: EpochResult | None = None
+
+    def _prefix(self) -> str:
+        return f"{self.label}  " if self.label else ""
 
     def on_batch(self, index: int, loss: float, acc: float) -> None:
+        if self.progress is None:
+            return
         if index == 0:
-            self._epoch += 1
-            self._task = self._progress.add_task(
-                f"{self._label}epoch {self._epoch}", total=self._batches, loss=loss, acc=acc
+            self.epoch += 1
+            self.loss_sum = self.acc_sum = 0.0
+            description = f"{self._prefix()}epoch {self.epoch}/{self.epochs}"
+            self.task = self.progress.add_task(description, total=self.batches, loss=0.0, acc=0.0)
+        self.loss_sum += loss
+        self.acc_sum += acc
+        seen = index + 1
+        self.progress.update(
+            self.task, completed=seen, loss=self.loss_sum / seen, acc=self.acc_sum / seen
+        )
+
+    def on_epoch(self, result: EpochResult) -> None:
+        self.last = result
+        if self.progress is not None:
+            return
+        console.print(
+            f"{self._prefix()}epoch {result.epoch}/{self.epochs}  "
+            f"data {result.data_time_s:.2f} s  train {result.train_time_s:.2f} s  "
+            f"total {result.epoch_time_s:.2f} s  loss {result.train_loss:.3f}  "
+            f"acc {result.train_acc:.1%}",
+            highlight=False,
+        )
+
+    def done(self) -> None:
+        """One line for a finished variant."""
+        if self.label and self.last is not None:
+            seconds = time.perf_counter() - self.started
+            console.print(
+                f"{self.label}: {self.last.epoch} epochs in {seconds:.1f} s, final loss "
+                f"{self.last.train_loss:.3f}, accuracy {self.last.train_acc:.1%}",
+                style="bold",
+                highlight=False,
             )
-        if index % 10 == 0 or index + 1 == self._batches:  # redraws are not free
-            self._progress.update(self._task, completed=index + 1, loss=loss, acc=acc)
+
+
+class _Rate(ProgressColumn):
+    """Batches per second, as rich estimates them from the bar's updates."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:5.1f} batch/s" if task.speed else "      batch/s")
 
 
 @contextmanager
-def epoch_progress(label: str, batches: int, *, quiet: bool = False) -> Iterator[OnBatch | None]:
-    """Yields an on_batch callback driving the bars, or None when there is nothing to show."""
-    if quiet or not console.is_terminal:
-        yield None
+def progress(label: str, epochs: int, batches: int) -> Iterator[EpochProgress]:
+    """Shows one run's progress (see EpochProgress)."""
+    if not console.is_terminal:
+        shown = EpochProgress(label, epochs, batches, None)
+        yield shown
+        shown.done()
         return
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        _Rate(),
         TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.1%}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
-        yield EpochProgress(progress, f"{label} " if label else "", batches).on_batch
+    with Progress(*columns, console=console, transient=False) as bars:
+        shown = EpochProgress(label, epochs, batches, bars)
+        yield shown
+    shown.done()
+
+
+# ---------------------------------------------------------------- tables
 
 
 def render(frame: pd.DataFrame, title: str, *, footer: Sequence[Sequence[object]] = ()) -> Table:
-    """A rich table of a DataFrame: seconds with 2 decimals, fractions named accuracy as %."""
+    """A rich table of a DataFrame, its values formatted as the report formats them."""
+    from pandas.api.types import is_numeric_dtype
+
+    from analysis.report import format_value
+
     table = Table(title=title, title_justify="left")
     for column in frame.columns:
-        table.add_column(str(column), justify="right" if _is_numeric(frame[column]) else "left")
+        justify = "right" if is_numeric_dtype(frame[column]) else "left"
+        table.add_column(str(column), justify=justify)
     for row in frame.itertuples(index=False):
         table.add_row(
             *(format_value(name, value) for name, value in zip(frame.columns, row, strict=True))
@@ -79,5 +177,114 @@ def render(frame: pd.DataFrame, title: str, *, footer: Sequence[Sequence[object]
     return table
 
 
-def _is_numeric(series: pd.Series) -> bool:
-    return pd.api.types.is_numeric_dtype(series)
+def print_section(section: Section) -> None:
+    """A section's tables and text, and the run they are logged on."""
+    from analysis.report import TITLES
+
+    for name, table in section.tables.items():
+        if not table.empty:
+            console.print(render(table, f"{TITLES[name]} ({section.dataset})"))
+    if section.text:
+        console.print(section.text, highlight=False)
+    console.print(f"Source: {section.source}.", style="dim", highlight=False)
+
+
+# ---------------------------------------------------------------- Q1-Q4
+
+
+def inspection_tables(result: Inspection) -> list[Table | str]:
+    """Q1 as a table, Q2 as a line, Q3/Q4 as one table with the optimizers side by side,
+    then in words what is the same for the optimizers and what is not."""
+    model = "BN model" if result.cfg.batch_norm else "BN-free model"
+    name, in_features, out_features = result.last_linear
+    q2 = (
+        f"[bold]Q2[/]: the last linear layer, {name} = Linear({in_features} → {out_features}), "
+        f"takes a vector of [bold]{in_features}[/] features."
+    )
+    frame = _q3_q4_frame(result)
+    shown: list[Table | str] = [_q1_table(result, model), q2, _q3_q4_table(frame, result, model)]
+    if len(result.optimizers) > 1:
+        shown.append(_comparison(frame, result))
+    return shown
+
+
+def _q1_table(result: Inspection, model: str) -> Table:
+    import pandas as pd
+
+    rows = []
+    for where, convs in result.convs.groupby("where", sort=False):
+        names = list(convs["module"])
+        listed = ", ".join(names) if len(names) <= 3 else f"{names[0]} … {names[-1]}"
+        kernels = ", ".join(convs["kernel"].unique())
+        rows.append({"where": where, "layers": len(names), "kernel": kernels, "modules": listed})
+    frame = pd.DataFrame(rows)
+    title = f"Q1: convolutional layers (nn.Conv2d modules) of {result.cfg.model}, {model}"
+    return render(frame, title, footer=[["total", result.conv_count.total, "", ""]])
+
+
+def _q3_q4_frame(result: Inspection) -> pd.DataFrame:
+    """One row per quantity, one column per optimizer, and (for several) whether they agree."""
+    import pandas as pd
+
+    keys = dict.fromkeys(key for a in result.optimizers for key in a.state)
+    rows = [
+        "trainable parameters",
+        "gradients before backward",
+        "gradients after backward",
+        *(f"state: {key}" for key in keys),
+        "state total",
+        "state MiB",
+    ]
+    columns = {
+        a.optimizer: {
+            "trainable parameters": _cell(a.trainable),
+            "gradients before backward": _cell(a.grads_before_backward),
+            "gradients after backward": _cell(a.grads),
+            **{f"state: {key}": _cell(count) for key, count in a.state.items()},
+            "state total": _cell(a.state_total),
+            "state MiB": f"{a.state_total.mib:.2f}",
+        }
+        for a in result.optimizers
+    }
+    frame = pd.DataFrame(columns).reindex(rows).fillna("–")  # – where an optimizer has no such key
+    if len(columns) > 1:
+        frame["compared"] = [
+            "same" if row.nunique() == 1 else "differs" for _, row in frame.iterrows()
+        ]
+    return frame.rename_axis("quantity").reset_index()
+
+
+def _q3_q4_table(frame: pd.DataFrame, result: Inspection, model: str) -> Table:
+    title = (
+        f"Q3/Q4: after one forward/backward and optimizer step, {model}, "
+        f"{result.cfg.dataset} batch of {result.cfg.batch_size}"
+    )
+    table = render(frame, title)
+    for column in table.columns[1:]:
+        column.justify = "right"
+    table.caption = (
+        f"cells: elements (tensors); the parameters take {result.params.trainable.mib:.2f} MiB"
+    )
+    return table
+
+
+def _comparison(frame: pd.DataFrame, result: Inspection) -> str:
+    """What is the same for every optimizer and what is not, in words."""
+    is_state = frame["quantity"].str.startswith("state")
+    same = list(frame.loc[~is_state & (frame["compared"] == "same"), "quantity"])
+    differs = list(frame.loc[~is_state & (frame["compared"] == "differs"), "quantity"])
+    state_same = bool((frame.loc[is_state, "compared"] == "same").all())
+    (same if state_same else differs).append("the optimizer state")
+    names = [a.optimizer for a in result.optimizers]
+    keeps = "; ".join(
+        f"{a.optimizer} keeps {', '.join(a.state) or 'nothing'}" for a in result.optimizers
+    )
+    return (
+        f"[bold]Same[/] for {', '.join(names[:-1])} and {names[-1]}: "
+        f"{', '.join(same) or 'nothing'}.\n"
+        f"[bold]Different[/]: {', '.join(differs) or 'nothing'}. Per parameter, {keeps}."
+    )
+
+
+def _cell(count: Count) -> str:
+    return f"{count.elements:,} ({count.tensors})" if count.tensors else "none"

@@ -1,4 +1,4 @@
-"""CIFAR-10 and its synthetic stand-in (SPEC §5), with the study's transforms and DataLoader."""
+"""CIFAR-10 and its synthetic stand-in, with the study's transforms and DataLoader."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from cifarexp.config import CifarexpError, TrainConfig
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
 NUM_CLASSES = 10
-SYNTHETIC_TRAIN_SIZE, SYNTHETIC_TEST_SIZE = 50_000, 10_000
 PATTERN_CONTRAST, NOISE_STD, LABEL_NOISE = 0.1, 64.0, 0.2  # how hard the synthetic set is
 _CHUNK = 1_000  # synthetic images are made in seeded chunks, so the first N never depend on N
 # make_loader warns once about more workers than CPUs; PyTorch would repeat it every epoch.
@@ -91,19 +90,19 @@ def _cifar10_arrays(data_dir: str, train: bool) -> tuple[np.ndarray, list[int]]:
         except Exception as exc:
             folder = Path(data_dir).resolve() / datasets.CIFAR10.base_folder
             raise CifarexpError(
-                f"--data-dir: CIFAR-10 is missing or corrupt in {folder} and could not be "
-                f"downloaded ({type(exc).__name__}: {exc}); put the CIFAR-10 python files there, "
-                "or use --dataset synthetic"
+                f"CIFAR-10 is missing or corrupt in {folder} and could not be downloaded "
+                f"({type(exc).__name__}: {exc}); put the CIFAR-10 python files there, or use "
+                "the synthetic dataset",
+                field="data_dir",
             ) from None
     return dataset.data, list(dataset.targets)
 
 
 def load_split(cfg: TrainConfig, *, train: bool) -> ImageArrayDataset:
     """The train or test split of cfg.dataset (its first --train-size / --test-size images)."""
-    size = cfg.train_size if train else cfg.test_size
+    size = cfg.images(train=train)
     if cfg.dataset == "synthetic":
-        full = SYNTHETIC_TRAIN_SIZE if train else SYNTHETIC_TEST_SIZE
-        data, targets = synthetic_arrays(size or full, seed=cfg.seed, train=train)
+        data, targets = synthetic_arrays(size, seed=cfg.seed, train=train)
     else:
         data, targets = _cifar10_arrays(cfg.data_dir, train)
         data, targets = data[:size], targets[:size]

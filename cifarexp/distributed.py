@@ -1,28 +1,24 @@
-"""Several processes, one run (issue 8): DistributedDataParallel under `torchrun`.
+"""Several processes, one run: DistributedDataParallel under `torchrun`.
 
-`torchrun` starts the processes and sets RANK, WORLD_SIZE and LOCAL_RANK; this module reads
-them, joins the process group (NCCL on CUDA, gloo on CPU), shards the data, wraps the model,
-combines each epoch's measurements over the ranks and measures the gradient communication
-that backward does not hide. Without WORLD_SIZE nothing here is used: one process runs as
-it always did. Only rank 0 talks to MLflow (see `tracking.is_writer`).
+Every process has a `World`. A plain process is a world of one, `World()`: nothing here
+then does anything (no process group, no sampler, no DDP, epochs left as they are). Under
+`torchrun` (RANK, WORLD_SIZE and LOCAL_RANK set) the process joins the process group
+(NCCL on CUDA, gloo on CPU), trains on its shard of the data with the model under DDP,
+and each epoch is combined over the ranks, with the gradient communication that backward
+does not hide measured after it. Only rank 0 writes to the store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import inspect
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,8 +26,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from cifarexp.config import CifarexpError, ConfigError, TrainConfig
-from cifarexp.engine import Batch, EpochResult, Execution, synchronize
+from cifarexp.config import ConfigError, TrainConfig
+from cifarexp.engine import Batch, EpochResult, Execution, resolve_device, synchronize
+from cifarexp.processes import LAUNCH_VARIABLES, launched
 
 # A collective that waits longer than this fails the run instead of hanging it (a crashed or
 # stuck rank); well above one epoch's longest step, evaluation included.
@@ -48,76 +45,106 @@ BUFFER_SYNC = (  # the option's name since torch 2.14 (the old one is deprecated
     else "broadcast_buffers"
 )
 DDP_OPTIONS = {BUFFER_SYNC: False, "gradient_as_bucket_view": True}
-LAUNCH_GRACE_S = 30  # after Ctrl-C, how long a launched job gets to end its runs
-# Test hook: a folder where each rank writes the sample indices its sampler gave it, per epoch.
-RECORD_INDICES = "CIFAREXP_RECORD_INDICES"
-
-
-def launched() -> bool:
-    """Whether this process was started by torchrun (or another launcher that sets
-    WORLD_SIZE)."""
-    return "WORLD_SIZE" in os.environ
 
 
 @dataclass(frozen=True)
 class World:
-    """This process's place among the run's processes."""
+    """This process's place among the run's processes; `World()` is a process on its own."""
 
-    rank: int
-    world_size: int
-    local_rank: int
-    backend: str  # nccl or gloo
+    rank: int = 0
+    world_size: int = 1
+    backend: str | None = None  # nccl or gloo under torchrun; None: no process group
+    local_rank: int = 0
 
     @property
-    def is_main(self) -> bool:
+    def writes(self) -> bool:
+        """Whether this process writes to the store (rank 0 alone)."""
         return self.rank == 0
 
+    @property
+    def joined(self) -> bool:
+        """Whether this process trains in a process group (under torchrun)."""
+        return self.backend is not None
+
     def params(self, cfg: TrainConfig) -> dict[str, object]:
-        """What the run logs besides the config."""
+        """What a run logs besides its config: nothing for a world of one."""
+        if not self.joined:
+            return {}
         return {"world_size": self.world_size, "backend": self.backend, "scaling": cfg.scaling}
 
-    def local_config(self, cfg: TrainConfig) -> TrainConfig:
-        """The config one process trains with (see `per_process_batch`)."""
-        return cfg.replace(batch_size=per_process_batch(cfg, self.world_size))
+    def batch_size(self, cfg: TrainConfig) -> int:
+        """The batch of one process (see `per_process_batch`)."""
+        return per_process_batch(cfg, self.world_size)
+
+    def images(self, cfg: TrainConfig) -> int:
+        """The training images of one process: its shard, padded as DistributedSampler pads."""
+        return -(-cfg.images(train=True) // self.world_size)
+
+
+def world_from_environment(device_name: str = "auto") -> World:
+    """This process's world: `World()` unless torchrun started it, else its rank and size
+    (RANK, WORLD_SIZE, LOCAL_RANK) and the backend for `device_name` (gloo on CPU, NCCL on
+    CUDA). Torchrun's variables half set, or not numbers, are a ConfigError."""
+    if not launched():
+        return World()
+    found = [name for name in LAUNCH_VARIABLES if name in os.environ]
+    values = {}
+    for name in LAUNCH_VARIABLES:
+        text = os.environ.get(name, "0" if name == "LOCAL_RANK" else None)
+        if text is None:
+            raise ConfigError(
+                f"{' and '.join(found)} set in the environment without {name}: torchrun sets "
+                "RANK, WORLD_SIZE and LOCAL_RANK together (unset them to run as one process)",
+                "world",
+            )
+        if not (text.isascii() and text.isdigit() and len(text) <= 6):
+            raise ConfigError(f"{name}={text!r} in the environment is not a rank count", "world")
+        values[name] = int(text)
+    rank, size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if size < 1 or rank >= size:
+        raise ConfigError(f"RANK={rank} and WORLD_SIZE={size}: RANK must be < WORLD_SIZE", "world")
+    on_cpu = device_name == "cpu" or (device_name == "auto" and not torch.cuda.is_available())
+    return World(rank, size, "gloo" if on_cpu else "nccl", local_rank)
 
 
 def per_process_batch(cfg: TrainConfig, processes: int) -> int:
-    """--batch-size per process (weak scaling), or split over `processes` (strong scaling),
+    """batch_size per process (weak scaling), or split over `processes` (strong scaling),
     which it must divide."""
     if cfg.scaling == "weak":
         return cfg.batch_size
     if cfg.batch_size % processes:
         raise ConfigError(
-            f"--batch-size: {cfg.batch_size} does not split over {processes} processes "
-            "(--scaling strong); give a multiple of every process count"
+            f"{cfg.batch_size} does not split over {processes} processes (strong scaling); "
+            "give a multiple of every process count",
+            "batch_size",
         )
     return cfg.batch_size // processes
 
 
-def join(device_name: str) -> tuple[World, torch.device]:
-    """Join the process group torchrun set up (once per process) and pick this process's
-    device: cuda:LOCAL_RANK on CUDA (--device auto or cuda), else the CPU."""
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "cpu" or (device_name == "auto" and not torch.cuda.is_available()):
-        device, backend = torch.device("cpu"), "gloo"
+def join(world: World, device_name: str) -> torch.device:
+    """This process's device, after joining the process group torchrun set up (once per
+    process): cuda:LOCAL_RANK on CUDA (device auto or cuda), else the CPU. A world of one
+    joins nothing: the device is `device_name`'s."""
+    if not world.joined:
+        return resolve_device(device_name)
+    if world.backend == "gloo":
+        device = torch.device("cpu")
     elif device_name in ("auto", "cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError("--device: cuda was asked for but no CUDA device is available")
-        device, backend = torch.device("cuda", local_rank), "nccl"
+            raise ConfigError("cuda was asked for but no CUDA device is available", "device")
+        device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     else:
         raise ConfigError(
-            f"--device: {device_name} names one device; under torchrun use auto or cuda "
-            "(each process takes cuda:LOCAL_RANK) or cpu"
+            f"{device_name} names one device; under torchrun use auto or cuda (each process "
+            "takes cuda:LOCAL_RANK) or cpu",
+            "device",
         )
     if not dist.is_initialized():
         dist.init_process_group(
-            backend,
-            timeout=TIMEOUT,
-            device_id=device if device.type == "cuda" else None,
+            world.backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None
         )
-    return World(rank, world_size, local_rank, backend), device
+    return device
 
 
 def leave() -> None:
@@ -127,10 +154,15 @@ def leave() -> None:
 
 
 def wrap(
-    model: nn.Module, device: torch.device, options: Mapping[str, object] = DDP_OPTIONS
-) -> DistributedDataParallel:
-    """The model under DDP (with DistributedDataParallel's `options`): gradients are
-    averaged over the ranks during backward."""
+    model: nn.Module,
+    device: torch.device,
+    world: World,
+    options: Mapping[str, object] = DDP_OPTIONS,
+) -> nn.Module:
+    """The model under DDP (with DistributedDataParallel's `options`) in a process group:
+    gradients are averaged over the ranks during backward. Alone, the model itself."""
+    if not world.joined:
+        return model
     return DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, **options
     )
@@ -141,30 +173,62 @@ class ShardedLoader:
     each iteration is one epoch and calls `set_epoch` first, so all ranks draw the same
     permutation of the whole set and each takes its own disjoint part of it."""
 
-    def __init__(self, loader: DataLoader, sampler: DistributedSampler, rank: int) -> None:
-        self.loader, self.sampler, self.rank, self.epoch = loader, sampler, rank, 0
+    def __init__(self, loader: DataLoader, sampler: DistributedSampler) -> None:
+        self.loader, self.sampler, self.epoch = loader, sampler, 0
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
         self.sampler.set_epoch(self.epoch)
-        folder = os.environ.get(RECORD_INDICES)
-        if folder:
-            line = " ".join(map(str, self.sampler))
-            with (Path(folder) / f"rank{self.rank}.txt").open("a") as record:
-                record.write(line + "\n")
         self.epoch += 1
         return iter(self.loader)
 
 
-def sampler(dataset: torch.utils.data.Dataset, world: World, seed: int) -> DistributedSampler:
-    return DistributedSampler(
+def shard(
+    make: Callable[[DistributedSampler | None], DataLoader],
+    dataset: object,
+    world: World,
+    seed: int,
+) -> DataLoader | ShardedLoader:
+    """The DataLoader `make(sampler)` builds: over the whole set for a world of one, else
+    over this rank's shard, reshuffled every epoch (ShardedLoader)."""
+    if not world.joined:
+        return make(None)
+    sampler = DistributedSampler(
         dataset, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=seed
     )
+    return ShardedLoader(make(sampler), sampler)
 
 
 # ---------------------------------------------------------------- one epoch over all ranks
+
+
+@dataclass(frozen=True)
+class Combiner:
+    """Turns this process's epoch into the run's: the identity for a world of one; in a
+    process group, `combine` over the ranks, with `measure_comm_time`'s estimate added."""
+
+    world: World
+    model: nn.Module  # the model under DDP
+    device: torch.device
+    execution: Execution
+    batch_size: int  # per process
+    steps_per_epoch: int
+
+    def __call__(self, result: EpochResult) -> EpochResult:
+        if not self.world.joined:
+            return result
+        result = combine(result, self.world, self.execution)
+        comm_time_s = measure_comm_time(
+            self.model,
+            self.device,
+            self.world,
+            batch_size=self.batch_size,
+            steps_per_epoch=self.steps_per_epoch,
+            execution=self.execution,
+        )
+        return replace(result, comm_time_s=comm_time_s)
 
 
 def combine(result: EpochResult, world: World, execution: Execution) -> EpochResult:
@@ -197,7 +261,7 @@ def combine(result: EpochResult, world: World, execution: Execution) -> EpochRes
 
 
 def measure_comm_time(
-    model: DistributedDataParallel,
+    model: nn.Module,
     device: torch.device,
     world: World,
     *,
@@ -230,7 +294,9 @@ def measure_comm_time(
         synchronize(device)
         start = time.perf_counter()
         with contextlib.nullcontext() if sync else model.no_sync():
-            _backward(model, criterion, images, labels, execution)
+            with execution.autocast(device.type):
+                loss = criterion(model(images), labels)
+            loss.backward()
         synchronize(device)
         return time.perf_counter() - start
 
@@ -247,18 +313,6 @@ def measure_comm_time(
     return per_epoch.item()
 
 
-def _backward(
-    model: nn.Module,
-    criterion: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    execution: Execution,
-) -> None:
-    with execution.autocast(images.device.type):
-        loss = criterion(model(images), labels)
-    loss.backward()
-
-
 def _collective_device(world: World) -> torch.device:
     """NCCL reduces CUDA tensors only; gloo CPU ones."""
     return (
@@ -266,131 +320,3 @@ def _collective_device(world: World) -> torch.device:
         if world.backend == "nccl"
         else torch.device("cpu")
     )
-
-
-# ---------------------------------------------------------------- crashes and --nproc
-
-
-class Stopped(CifarexpError):
-    """torchrun stopped this process (SIGTERM): another rank failed, or the job was stopped."""
-
-
-def handle_stops() -> None:
-    """How a process under torchrun stops (see `stop_on_sigint`, `stop_on_sigterm`)."""
-    signal.signal(signal.SIGINT, stop_on_sigint)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-
-
-def stop_on_sigint(signum: int, frame: object) -> None:
-    """SIGINT under torchrun: a Ctrl-C that torchrun passed on, or the death of the command
-    that launched the job (see `_interrupt_on_parent_death`); the run ends KILLED."""
-    _ignore_stops()
-    raise KeyboardInterrupt
-
-
-def stop_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM under torchrun: the launcher stops every process once one has failed, so the
-    run ends FAILED (not KILLED, as a user's Ctrl-C on one process would)."""
-    _ignore_stops()
-    raise Stopped(
-        "torchrun stopped this process: another rank failed (its error is in torchrun's "
-        "output) or the job was stopped; the run is FAILED"
-    )
-
-
-def _ignore_stops() -> None:
-    """Once stopping, ignore further SIGINTs and SIGTERMs, so that nothing interrupts the run
-    while it ends. torchrun may send several: a parent's death reaches it once per thread
-    of that parent, and each one makes it signal the ranks again. It SIGKILLs a rank that
-    has not exited after its grace period."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
-
-
-def relaunch(nproc: int, argv: list[str]) -> None:
-    """Run this command again as `nproc` processes on this machine, through torchrun's own
-    launcher (torch.distributed.run), in place of this process; never returns."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, torchrun_command(nproc, without_nproc(argv)))
-
-
-def launch(nproc: int, argv: list[str], env: dict[str, str]) -> int:
-    """Run `cifarexp ARGV` as `nproc` processes on this machine through torchrun's launcher,
-    with `env` added to this environment, and wait; their exit code. They run in a process
-    group of their own, which this process stops if it is stopped (see `_stop`), or which
-    stops itself if this process is killed outright (see `_interrupt_on_parent_death`)."""
-    environment = {**os.environ, **env}
-    environment.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is this process's, not theirs
-    command = torchrun_command(nproc, argv)
-    process = subprocess.Popen(
-        command, env=environment, start_new_session=True, preexec_fn=_interrupt_on_parent_death()
-    )
-    try:
-        return process.wait()
-    except BaseException:  # Ctrl-C, a SIGTERM (see cli.main), or any other exit
-        _stop(process)
-        raise
-
-
-PR_SET_PDEATHSIG = 1  # prctl(2)
-
-
-def _interrupt_on_parent_death() -> Callable[[], None] | None:
-    """On Linux, what the launched torchrun runs before it starts: ask the kernel for a SIGINT
-    when this process dies, even killed outright (SIGKILL), so that the job stops as on a
-    Ctrl-C (every rank ends its run KILLED) rather than training on with no one waiting.
-    prctl is looked up here, in this process: the child calls it and nothing else."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
-
-    def set_parent_death_signal() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGINT))
-        if os.getppid() != parent:  # it died before the request: nothing waits for the job
-            os._exit(1)
-
-    return set_parent_death_signal
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop a launched job as Ctrl-C stops a run: SIGINT to torchrun, which passes it on to
-    every rank (each ends its run KILLED). If the job has not ended LAUNCH_GRACE_S later (or
-    on another Ctrl-C): SIGTERM to torchrun, then SIGKILL to the job's whole group."""
-    for stop in (
-        lambda: process.send_signal(signal.SIGINT),
-        process.terminate,
-        lambda: os.killpg(process.pid, signal.SIGKILL),
-    ):
-        with contextlib.suppress(ProcessLookupError):
-            stop()
-        with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
-            process.wait(timeout=LAUNCH_GRACE_S)
-            return
-
-
-def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    """`python -m torch.distributed.run` running `cifarexp ARGV` as `nproc` processes here."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "cifarexp",
-        *argv,
-    ]
-
-
-def without_nproc(argv: list[str]) -> list[str]:
-    """`argv` less `--nproc N` / `--nproc=N`."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out

@@ -22,7 +22,8 @@ OnBatch = Callable[[int, float, float], None]  # (batch index, batch loss, batch
 
 @dataclass(frozen=True)
 class EpochResult:
-    """One epoch's measurements, named as the study names them (SPEC §1, §4)."""
+    """One epoch's measurements, named as the study names them (README: "How the time is
+    measured")."""
 
     epoch: int  # 1-based
     data_time_s: float  # C2.1: waiting for the next batch, host->device copy excluded
@@ -42,7 +43,7 @@ class EpochResult:
         return self.images / self.epoch_time_s
 
     def metrics(self) -> dict[str, float]:
-        """The SPEC §4 per-epoch metrics (test metrics only when evaluation ran)."""
+        """The per-epoch metrics (test metrics only when evaluation ran)."""
         values = {k: v for k, v in asdict(self).items() if k not in ("epoch", "images")}
         values["images_per_s"] = self.images_per_s
         return {k: float(v) for k, v in values.items() if v is not None}
@@ -50,7 +51,7 @@ class EpochResult:
 
 @dataclass(frozen=True)
 class Execution:
-    """How each training step runs: the fast path's settings (issue 6).
+    """How each training step runs: the fast path's settings.
 
     The defaults are the study's: fp32, NCHW memory order, eager, per-step synchronised timing.
     """
@@ -79,21 +80,25 @@ class Execution:
         return self.flops_per_image * images / seconds / self.peak_flops
 
 
-def resolve_device(name: str, option: str = "--device") -> torch.device:
+def resolve_device(name: str, field: str = "device") -> torch.device:
     """auto -> CUDA when available, else CPU; asking for an absent CUDA device is an error
-    (naming `option`)."""
-    check_device_name(name, option)
+    (naming `field`)."""
+    check_device_name(name, field)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"{option}: {name} was asked for but no CUDA device is available")
+            raise ConfigError(f"{name} was asked for but no CUDA device is available", field)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"{option}: {name} does not exist ({torch.cuda.device_count()} CUDA devices)"
-            )
+            count = torch.cuda.device_count()
+            raise ConfigError(f"{name} does not exist ({count} CUDA devices)", field)
     return device
+
+
+def batches_per_epoch(loader: Sized, max_batches: int | None) -> int:
+    """The batches an epoch trains: all of the loader's, or the first `max_batches`."""
+    return min(len(loader), max_batches or len(loader))
 
 
 def synchronize(device: torch.device) -> None:
@@ -143,7 +148,7 @@ def train_one_epoch(
         labels = labels.to(device, non_blocking=True)
         synchronize(device)
         compute_start = time.perf_counter()
-        loss, logits = _train_step(model, criterion, optimizer, images, labels, execution)
+        loss, logits = train_step(model, criterion, optimizer, images, labels, execution)
         synchronize(device)  # GPU work is asynchronous: count it in the step that queued it
         train_time += time.perf_counter() - compute_start
 
@@ -176,7 +181,7 @@ def train_one_epoch(
     )
 
 
-def _train_step(
+def train_step(
     model: nn.Module,
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -231,7 +236,7 @@ def _train_one_epoch_events(
         images = execution.to_device(images, device)
         labels = labels.to(device, non_blocking=True)
         start = _event(stream)
-        loss, logits = _train_step(model, criterion, optimizer, images, labels, execution)
+        loss, logits = train_step(model, criterion, optimizer, images, labels, execution)
         marks.append((asked, ready, start, _event(stream)))
         stats.append(
             torch.stack([loss.detach().float(), (logits.argmax(1) == labels).sum().float()])
@@ -304,7 +309,7 @@ def warm_up(
         # The first size compiles; the others run as the epochs will run them.
         with compiled_shapes_only(execution) if i else contextlib.nullcontext():
             for _ in range(steps):
-                _train_step(model, criterion, optimizer, images, labels, execution)
+                train_step(model, criterion, optimizer, images, labels, execution)
     synchronize(device)
     seconds = time.perf_counter() - start
     model.load_state_dict(saved_model)  # copies in place: parameters keep their memory

@@ -1,65 +1,95 @@
 """The study's comparisons (C3-C7): each a parent MLflow run with one child run per variant.
 
-Each command builds configs, runs its variants, then builds its section of the report
-(tables, plots, text) from the tracking store, logs it on the parent and returns it.
+Each command builds configs and runs its variants as children of an open parent; then its
+answer (tables, plots, text, headline metrics), built from the store by the `summarize`
+it is given (the analysis package's), is logged on the parent and returned.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
+import pandas as pd
 import torch
+from matplotlib.figure import Figure
 
-from analysis import queries, report
 from cifarexp import distributed, tracking
 from cifarexp.config import CifarexpError, ConfigError, TrainConfig
-from cifarexp.console import err_console
 from cifarexp.data import cpu_count
 from cifarexp.engine import resolve_device
-from cifarexp.jobs import Labels, environment_tags, run_processes, run_training
+from cifarexp.jobs import Labels, Progress, environment_tags, run_processes, run_training
 
 WORKERS_STEP = 4
 WORKERS_TOLERANCE = 0.03  # a count must cut data-loading time by more than this to go on
+log = logging.getLogger(__name__)
 
 
-@dataclass
+class Answer(Protocol):
+    """What a comparison's parent logs: its item's tables, plots, text and headline metrics."""
+
+    tables: dict[str, pd.DataFrame]
+    figures: dict[str, Figure]
+    text: str
+
+    def metrics(self) -> dict[str, float]: ...
+
+
+A = TypeVar("A", bound=Answer)
+Summarize = Callable[[str, str], A]  # (exercise, parent run id) -> its answer, from the store
+
+
+@dataclass(frozen=True)
 class Comparison:
-    """An open parent run that runs variants as its children; once they are done,
-    `section` holds the item's tables and plots, built from the store."""
+    """An open parent run that runs variants as its children, then logs its answer."""
 
     labels: Labels
     experiment: str
     parent_id: str
-    quiet: bool
+    progress: Progress | None
     reused: dict[str, str]  # variant -> finished child of a resumed run
-    section: report.Section | None = None
 
-    def run(self, variant: str, cfg: TrainConfig, processes: int = 1) -> str:
+    def run(self, variant: str, cfg: TrainConfig, nproc: int = 1) -> str:
         """Train one variant as a child run (or reuse its finished run); its run id. With
-        `processes` > 1 it trains data-parallel in that many processes under torchrun."""
+        `nproc` > 1 it trains data-parallel in that many processes under torchrun."""
         if variant in self.reused:
-            err_console.print(f"{variant}: reusing finished run {self.reused[variant]}")
+            log.info(f"{variant}: reusing finished run {self.reused[variant]}")
             return self.reused[variant]
         labels = Labels(self.labels.command, self.labels.exercise, variant)
-        if processes == 1:
+        if nproc == 1:
             run = run_training(
                 cfg,
                 labels,
                 experiment=self.experiment,
                 run_name=variant,
                 parent=self.parent_id,
-                quiet=self.quiet,
+                progress=self.progress,
             )
             return run.run_id
-        run_processes(cfg, labels, processes, parent=self.parent_id, quiet=self.quiet)
-        children = queries.finished_children(self.parent_id)
+        quiet = self.progress is None
+        run_processes(cfg, labels, nproc, parent=self.parent_id, quiet=quiet)
+        children = tracking.finished_children(self.parent_id)
         found = children[children[f"tags.{tracking.VARIANT}"] == variant]
         if found.empty:
             raise CifarexpError(f"{variant}: its processes ended without a finished run")
         return str(found["run_id"].iloc[0])
+
+    def finish(self, summarize: Summarize[A]) -> A:
+        """The answer, built from the store once every variant has run, logged on the
+        parent: its tables (CSV), plots, text and headline metrics."""
+        answer = summarize(self.labels.exercise, self.parent_id)
+        for name, table in answer.tables.items():
+            tracking.log_table(table, f"{name}.csv")
+        for name, figure in answer.figures.items():
+            tracking.log_figure(figure, f"{name}.png")
+        if answer.text:
+            tracking.log_text(answer.text, "notes.md")
+        tracking.log_metrics(answer.metrics())
+        return answer
 
 
 @contextmanager
@@ -70,16 +100,15 @@ def comparison(
     *,
     experiment: str,
     resume: bool = False,
-    quiet: bool = False,
+    progress: Progress | None = None,
 ) -> Iterator[Comparison]:
     """Open the parent run (or, with `resume`, reopen the unfinished one with the same
-    settings) and yield a Comparison to run the variants in; then build the item's section
-    from the store and log its tables, plots, text and headline metrics on the parent."""
+    settings) and yield a Comparison to run the variants in and `finish`."""
     device = resolve_device(base.device)
     params = {**base.as_params(), **options}
-    previous = queries.unfinished(labels.exercise, params) if resume else None
+    previous = tracking.unfinished(labels.exercise, params) if resume else None
     if resume and previous is None:
-        err_console.print("Nothing to resume: no unfinished run with these settings.")
+        log.warning("Nothing to resume: no unfinished run with these settings.")
     reopen = None if previous is None else previous["run_id"]
     tags = {
         **labels.tags(), tracking.DATASET: base.dataset, **environment_tags(device),
@@ -90,21 +119,11 @@ def comparison(
     ) as parent_id:
         reused = {}
         if reopen is not None:
-            children = queries.finished_children(reopen)
+            children = tracking.finished_children(reopen)
             reused = dict(
                 zip(children[f"tags.{tracking.VARIANT}"], children["run_id"], strict=True)
             )
-        comp = Comparison(labels, experiment, parent_id, quiet, reused)
-        yield comp
-        ex = queries.exercise(labels.exercise, run_id=parent_id)
-        comp.section = report.section(labels.exercise, ex)
-        for name, table in comp.section.tables.items():
-            tracking.log_table(table, f"{name}.csv")
-        for name, figure in comp.section.figures.items():
-            tracking.log_figure(figure, f"{name}.png")
-        if comp.section.text:
-            tracking.log_text(comp.section.text, "notes.md")
-        tracking.log_metrics(report.headline(comp.section))
+        yield Comparison(labels, experiment, parent_id, progress, reused)
 
 
 # ---------------------------------------------------------------- C3, C4: sweep-workers
@@ -119,11 +138,12 @@ def sweep_workers(
     base: TrainConfig,
     workers: list[int] | None,
     *,
+    summarize: Summarize[A],
     gpu_loader: bool = False,
     experiment: str,
     resume: bool = False,
-    quiet: bool = False,
-) -> report.Section:
+    progress: Progress | None = None,
+) -> A:
     """C3/C4: one child per worker count. Without a list: 1 (for C4), then 0, 4, 8, ...
     until data-loading time stops falling by more than WORKERS_TOLERANCE. With
     `gpu_loader`, a last child with the data kept on the device: what no count can reach."""
@@ -133,10 +153,10 @@ def sweep_workers(
     }
     labels = Labels("sweep-workers", "C3")
     with comparison(
-        labels, base, options, experiment=experiment, resume=resume, quiet=quiet
+        labels, base, options, experiment=experiment, resume=resume, progress=progress
     ) as comp:
 
-        def run_count(n: int) -> float:  # --persistent-workers means nothing with 0 workers
+        def run_count(n: int) -> float:  # persistent workers mean nothing with 0 workers
             cfg = base.replace(workers=n, persistent_workers=base.persistent_workers and n > 0)
             return _data_time(comp.run(f"workers={n}", cfg))
 
@@ -146,7 +166,7 @@ def sweep_workers(
             auto_sweep(run_count, max_workers())
         if gpu_loader:
             comp.run("loader=gpu", base.replace(loader="gpu", workers=0, persistent_workers=False))
-    return comp.section
+        return comp.finish(summarize)
 
 
 def auto_sweep(measure: Callable[[int], float], limit: int) -> list[int]:
@@ -167,17 +187,18 @@ def _data_time(run_id: str) -> float:
 
 
 def resolve_best_workers(device: str, dataset: str) -> int:
-    """`--workers best`: best_workers of the newest finished sweep for this device type and
+    """workers "best": best_workers of the newest finished sweep for this device type and
     dataset; a clear error when there is none."""
     device_type = resolve_device(device).type
-    sweep = queries.latest_sweep(device_type, dataset)
+    sweep = tracking.latest_sweep(device_type, dataset)
     if sweep is None:
         raise ConfigError(
-            f"--workers best: no finished sweep-workers run for {device_type} and {dataset} "
-            f"in {tracking.current_uri()}; run `cifarexp sweep-workers` first"
+            f"best: no finished sweep-workers run for {device_type} and {dataset} in "
+            f"{tracking.current_uri()}; run `cifarexp sweep-workers` first",
+            "workers",
         )
     best = int(sweep["metrics.best_workers"])
-    err_console.print(f"--workers best = {best}, from sweep-workers run {sweep['run_id']}")
+    log.info(f"workers best = {best}, from sweep-workers run {sweep['run_id']}")
     return best
 
 
@@ -190,39 +211,41 @@ def _compare(
     variants: dict[str, TrainConfig],
     options: dict[str, object],
     *,
+    summarize: Summarize[A],
     experiment: str,
     resume: bool,
-    quiet: bool,
-) -> report.Section:
+    progress: Progress | None,
+) -> A:
     with comparison(
-        labels, base, options, experiment=experiment, resume=resume, quiet=quiet
+        labels, base, options, experiment=experiment, resume=resume, progress=progress
     ) as comp:
         for variant, cfg in variants.items():
             comp.run(variant, cfg)
-    return comp.section
+        return comp.finish(summarize)
 
 
 def compare_device(
     base: TrainConfig,
     devices: list[str],
     *,
+    summarize: Summarize[A],
     cpu_batches: int | None = None,
     experiment: str,
     resume: bool = False,
-    quiet: bool = False,
-) -> report.Section:
+    progress: Progress | None = None,
+) -> A:
     """C5: the same training on each device; on CPU optionally only the first `cpu_batches`
     batches per epoch, the epoch time then estimated from their throughput."""
     for device in devices:
-        resolve_device(device, "--devices")
+        resolve_device(device, "devices")
     variants = {
         f"device={d}": base.replace(device=d, max_batches=cpu_batches if d == "cpu" else None)
         for d in devices
     }
     options = {"devices": ",".join(devices), "cpu_batches": cpu_batches}
     return _compare(
-        Labels("compare-device", "C5"), base, variants, options,
-        experiment=experiment, resume=resume, quiet=quiet,
+        Labels("compare-device", "C5"), base, variants, options, summarize=summarize,
+        experiment=experiment, resume=resume, progress=progress,
     )  # fmt: skip
 
 
@@ -231,24 +254,26 @@ def compare_gpus(
     gpus: list[int],
     scalings: list[str],
     *,
+    summarize: Summarize[A],
     device: str = "cuda",
     cpu_batches: int | None = None,
     experiment: str,
     resume: bool = False,
-    quiet: bool = False,
-) -> report.Section:
+    progress: Progress | None = None,
+) -> A:
     """C5 extended: the same training on 1 GPU, then data-parallel on each other count in
-    `gpus`, one torchrun process per GPU, in each scaling mode (weak: --batch-size per GPU,
+    `gpus`, one torchrun process per GPU, in each scaling mode (weak: batch_size per GPU,
     strong: in total). With device cpu the counts are CPU processes (gloo) and `cpu_batches`
     limits every epoch, to try it where there is no GPU."""
     if device not in ("cuda", "cpu"):
-        raise ConfigError(f"--devices: with --gpus give one device, cuda or cpu, not {device!r}")
+        raise ConfigError(f"with gpus give one device, cuda or cpu, not {device!r}", "devices")
     if any(n < 1 for n in gpus) or 1 not in gpus:
-        raise ConfigError(f"--gpus: counts are >= 1 and include 1, the baseline; got {gpus}")
+        raise ConfigError(f"counts are >= 1 and include 1, the baseline; got {gpus}", "gpus")
     if device == "cuda" and max(gpus) > torch.cuda.device_count():
         raise ConfigError(
-            f"--gpus: {max(gpus)} GPUs asked for, this machine has {torch.cuda.device_count()}"
-            " (--devices cpu runs CPU processes instead)"
+            f"{max(gpus)} GPUs asked for, this machine has {torch.cuda.device_count()} "
+            "(devices cpu runs CPU processes instead)",
+            "gpus",
         )
     for scaling in scalings:  # a batch that does not split fails now, not in a child
         for n in gpus:
@@ -262,44 +287,46 @@ def compare_gpus(
     }
     labels = Labels("compare-device", "C5-scaling")
     with comparison(
-        labels, base, options, experiment=experiment, resume=resume, quiet=quiet
+        labels, base, options, experiment=experiment, resume=resume, progress=progress
     ) as comp:
         comp.run("gpus=1", base)  # the baseline: one process, no DDP
         for scaling in scalings:
             for n in sorted(set(gpus) - {1}):
                 comp.run(f"gpus={n},scaling={scaling}", base.replace(scaling=scaling), n)
-    return comp.section
+        return comp.finish(summarize)
 
 
 def compare_optim(
     base: TrainConfig,
     optimizers: list[str],
     *,
+    summarize: Summarize[A],
     experiment: str,
     resume: bool = False,
-    quiet: bool = False,
-) -> report.Section:
+    progress: Progress | None = None,
+) -> A:
     """C6: the same training with each optimizer."""
     variants = {f"optimizer={name}": base.replace(optimizer=name) for name in optimizers}
     return _compare(
         Labels("compare-optim", "C6"), base, variants, {"optimizers": ",".join(optimizers)},
-        experiment=experiment, resume=resume, quiet=quiet,
+        summarize=summarize, experiment=experiment, resume=resume, progress=progress,
     )  # fmt: skip
 
 
 def no_bn(
     base: TrainConfig,
     *,
+    summarize: Summarize[A],
     baseline: bool = True,
     experiment: str,
     resume: bool = False,
-    quiet: bool = False,
-) -> report.Section:
+    progress: Progress | None = None,
+) -> A:
     """C7: the model without BatchNorm and, unless baseline=False, the BN model."""
     variants = {"model=no-bn": base.replace(batch_norm=False)}
     if baseline:
         variants["model=bn"] = base.replace(batch_norm=True)
     return _compare(
-        Labels("no-bn", "C7"), base, variants, {"baseline": baseline},
-        experiment=experiment, resume=resume, quiet=quiet,
+        Labels("no-bn", "C7"), base, variants, {"baseline": baseline}, summarize=summarize,
+        experiment=experiment, resume=resume, progress=progress,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""The fast path (issue 6): its options turned into torch settings, and what its epochs are
+"""The fast path: its options turned into torch settings, and what its epochs are
 measured against (the model's FLOPs and the device's peak, for `mfu`)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The training set kept on the device and augmented there, a whole batch at a time (issue 6).
+"""The training set kept on the device and augmented there, a whole batch at a time.
 
 The study's augmentation, vectorised: per-sample random crop with 4-pixel zero padding
 (offsets uniform over 0..8 in each axis), per-sample horizontal flip with probability 0.5,

@@ -1,4 +1,7 @@
-"""`cifarexp inspect`: SPEC §1 Q1–Q4 answered from the model, recorded in one MLflow run."""
+"""`cifarexp inspect`: Q1–Q4 answered from the model, recorded in one MLflow run.
+
+The answers have one schema, `Inspection.answers()`: printed by `--json`, logged as the
+run's answers.json and read back from there by the report."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 import torchinfo
-from rich.table import Table
 from torch import Tensor
 
 from cifarexp import tracking
@@ -25,7 +27,6 @@ from cifarexp.anatomy import (
     parameter_counts,
 )
 from cifarexp.config import TrainConfig
-from cifarexp.console import render
 from cifarexp.data import load_split, make_loader
 from cifarexp.jobs import Labels, environment_tags
 from cifarexp.models import build_model
@@ -171,100 +172,3 @@ def run_inspection(cfg: TrainConfig, optimizers: tuple[str, ...], *, experiment:
         tracking.log_table(optimizers_frame(anatomies), "q3_q4_optimizers.csv")
         tracking.log_text(result.json(), "answers.json")
     return result
-
-
-# --- what the terminal shows
-
-
-def inspection_tables(result: Inspection) -> list[Table | str]:
-    """Q1 as a table, Q2 as a line, Q3/Q4 as one table with the optimizers side by side,
-    then in words what is the same for the optimizers and what is not."""
-    model = "BN model" if result.cfg.batch_norm else "BN-free model"
-    name, in_features, out_features = result.last_linear
-    q2 = (
-        f"[bold]Q2[/]: the last linear layer, {name} = Linear({in_features} → {out_features}), "
-        f"takes a vector of [bold]{in_features}[/] features."
-    )
-    frame = _q3_q4_frame(result)
-    shown: list[Table | str] = [_q1_table(result, model), q2, _q3_q4_table(frame, result, model)]
-    if len(result.optimizers) > 1:
-        shown.append(_comparison(frame, result))
-    return shown
-
-
-def _q1_table(result: Inspection, model: str) -> Table:
-    rows = []
-    for where, convs in result.convs.groupby("where", sort=False):
-        names = list(convs["module"])
-        listed = ", ".join(names) if len(names) <= 3 else f"{names[0]} … {names[-1]}"
-        kernels = ", ".join(convs["kernel"].unique())
-        rows.append({"where": where, "layers": len(names), "kernel": kernels, "modules": listed})
-    frame = pd.DataFrame(rows)
-    title = f"Q1: convolutional layers (nn.Conv2d modules) of {result.cfg.model}, {model}"
-    return render(frame, title, footer=[["total", result.conv_count.total, "", ""]])
-
-
-def _q3_q4_frame(result: Inspection) -> pd.DataFrame:
-    """One row per quantity, one column per optimizer, and (for several) whether they agree."""
-    keys = dict.fromkeys(key for a in result.optimizers for key in a.state)
-    rows = [
-        "trainable parameters",
-        "gradients before backward",
-        "gradients after backward",
-        *(f"state: {key}" for key in keys),
-        "state total",
-        "state MiB",
-    ]
-    columns = {
-        a.optimizer: {
-            "trainable parameters": _cell(a.trainable),
-            "gradients before backward": _cell(a.grads_before_backward),
-            "gradients after backward": _cell(a.grads),
-            **{f"state: {key}": _cell(count) for key, count in a.state.items()},
-            "state total": _cell(a.state_total),
-            "state MiB": f"{a.state_total.mib:.2f}",
-        }
-        for a in result.optimizers
-    }
-    frame = pd.DataFrame(columns).reindex(rows).fillna("–")  # – where an optimizer has no such key
-    if len(columns) > 1:
-        frame["compared"] = [
-            "same" if row.nunique() == 1 else "differs" for _, row in frame.iterrows()
-        ]
-    return frame.rename_axis("quantity").reset_index()
-
-
-def _q3_q4_table(frame: pd.DataFrame, result: Inspection, model: str) -> Table:
-    title = (
-        f"Q3/Q4: after one forward/backward and optimizer step, {model}, "
-        f"{result.cfg.dataset} batch of {result.cfg.batch_size}"
-    )
-    table = render(frame, title)
-    for column in table.columns[1:]:
-        column.justify = "right"
-    table.caption = (
-        f"cells: elements (tensors); the parameters take {result.params.trainable.mib:.2f} MiB"
-    )
-    return table
-
-
-def _comparison(frame: pd.DataFrame, result: Inspection) -> str:
-    """What is the same for every optimizer and what is not, in words."""
-    is_state = frame["quantity"].str.startswith("state")
-    same = list(frame.loc[~is_state & (frame["compared"] == "same"), "quantity"])
-    differs = list(frame.loc[~is_state & (frame["compared"] == "differs"), "quantity"])
-    state_same = bool((frame.loc[is_state, "compared"] == "same").all())
-    (same if state_same else differs).append("the optimizer state")
-    names = [a.optimizer for a in result.optimizers]
-    keeps = "; ".join(
-        f"{a.optimizer} keeps {', '.join(a.state) or 'nothing'}" for a in result.optimizers
-    )
-    return (
-        f"[bold]Same[/] for {', '.join(names[:-1])} and {names[-1]}: "
-        f"{', '.join(same) or 'nothing'}.\n"
-        f"[bold]Different[/]: {', '.join(differs) or 'nothing'}. Per parameter, {keeps}."
-    )
-
-
-def _cell(count: Count) -> str:
-    return f"{count.elements:,} ({count.tensors})" if count.tensors else "none"

@@ -1,26 +1,27 @@
-"""One tracked training run: config -> data, model, optimizer -> engine -> MLflow."""
+"""One tracked training run: build it (`build.build_training`), start its MLflow run, log
+its summary, warm up, train; and a run trained by several processes, launched through
+torchrun as the child of a comparison."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torchinfo
 
-from cifarexp import distributed, fastpath, tracking
+from cifarexp import processes, tracking
+from cifarexp.build import Training, build_training
 from cifarexp.config import CifarexpError, TrainConfig
-from cifarexp.console import epoch_progress
-from cifarexp.data import cpu_count, load_split, make_loader
-from cifarexp.engine import EpochResult, resolve_device, train, warm_up
-from cifarexp.gpu_loader import GpuLoader
-from cifarexp.models import build_model
-from cifarexp.optim import build_optimizer
+from cifarexp.data import cpu_count
+from cifarexp.distributed import World, world_from_environment
+from cifarexp.engine import EpochResult, train, warm_up
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,18 @@ class TrainingRun:
     device: torch.device
     results: list[EpochResult]
     warmup_s: float | None = None  # untimed steps before epoch 1 (fast path on CUDA only)
+
+
+class Display(Protocol):
+    """What shows a run's progress: told of every batch and every finished epoch."""
+
+    def on_batch(self, index: int, loss: float, acc: float) -> None: ...
+
+    def on_epoch(self, result: EpochResult) -> None: ...
+
+
+# (label, epochs, batches per epoch) -> a context that shows the run's progress
+Progress = Callable[[str, int, int], AbstractContextManager[Display]]
 
 
 def cpu_name() -> str:
@@ -80,14 +93,15 @@ def data_loader_errors(cfg: TrainConfig) -> Iterator[None]:
         text = str(exc)  # PyTorch's own messages for the two cases
         if text.startswith("DataLoader timed out"):
             raise CifarexpError(
-                f"--loader-timeout: no batch from the DataLoader workers in "
-                f"{cfg.loader_timeout:g} s (a worker is stuck); the run is FAILED. Raise "
-                "--loader-timeout, or use --workers 0"
+                f"no batch from the DataLoader workers in {cfg.loader_timeout:g} s (a worker is "
+                "stuck); the run is FAILED. Raise the timeout, or use 0 workers",
+                "loader_timeout",
             ) from None
         if text.startswith("DataLoader worker (pid"):  # killed, or exited unexpectedly
             raise CifarexpError(
-                f"--workers: {text.splitlines()[0].strip()}; the run is FAILED. Try fewer "
-                "--workers (each needs memory and shared memory), or --workers 0"
+                f"{text.splitlines()[0].strip()}; the run is FAILED. Try fewer workers (each "
+                "needs memory and shared memory), or 0 workers",
+                "workers",
             ) from None
         raise
 
@@ -99,109 +113,85 @@ def run_training(
     experiment: str,
     run_name: str | None = None,
     parent: str | None = None,
-    quiet: bool = False,
+    world: World = World(),
+    progress: Progress | None = None,
 ) -> TrainingRun:
     """Train `cfg` inside an MLflow run, logging each epoch's metrics as soon as it ends.
 
-    Everything that can fail on bad input (device, data) is checked before the run starts.
+    Everything that can fail on bad input (device, data) fails while the training is
+    built, before the run starts. `progress` shows it (on rank 0 only).
     """
-    world = None
-    if distributed.launched():
-        world, device = distributed.join(cfg.device)
-    else:
-        device = resolve_device(cfg.device)
-    local = world.local_config(cfg) if world is not None else cfg  # this process's batch
-    cfg.check_device(device.type)
-    train_set = load_split(cfg, train=True)
-    test_set = load_split(cfg, train=False) if cfg.eval else None
-    torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        fastpath.set_math_mode(cfg.precision)
-    model = build_model(cfg.model, batch_norm=cfg.batch_norm)
-    model = model.to(device, memory_format=fastpath.memory_format(cfg))
-    optimizer = build_optimizer(
-        cfg.optimizer,
-        model.parameters(),
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum,
-    )
-    if cfg.loader == "gpu":
-        loader = GpuLoader(
-            train_set,
-            batch_size=local.batch_size,
-            device=device,
-            seed=cfg.seed,
-            channels_last=cfg.channels_last,
-            shard=(world.rank, world.world_size) if world is not None else (0, 1),
-        )
-    elif world is not None:
-        shard = distributed.sampler(train_set, world, cfg.seed)
-        loader = distributed.ShardedLoader(
-            make_loader(local, train_set, train=True, sampler=shard), shard, world.rank
-        )
-    else:
-        loader = make_loader(cfg, train_set, train=True)
-    execution = fastpath.execution(cfg, model, device)
-    ddp_model = distributed.wrap(model, device) if world is not None else model
-    train_model = fastpath.compile_model(ddp_model, cfg.compile)  # shares model's parameters
-    test_loader = make_loader(cfg, test_set, train=False) if test_set is not None else None
-    tags = {**labels.tags(), tracking.DATASET: cfg.dataset, **environment_tags(device)}
-    params = {**cfg.as_params(), **(world.params(cfg) if world is not None else {})}
-    batches = min(len(loader), cfg.max_batches or len(loader))
-    combine = None
-    if world is not None:
+    training = build_training(cfg, world)
+    tags = {**labels.tags(), tracking.DATASET: cfg.dataset, **environment_tags(training.device)}
+    params = {**cfg.as_params(), **world.params(cfg)}
+    run = tracking.start_run(experiment, run_name=run_name, tags=tags, params=params, parent=parent)
+    with data_loader_errors(cfg), run as run_id:
+        log_summary(training)
+        warmup_s = warm_up_before_epoch_1(training)
+        show = progress if progress is not None and world.writes else _no_progress
+        with show(labels.variant, cfg.epochs, training.batches) as display:
 
-        def combine(result: EpochResult) -> EpochResult:
-            result = distributed.combine(result, world, execution)
-            comm_time_s = distributed.measure_comm_time(
-                ddp_model,
-                device,
-                world,
-                batch_size=local.batch_size,
-                steps_per_epoch=batches,
-                execution=execution,
-            )
-            return replace(result, comm_time_s=comm_time_s)
+            def on_epoch(result: EpochResult) -> None:
+                tracking.log_epoch(result)
+                display.on_epoch(result)
+                processes.raise_pending()  # a stop whose exception Python swallowed
 
-    with (
-        data_loader_errors(cfg),
-        tracking.start_run(
-            experiment, run_name=run_name, tags=tags, params=params, parent=parent
-        ) as run_id,
-    ):
-        if tracking.is_writer():
-            summary = torchinfo.summary(
-                model, input_size=(local.batch_size, 3, 32, 32), device=device, verbose=0
-            )
-            tracking.log_text(str(summary), "model_summary.txt")
-        tracking.log_metrics({"flops_per_image": execution.flops_per_image})
-        warmup_s = None
-        if device.type == "cuda" and cfg.fast_path:  # the study's own path keeps its epoch 1
-            images = len(train_set) if world is None else -(-len(train_set) // world.world_size)
-            sizes = fastpath.warmup_batch_sizes(images, local.batch_size, cfg.max_batches)
-            warmup_s = warm_up(
-                train_model, optimizer, device, batch_sizes=sizes, execution=execution
-            )
-            tracking.log_metrics({"warmup_s": warmup_s})
-        with epoch_progress(
-            labels.variant, batches, quiet=quiet or not tracking.is_writer()
-        ) as on_batch:
             results = train(
-                train_model,
-                loader,
-                optimizer,
-                device,
+                training.train_model,
+                training.loader,
+                training.optimizer,
+                training.device,
                 epochs=cfg.epochs,
-                on_epoch=tracking.log_epoch,
-                test_loader=test_loader,
+                on_epoch=on_epoch,
+                test_loader=training.test_loader,
                 max_batches=cfg.max_batches,
-                on_batch=on_batch,
-                execution=execution,
-                combine=combine,
+                on_batch=display.on_batch,
+                execution=training.execution,
+                combine=training.combine,
             )
-    return TrainingRun(run_id, cfg, device, results, warmup_s)
+    return TrainingRun(run_id, cfg, training.device, results, warmup_s)
+
+
+def log_summary(training: Training) -> None:
+    """The model's torchinfo summary and its FLOPs per image, on the run."""
+    if tracking.is_writer():
+        summary = torchinfo.summary(
+            training.model,
+            input_size=(training.batch_size, 3, 32, 32),
+            device=training.device,
+            verbose=0,
+        )
+        tracking.log_text(str(summary), "model_summary.txt")
+    tracking.log_metrics({"flops_per_image": training.execution.flops_per_image})
+
+
+def warm_up_before_epoch_1(training: Training) -> float | None:
+    """The untimed warm-up (cuDNN autotuning, compilation, CUDA-graph capture) of a fast
+    path on CUDA, logged as warmup_s; the study's own path keeps its epoch 1."""
+    if training.device.type != "cuda" or not training.cfg.fast_path:
+        return None
+    warmup_s = warm_up(
+        training.train_model,
+        training.optimizer,
+        training.device,
+        batch_sizes=training.warmup_batch_sizes(),
+        execution=training.execution,
+    )
+    tracking.log_metrics({"warmup_s": warmup_s})
+    return warmup_s
+
+
+class _Silent:
+    def on_batch(self, index: int, loss: float, acc: float) -> None:
+        pass
+
+    def on_epoch(self, result: EpochResult) -> None:
+        pass
+
+
+@contextmanager
+def _no_progress(label: str, epochs: int, batches: int) -> Iterator[Display]:
+    yield _Silent()
 
 
 # ---------------------------------------------------------------- a run of several processes
@@ -209,35 +199,52 @@ def run_training(
 LAUNCHED_RUN = "CIFAREXP_LAUNCHED_RUN"  # what `cifarexp launched-run` trains (JSON)
 
 
+@dataclass(frozen=True)
+class LaunchedRun:
+    """What `run_processes` asks each launched process to train."""
+
+    config: TrainConfig
+    labels: Labels
+    parent: str
+    quiet: bool
+
+
 def run_processes(
-    cfg: TrainConfig, labels: Labels, processes: int, *, parent: str, quiet: bool = False
+    cfg: TrainConfig, labels: Labels, nproc: int, *, parent: str, quiet: bool = False
 ) -> None:
-    """Train `cfg` as `processes` data-parallel processes on this machine (one per GPU, or
+    """Train `cfg` as `nproc` data-parallel processes on this machine (one per GPU, or
     CPU processes with gloo), launched through torchrun, as a child run of `parent`; waits.
     The processes run the hidden command `cifarexp launched-run`, which reads this spec."""
     spec = {"config": cfg.as_params(), "labels": asdict(labels), "parent": parent, "quiet": quiet}
     env = {LAUNCHED_RUN: json.dumps(spec), "MLFLOW_TRACKING_URI": tracking.current_uri()}
-    code = distributed.launch(processes, ["launched-run"], env)
+    code = processes.launch(nproc, ["launched-run"], env)
     if code != 0:
         raise CifarexpError(
-            f"{labels.variant}: its {processes} processes failed (torchrun exit status "
+            f"{labels.variant}: its {nproc} processes failed (torchrun exit status "
             f"{code}; the error is above)"
         )
 
 
-def run_launched() -> TrainingRun:
+def launched_run() -> LaunchedRun:
     """The training `run_processes` launched this process for (one rank of it)."""
     if LAUNCHED_RUN not in os.environ:
         raise CifarexpError(
             "launched-run is internal to `cifarexp compare-device --gpus`, which starts it"
         )
     spec = json.loads(os.environ[LAUNCHED_RUN])
-    labels = Labels(**spec["labels"])
+    return LaunchedRun(
+        TrainConfig(**spec["config"]), Labels(**spec["labels"]), spec["parent"], spec["quiet"]
+    )
+
+
+def train_launched(spec: LaunchedRun, progress: Progress | None) -> TrainingRun:
+    """One rank of a launched run: a child of the comparison that launched it."""
     return run_training(
-        TrainConfig(**spec["config"]),
-        labels,
+        spec.config,
+        spec.labels,
         experiment="",  # a child goes into its parent's experiment
-        run_name=labels.variant,
-        parent=spec["parent"],
-        quiet=spec["quiet"],
+        run_name=spec.labels.variant,
+        parent=spec.parent,
+        world=world_from_environment(spec.config.device),
+        progress=None if spec.quiet else progress,
     )

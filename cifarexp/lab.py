@@ -1,14 +1,14 @@
-"""`cifarexp lab`: the whole study in order, then its report."""
+"""`cifarexp lab`: the whole study in order, each step as its own command would run it."""
 
 from __future__ import annotations
 
-from analysis import report
-from cifarexp import experiments, inspection
-from cifarexp.config import TrainConfig
-from cifarexp.console import console
+from collections.abc import Callable
+
+from cifarexp import experiments, inspection, tracking
+from cifarexp.config import OPTIMIZERS, TrainConfig
 from cifarexp.engine import resolve_device
-from cifarexp.jobs import Labels, run_training
-from cifarexp.optim import OPTIMIZERS
+from cifarexp.experiments import Summarize
+from cifarexp.jobs import Labels, Progress, run_training
 
 # preset -> the study's sizes (full) or a demo that finishes in minutes on a 2-core CPU
 PRESETS: dict[str, dict[str, int | None]] = {
@@ -17,41 +17,45 @@ PRESETS: dict[str, dict[str, int | None]] = {
 }
 
 
-def experiment(command: str) -> str:
-    """Each command's default MLflow experiment."""
-    return f"cifarexp-{command}"
-
-
-def run_lab(base: TrainConfig, preset: str, *, quiet: bool = False) -> list[report.Section]:
+def run_lab(
+    base: TrainConfig,
+    preset: str,
+    *,
+    summarize: Summarize,
+    progress: Progress | None = None,
+    on_step: Callable[[str], None] = lambda title: None,
+) -> None:
     """inspect, time, sweep-workers, then compare-device, compare-optim and no-bn with the
-    best worker count; returns the report's sections, built from the store."""
+    best worker count, each into its command's experiment; `on_step` is told each step's
+    title as it starts."""
     sizes = PRESETS[preset]
     cfg = base.replace(train_size=sizes["train_size"], epochs=sizes["epochs"])
     on_cuda = resolve_device(cfg.device).type == "cuda"
     devices = ["cpu", "cuda"] if on_cuda else ["cpu"]
+    experiment = tracking.default_experiment
     steps = [
         ("Q1-Q4: inspect", lambda: inspection.run_inspection(
             cfg.replace(batch_size=8), ("sgd", "adam"), experiment=experiment("inspect"))),
         ("C2: time", lambda: run_training(
-            cfg, Labels("time", "C2"), experiment=experiment("time"), quiet=quiet)),
+            cfg, Labels("time", "C2"), experiment=experiment("time"), progress=progress)),
         ("C3, C4: sweep-workers", lambda: experiments.sweep_workers(
-            cfg.replace(epochs=1), None, gpu_loader=on_cuda,
-            experiment=experiment("sweep-workers"), quiet=quiet)),
+            cfg.replace(epochs=1), None, summarize=summarize, gpu_loader=on_cuda,
+            experiment=experiment("sweep-workers"), progress=progress)),
     ]  # fmt: skip
     for title, step in steps:
-        console.rule(title)
+        on_step(title)
         step()
     best = cfg.replace(workers=experiments.resolve_best_workers(cfg.device, cfg.dataset))
     later = [
         ("C5: compare-device", lambda: experiments.compare_device(
-            best, devices, cpu_batches=sizes["cpu_batches"],
-            experiment=experiment("compare-device"), quiet=quiet)),
+            best, devices, summarize=summarize, cpu_batches=sizes["cpu_batches"],
+            experiment=experiment("compare-device"), progress=progress)),
         ("C6: compare-optim", lambda: experiments.compare_optim(
-            best, list(OPTIMIZERS), experiment=experiment("compare-optim"), quiet=quiet)),
+            best, list(OPTIMIZERS), summarize=summarize,
+            experiment=experiment("compare-optim"), progress=progress)),
         ("C7: no-bn", lambda: experiments.no_bn(
-            best, experiment=experiment("no-bn"), quiet=quiet)),
+            best, summarize=summarize, experiment=experiment("no-bn"), progress=progress)),
     ]  # fmt: skip
     for title, step in later:
-        console.rule(title)
+        on_step(title)
         step()
-    return report.build_report()

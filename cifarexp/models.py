@@ -1,4 +1,4 @@
-"""The CIFAR variant of ResNet-18 (SPEC §1) and a name -> factory registry."""
+"""The CIFAR variant of ResNet-18 and a name -> factory registry (config.MODELS)."""
 
 from __future__ import annotations
 

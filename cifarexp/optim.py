@@ -8,8 +8,8 @@ from functools import partial
 import torch
 from torch import nn
 
-# name -> (factory, whether it takes the momentum setting)
-OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], bool]] = {
+# name (config.OPTIMIZERS) -> (factory, whether it takes the momentum setting)
+FACTORIES: dict[str, tuple[Callable[..., torch.optim.Optimizer], bool]] = {
     "sgd": (torch.optim.SGD, True),
     "nesterov": (partial(torch.optim.SGD, nesterov=True), True),
     "adagrad": (torch.optim.Adagrad, False),
@@ -28,8 +28,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer called `name`; unknown names fail listing the valid ones."""
     try:
-        factory, takes_momentum = OPTIMIZERS[name]
+        factory, takes_momentum = FACTORIES[name]
     except KeyError:
-        raise KeyError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
+        raise KeyError(f"unknown optimizer {name!r}; choose from {', '.join(FACTORIES)}") from None
     extra = {"momentum": momentum} if takes_momentum else {}
     return factory(params, lr=lr, weight_decay=weight_decay, **extra)

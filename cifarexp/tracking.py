@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -20,7 +18,9 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from cifarexp import processes
 from cifarexp.config import CifarexpError, ConfigError
+from cifarexp.distributed import World
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,18 +49,22 @@ class StoreFailed(CifarexpError):
 
 
 _epochs_logged: dict[str, list[int]] = {}  # run id -> epochs whose metrics reached the store
+_ended: list[tuple[str, str]] = []  # (run id, status) of the runs this process ended, in order
+_world = World()  # this process's place in its run (see use_store)
 
 
-def use_store(tracking_uri: str | None) -> str:
-    """Point MLflow at `tracking_uri` (else MLFLOW_TRACKING_URI, else MLflow's default).
+def use_store(tracking_uri: str | None, world: World = World()) -> str:
+    """Point MLflow at `tracking_uri` (else MLFLOW_TRACKING_URI, else MLflow's default), as
+    `world`'s process: only a process that writes (rank 0) opens the store.
 
     The store is checked up front: a malformed URI is a ConfigError, a store that cannot be
     opened or a server that cannot be reached one clear CifarexpError (not minutes of
     retries), each naming where the URI came from.
     """
+    global _world
+    _world = world
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no store-creation chatter
-    from_env = not tracking_uri and os.environ.get("MLFLOW_TRACKING_URI")
-    source = "MLFLOW_TRACKING_URI" if from_env else "--tracking-uri"
+    source = _Source(tracking_uri)
     uri = tracking_uri or mlflow.get_tracking_uri()
     _check_uri(uri, source)
     mlflow.set_tracking_uri(uri)
@@ -73,36 +77,53 @@ def use_store(tracking_uri: str | None) -> str:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise CifarexpError(
-                f"{source}: cannot reach the tracking server at {uri} ({reason})"
+            raise source.error(
+                CifarexpError, f"cannot reach the tracking server at {uri} ({reason})"
             ) from None
         return uri
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as exc:  # any failure to open it: missing driver, not a database, ...
-        raise CifarexpError(
-            f"{source}: cannot open the tracking store {uri} ({_first_line(exc)})"
+        raise source.error(
+            CifarexpError, f"cannot open the tracking store {uri} ({_first_line(exc)})"
         ) from None
     return uri
 
 
-def _check_uri(uri: str, source: str) -> None:
+class _Source:
+    """Where the tracking URI came from: the tracking_uri option, MLFLOW_TRACKING_URI, or
+    MLflow's default; errors about the store name it."""
+
+    def __init__(self, tracking_uri: str | None) -> None:
+        self.given = bool(tracking_uri)
+        self.from_env = not tracking_uri and bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+    def error(self, kind: type[CifarexpError | ConfigError], message: str) -> Exception:
+        if self.given:
+            return kind(message, "tracking_uri")
+        where = "MLFLOW_TRACKING_URI" if self.from_env else "the default tracking store"
+        return kind(f"{where}: {message}")
+
+
+def _check_uri(uri: str, source: _Source) -> None:
     """A URI MLflow can keep runs in, else a ConfigError naming `source`."""
     scheme, _, rest = uri.partition(":")
     scheme = scheme.split("+")[0]
     if scheme not in STORE_SCHEMES or not rest:
-        raise ConfigError(
-            f"{source}: {uri!r} is not a tracking URI cifarexp can use; give "
-            "sqlite:///PATH.db, http(s)://HOST:PORT or a database URL"
+        raise source.error(
+            ConfigError,
+            f"{uri!r} is not a tracking URI cifarexp can use; give sqlite:///PATH.db, "
+            "http(s)://HOST:PORT or a database URL",
         )
     path = rest.removeprefix("///").split("?")[0]
     if scheme == "sqlite" and (not rest.startswith("///") or path in ("", ":memory:")):
-        raise ConfigError(
-            f"{source}: {uri!r} is not a sqlite file (an in-memory store keeps nothing); "
-            "give sqlite:///PATH.db"
+        raise source.error(
+            ConfigError,
+            f"{uri!r} is not a sqlite file (an in-memory store keeps nothing); give "
+            "sqlite:///PATH.db",
         )
     if scheme in ("http", "https") and not urllib.parse.urlparse(uri).hostname:
-        raise ConfigError(f"{source}: {uri!r} names no host; give {scheme}://HOST:PORT")
+        raise source.error(ConfigError, f"{uri!r} names no host; give {scheme}://HOST:PORT")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -112,13 +133,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 def is_writer() -> bool:
-    """Whether this process writes to the store: always, except under torchrun, where only
-    rank 0 does (the other ranks' runs exist only through rank 0's reduced metrics)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Whether this process writes to the store, as its world says: only rank 0 of a
+    torchrun job does (the other ranks' runs exist only through rank 0's reduced metrics)."""
+    return _world.writes
 
 
 def current_uri() -> str:
     return mlflow.get_tracking_uri()
+
+
+def default_experiment(command: str) -> str:
+    """Each command's MLflow experiment, unless one is named."""
+    return f"cifarexp-{command}"
 
 
 @contextmanager
@@ -144,49 +170,66 @@ def start_run(
     if not is_writer():
         yield None
         return
+    run_id = None
     try:
-        if parent is None and not os.environ.get("MLFLOW_RUN_ID"):
-            _set_experiment(experiment)
-        run = mlflow.start_run(
-            run_id=reopen,
-            run_name=run_name,
-            nested=parent is not None,
-            parent_run_id=parent,
-            experiment_id=mlflow.get_run(parent).info.experiment_id if parent else None,
-            tags=dict(tags or {}),
-        )
-        if reopen is not None:
-            kill_stale_children(reopen)
-    except MlflowException as exc:
-        raise CifarexpError(f"tracking store {mlflow.get_tracking_uri()}: {exc.message}") from None
-    run_id = run.info.run_id
-    try:
-        _log_params(run, params or {})
+        with processes.stops_deferred():  # a stop meanwhile waits until the run can end KILLED
+            run_id = _create_run(experiment, run_name, tags, parent, reopen)
+        processes.raise_pending()
+        _log_params(params or {})
         yield run_id
-        mlflow.end_run("FINISHED")
+        with processes.stops_deferred():
+            if not processes.pending():  # a stop whose exception Python swallowed ends it KILLED
+                _end_run(run_id, "FINISHED")
+        processes.raise_pending()  # the one deferred while FINISHED was written, say
     except KeyboardInterrupt:
-        _end_run(run_id, "KILLED")
+        _end_failed_run(run_id, "KILLED")
         raise
     except StoreFailed:
-        _end_run(run_id, "FAILED")  # one try, no error tag: the store is failing
+        _end_failed_run(run_id, "FAILED")  # one try, no error tag: the store is failing
         raise
     except STORE_ERRORS as exc:
         # MLflow wraps whatever is raised inside its store calls, ours included (e.g. a
         # signal handler's error arriving mid-write): that is not a failing store.
         if isinstance(exc.__cause__, CifarexpError):
-            _end_run(run_id, "FAILED", error=exc.__cause__)
+            _end_failed_run(run_id, "FAILED", error=exc.__cause__)
             raise exc.__cause__ from None
-        _end_run(run_id, "FAILED")
+        if run_id is None:
+            uri = mlflow.get_tracking_uri()
+            raise CifarexpError(f"tracking store {uri}: {exc.message}") from None
+        _end_failed_run(run_id, "FAILED")
         raise StoreFailed(_store_failed(run_id, exc)) from None
     except BaseException as exc:
-        _end_run(run_id, "FAILED", error=exc)
+        _end_failed_run(run_id, "FAILED", error=exc)
         raise
 
 
-def _log_params(run: mlflow.ActiveRun, params: Mapping[str, object]) -> None:
+def _create_run(
+    experiment: str,
+    run_name: str | None,
+    tags: Mapping[str, str] | None,
+    parent: str | None,
+    reopen: str | None,
+) -> str:
+    """Start (or, with `reopen`, continue) the run as MLflow's active run; its id."""
+    if parent is None and not os.environ.get("MLFLOW_RUN_ID"):
+        _set_experiment(experiment)
+    run = mlflow.start_run(
+        run_id=reopen,
+        run_name=run_name,
+        nested=parent is not None,
+        parent_run_id=parent,
+        experiment_id=mlflow.get_run(parent).info.experiment_id if parent else None,
+        tags=dict(tags or {}),
+    )
+    if reopen is not None:
+        kill_stale_children(reopen)
+    return run.info.run_id
+
+
+def _log_params(params: Mapping[str, object]) -> None:
     """Log params; one that `mlflow run` already logged differently (e.g. workers=best)
     keeps its value and the resolved one goes into a tag."""
-    given = run.data.params
+    given = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     _retry_locked(lambda: mlflow.log_params({k: v for k, v in params.items() if k not in given}))
     set_tags(
         {TAG + "resolved." + k: v for k, v in params.items() if given.get(k, str(v)) != str(v)}
@@ -204,40 +247,33 @@ def _set_experiment(name: str) -> None:
     mlflow.set_experiment(name)
 
 
-def _end_run(run_id: str, status: str, error: BaseException | None = None) -> None:
+def _end_run(run_id: str | None, status: str, error: BaseException | None = None) -> None:
     """End `run_id` (if it is still the active run) with `status`, recording `error` as a
-    tag; a store that fails meanwhile must not hide the error being raised."""
+    tag; a store that fails meanwhile must not hide the error being raised. A stop that
+    arrives meanwhile waits: MLflow forgets the active run before it writes its status."""
     active = mlflow.active_run()
-    if active is None or active.info.run_id != run_id:
-        return  # already ended (mlflow.end_run drops the run before it writes the status)
-    with _stops_deferred():
+    if run_id is None or active is None or active.info.run_id != run_id:
+        return  # never started, or ended already
+    with processes.stops_deferred():
         with contextlib.suppress(*STORE_ERRORS):
             if error is not None:
                 mlflow.set_tag(ERROR, f"{type(error).__name__}: {error}"[:5000])
         with contextlib.suppress(*STORE_ERRORS):
             mlflow.end_run(status)
+            _ended.append((run_id, status))
 
 
-@contextmanager
-def _stops_deferred() -> Iterator[None]:
-    """Inside, a SIGINT or SIGTERM waits, and is raised again on the way out: a run being
-    ended is not interrupted half-written (MLflow would wrap the handler's error as a store
-    error, which `_end_run` ignores, and the run would stay RUNNING). E.g. torchrun's SIGTERM
-    reaching a rank that is ending its run FAILED after another rank crashed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers run in, and are set from, the main thread only
-        return
-    stops = (signal.SIGINT, signal.SIGTERM)
-    received: list[int] = []
-    handlers = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in stops}
-    try:
-        yield
-    finally:
-        for stop, handler in handlers.items():
-            # None: a handler not set from Python, which cannot be put back
-            signal.signal(stop, signal.SIG_DFL if handler is None else handler)
-        if received:
-            signal.raise_signal(received[0])
+def _end_failed_run(run_id: str | None, status: str, error: BaseException | None = None) -> None:
+    """End a run that an exception stopped (a stop's, or a failure); a new stop that came
+    while it was ended is raised once it is."""
+    processes.acknowledge()  # the stop behind the exception, if any, is being acted on
+    _end_run(run_id, status, error)
+    processes.raise_pending()
+
+
+def last_ended() -> tuple[str, str] | None:
+    """The (run id, status) of the run this process ended last, if any."""
+    return _ended[-1] if _ended else None
 
 
 def _store_failed(run_id: str, exc: BaseException) -> str:
@@ -294,7 +330,7 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
 
 def log_epoch(result: EpochResult) -> None:
-    """The SPEC §4 metrics of one finished epoch, step = epoch number."""
+    """The per-epoch metrics of one finished epoch, step = epoch number."""
     if not is_writer():
         return
     _retry_locked(lambda: mlflow.log_metrics(result.metrics(), step=result.epoch))
@@ -336,6 +372,14 @@ def search_runs(filter_string: str = "") -> pd.DataFrame:
     )
 
 
+def load_text(run_id: str, artifact_file: str) -> str | None:
+    """A text artifact of `run_id`, or None where the run has none of that name."""
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}")
+    except (MlflowException, OSError):
+        return None
+
+
 def metric_history(run_id: str, keys: list[str]) -> pd.DataFrame:
     """One row per step of `run_id`, one column per metric key (absent keys are left out)."""
     client = mlflow.MlflowClient()
@@ -350,3 +394,45 @@ def metric_history(run_id: str, keys: list[str]) -> pd.DataFrame:
 def tag_filter(tags: Mapping[str, str]) -> str:
     """An MLflow filter string matching every tag exactly."""
     return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+
+
+# ---------------------------------------------------------------- finding runs
+
+PARENT = "tags.mlflow.parentRunId"
+
+
+def top_level(runs: pd.DataFrame) -> pd.DataFrame:
+    """Only the runs without a parent."""
+    if PARENT not in runs:
+        return runs
+    return runs[runs[PARENT].isna() | (runs[PARENT] == "")]
+
+
+def finished_children(parent_id: str) -> pd.DataFrame:
+    """The FINISHED children of a run, the newest one per variant, in the order they ran."""
+    children = search_runs(
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'"
+    )
+    if children.empty:  # no columns at all: give callers the ones they index
+        return pd.DataFrame(columns=["run_id", f"tags.{VARIANT}"])
+    children = children.drop_duplicates(f"tags.{VARIANT}", keep="first")
+    return children.sort_values("start_time").reset_index(drop=True)
+
+
+def latest_sweep(device_type: str, dataset: str) -> pd.Series | None:
+    """The newest finished workers sweep (C3) for this device type and dataset."""
+    where = {EXERCISE: "C3", DEVICE: device_type, DATASET: dataset}
+    found = top_level(search_runs(tag_filter(where) + " and attributes.status = 'FINISHED'"))
+    found = found[found["metrics.best_workers"].notna()] if not found.empty else found
+    return None if found.empty else found.iloc[0]
+
+
+def unfinished(exercise: str, params: Mapping[str, object]) -> pd.Series | None:
+    """The newest top-level run of `exercise` (C3, C5, C5-scaling, ...), if it has exactly
+    these params and did not finish (FAILED, KILLED, or RUNNING because its process was
+    killed outright)."""
+    found = top_level(search_runs(tag_filter({EXERCISE: exercise})))
+    for _, run in found.iterrows():
+        if all(str(run.get(f"params.{k}")) == str(v) for k, v in params.items()):
+            return None if run["status"] == "FINISHED" else run
+    return None

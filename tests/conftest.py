@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import mlflow
@@ -10,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from cifarexp import processes
 from cifarexp.cli import app
 from cifarexp.config import TrainConfig
 
@@ -69,6 +71,19 @@ def store(tmp_path, monkeypatch, empty_store) -> str:
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@pytest.fixture
+def stop_handlers():
+    """Lets a test install cifarexp's SIGINT/SIGTERM handlers; pytest's are put back after,
+    and no stop is left pending."""
+    previous = {stop: signal.getsignal(stop) for stop in processes.STOPS}
+    yield
+    for stop, handler in previous.items():
+        signal.signal(stop, handler)
+    processes.handle_stops(under_torchrun=False)  # resets cifarexp's record of stops
+    for stop, handler in previous.items():
+        signal.signal(stop, handler)
 
 
 @pytest.fixture

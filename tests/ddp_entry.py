@@ -1,15 +1,17 @@
-"""A training run for tests/test_distributed.py to start under torchrun, with what the CLI
-does not offer: a BN-free model (for exact comparisons) and a rank that crashes.
+"""Runs for tests/test_distributed.py to start under torchrun, with what the CLI does not
+offer: a BN-free model (for exact comparisons), a rank that crashes, and each rank's shard.
 
-python -m torch.distributed.run --nproc-per-node 2 -m tests.ddp_entry strong|crash
+python -m torch.distributed.run --nproc-per-node 2 -m tests.ddp_entry strong|crash|shards
 """
 
 from __future__ import annotations
 
-import os
 import sys
+from pathlib import Path
 
-from cifarexp import distributed, engine, jobs
+from cifarexp import engine, jobs, processes, tracking
+from cifarexp.build import build_training
+from cifarexp.distributed import world_from_environment
 from tests.conftest import TINY
 
 # One step of 8 images per epoch; the GPU loader's augmentation (on CPU tensors here) draws
@@ -24,6 +26,7 @@ STRONG = TINY.replace(
     scaling="strong",
 )
 CRASH = TINY.replace(train_size=16, batch_size=4)
+SHARDS = TINY.replace(train_size=16, batch_size=4)
 
 
 def crash_in_epoch_2(train_one_epoch):
@@ -35,12 +38,27 @@ def crash_in_epoch_2(train_one_epoch):
     return train
 
 
+def record_shards(folder: Path) -> None:
+    """Each rank writes the sample indices of its loader's shard, a line per epoch."""
+    world = world_from_environment("cpu")
+    loader = build_training(SHARDS, world).loader
+    with (folder / f"rank{world.rank}.txt").open("w") as record:
+        for _ in range(2):
+            iter(loader)  # one epoch: reshuffles the shard
+            record.write(" ".join(map(str, loader.sampler)) + "\n")
+
+
 def main(mode: str) -> None:
-    distributed.handle_stops()  # as cifarexp.cli.main does
-    if mode == "crash" and os.environ["RANK"] == "1":
+    processes.handle_stops(under_torchrun=True)  # as cifarexp.cli.main does
+    world = world_from_environment("cpu")
+    if mode == "shards":
+        record_shards(Path.cwd())
+        return
+    if mode == "crash" and world.rank == 1:
         engine.train_one_epoch = crash_in_epoch_2(engine.train_one_epoch)
+    tracking.use_store(None, world)
     cfg = STRONG if mode == "strong" else CRASH
-    jobs.run_training(cfg, jobs.Labels("time", "C2"), experiment="ddp", quiet=True)
+    jobs.run_training(cfg, jobs.Labels("time", "C2"), experiment="ddp", world=world)
 
 
 if __name__ == "__main__":

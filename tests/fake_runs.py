@@ -3,6 +3,7 @@ and the report benchmark."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from mlflow.entities import Metric, Param, RunTag
@@ -26,7 +27,7 @@ def log_run(
     dataset: str = "synthetic",
     device: str = "cuda",
 ) -> str:
-    """One run with the SPEC §4 tags, `params`, per-epoch metrics (step = epoch) and
+    """One run with cifarexp's tags, `params`, per-epoch metrics (step = epoch) and
     single `metrics`; returns its id."""
     tags = {
         C + "command": command, C + "exercise": exercise, C + "variant": variant,
@@ -132,15 +133,42 @@ def log_study(client: MlflowClient, prefix: str = "cifarexp") -> dict[str, str]:
     e = exp("inspect")
     ids["Q1-Q4"] = log_run(
         client, e, command="inspect", exercise="Q1-Q4", params={"optimizers": "sgd,adam"},
-        metrics={
-            "conv_layers": 20, "conv_layers_stem": 1, "conv_layers_main_path": 16,
-            "conv_layers_shortcut": 3, "last_linear_in_features": 512,
-            "trainable_params": 11173962, "sgd_grad_elements": 11173962,
-            "sgd_state_elements": 11173962, "sgd_state_mib": 42.63,
-            "sgd_state_momentum_buffer_elements": 11173962,
-            "adam_grad_elements": 11173962, "adam_state_elements": 22347986,
-            "adam_state_mib": 85.25, "adam_state_exp_avg_elements": 11173962,
-            "adam_state_exp_avg_sq_elements": 11173962, "adam_state_step_elements": 62,
-        },
+        metrics={"conv_layers": 20, "last_linear_in_features": 512, "trainable_params": P},
     )  # fmt: skip
+    client.log_text(ids["Q1-Q4"], json.dumps(inspect_answers(ids["Q1-Q4"])), "answers.json")
     return ids
+
+
+P, TENSORS = 11_173_962, 62  # ResNet-18's trainable parameters, and their tensors
+
+
+def count(tensors: int, elements: int) -> dict[str, float]:
+    return {"tensors": tensors, "elements": elements, "bytes": 4 * elements,
+            "mib": round(4 * elements / 2**20, 3)}  # fmt: skip
+
+
+def inspect_answers(run_id: str) -> dict:
+    """The answers.json of an inspect run of ResNet-18 with SGD and Adam (its schema:
+    cifarexp.inspection.Inspection.answers)."""
+    params = count(TENSORS, P)
+    return {
+        "run_id": run_id, "model": "resnet18", "variant": "bn", "dataset": "synthetic",
+        "batch_size": 8,
+        "q1_conv_layers": {"total": 20, "stem": 1, "main_path": 16, "shortcut": 3},
+        "q2_last_linear": {"module": "fc", "in_features": 512, "out_features": 10},
+        "trainable_parameters": params, "buffers": count(60, 9_620),
+        "q3_q4_optimizers": {
+            "sgd": {
+                "trainable_parameters": params, "gradients_before_backward": count(0, 0),
+                "gradients_after_backward": params, "state": {"momentum_buffer": params},
+                "state_total": params,
+            },
+            "adam": {
+                "trainable_parameters": params, "gradients_before_backward": count(0, 0),
+                "gradients_after_backward": params,
+                "state": {"step": count(TENSORS, TENSORS), "exp_avg": params,
+                          "exp_avg_sq": params},
+                "state_total": count(3 * TENSORS, 2 * P + TENSORS),
+            },
+        },
+    }  # fmt: skip

@@ -87,7 +87,7 @@ def test_c7_averages_over_epochs_and_keeps_the_final_epoch(study):
 
 
 def test_q1_q4_answers_come_from_the_inspect_run(study):
-    q = tables.q1_q4_answers(queries.exercise("Q1-Q4"))
+    q = tables.q1_q4_answers(queries.answers(queries.exercise("Q1-Q4")))
     answers = dict(zip(q["quantity"], q["value"], strict=True))
     assert answers["convolutional layers"] == "20"
     assert answers["input dimension of the last linear layer"] == "512"

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from cifarexp import data, distributed, jobs, tracking
+from cifarexp import data, jobs, processes, tracking
 from cifarexp.config import CifarexpError
 from tests.conftest import TINY_ARGS, all_runs, without
 
@@ -95,11 +95,12 @@ def test_our_error_wrapped_by_mlflow_mid_write_is_not_taken_for_a_failing_store(
     assert run.data.tags["cifarexp.error"] == "CifarexpError: stopped by torchrun"
 
 
-def test_a_sigterm_while_a_failed_run_is_ended_waits_until_it_is_ended(client, monkeypatch):
+def test_a_sigterm_while_a_failed_run_is_ended_waits_until_it_is_ended(
+    client, monkeypatch, stop_handlers
+):
     # Given a rank under torchrun whose training failed, and torchrun's SIGTERM arriving
     # while the run is being ended (here: while its error tag is written),
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, distributed.stop_on_sigterm)
+    processes.handle_stops(under_torchrun=True)
     set_tag = mlflow.set_tag
 
     def set_tag_meanwhile_sigterm(*args, **kwargs):
@@ -107,12 +108,8 @@ def test_a_sigterm_while_a_failed_run_is_ended_waits_until_it_is_ended(client, m
         return set_tag(*args, **kwargs)
 
     monkeypatch.setattr(mlflow, "set_tag", set_tag_meanwhile_sigterm)
-    try:
-        with pytest.raises(distributed.Stopped), tracking.start_run("ending") as run_id:
-            raise RuntimeError("rank 1 crashed")
-    finally:  # stop_on_sigterm ignores both from then on
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)
+    with pytest.raises(processes.Stopped), tracking.start_run("ending") as run_id:
+        raise RuntimeError("rank 1 crashed")
     # then the run is ended FAILED with the crash as its error, and only then stopped
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"

@@ -1,4 +1,4 @@
-"""Several processes through torchrun (issue 8), on CPU with gloo: one MLflow run from rank 0,
+"""Several processes through torchrun, on CPU with gloo: one MLflow run from rank 0,
 disjoint shards, the same maths as one process, a crash on one rank ends the run FAILED."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cifarexp import distributed, jobs
+from cifarexp import jobs, processes
 from tests import ddp_entry
 from tests.conftest import TINY_ARGS, all_runs, without
 from tests.processes import processes_in, start_cifarexp, wait_for_epoch, wait_until_gone
@@ -30,14 +30,9 @@ def torchrun(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: 
     )
 
 
-def test_time_under_torchrun_logs_one_run_from_rank_0_over_disjoint_shards(client, tmp_path):
-    shards = tmp_path / "shards"
-    shards.mkdir()
+def test_time_under_torchrun_logs_one_run_from_rank_0(client, tmp_path):
     args = [*without("--batch-size"), "--batch-size", "4", "--train-size", "16"]
-    done = torchrun(
-        "-m", "cifarexp", "time", *args, cwd=tmp_path,
-        env={distributed.RECORD_INDICES: str(shards)},
-    )  # fmt: skip
+    done = torchrun("-m", "cifarexp", "time", *args, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
 
     [run] = all_runs(client)
@@ -54,10 +49,14 @@ def test_time_under_torchrun_logs_one_run_from_rank_0_over_disjoint_shards(clien
     epoch = client.get_metric_history(run.info.run_id, "epoch_time_s")[0].value
     assert rate * epoch == pytest.approx(16)
 
+
+def test_each_rank_trains_a_disjoint_shard_reshuffled_every_epoch(tmp_path):
+    done = torchrun("-m", "tests.ddp_entry", "shards", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
     rank0, rank1 = (
         [
             list(map(int, line.split()))
-            for line in (shards / f"rank{r}.txt").read_text().splitlines()
+            for line in (tmp_path / f"rank{r}.txt").read_text().splitlines()
         ]
         for r in (0, 1)
     )
@@ -75,9 +74,7 @@ def test_strong_scaling_on_two_ranks_matches_one_process_with_the_global_batch(c
     assert ddp.data.params["world_size"] == "2"
     assert ddp.data.params["scaling"] == "strong"
 
-    single = jobs.run_training(
-        ddp_entry.STRONG, jobs.Labels("time", "C2"), experiment="one", quiet=True
-    )
+    single = jobs.run_training(ddp_entry.STRONG, jobs.Labels("time", "C2"), experiment="one")
 
     # Epoch 1: the same weights on the same 8 augmented images. Epoch 2: after one step
     # whose gradient DDP averaged over the two halves, i.e. the mean over all 8.
@@ -106,7 +103,7 @@ def test_nproc_relaunches_the_same_command_through_torch_distributed_run(cli, mo
         launched.append(argv)
         raise SystemExit(0)
 
-    monkeypatch.setattr(distributed.os, "execv", execv)
+    monkeypatch.setattr(processes.os, "execv", execv)
     argv = ["cifarexp", "time", *TINY_ARGS, "--nproc", "2", "--scaling", "strong"]
     monkeypatch.setattr(sys, "argv", argv)
     result = cli("time", *TINY_ARGS, "--nproc", "2", "--scaling", "strong")

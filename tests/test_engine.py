@@ -2,10 +2,11 @@ import math
 
 import torch
 
+from cifarexp.config import OPTIMIZERS
 from cifarexp.data import load_split, make_loader
 from cifarexp.engine import evaluate, train, train_one_epoch
 from cifarexp.models import build_model
-from cifarexp.optim import OPTIMIZERS, build_optimizer
+from cifarexp.optim import FACTORIES, build_optimizer
 from tests.conftest import TINY
 
 CPU = torch.device("cpu")
@@ -77,6 +78,7 @@ def test_evaluate_returns_mean_loss_and_accuracy():
 
 
 def test_every_optimizer_in_the_table_builds_and_steps():
+    assert tuple(FACTORIES) == OPTIMIZERS  # the config's choices are the table's names
     for name in OPTIMIZERS:
         model = build_model()
         optimizer = build_optimizer(name, model.parameters())

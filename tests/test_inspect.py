@@ -1,4 +1,4 @@
-"""Q1–Q4: every count checked against an independent computation from the model or the SPEC."""
+"""Q1–Q4: every count checked against an independent count from the model or its definition."""
 
 import json
 from pathlib import Path
@@ -41,7 +41,7 @@ def bn_params_of(model: nn.Module) -> tuple[int, int]:
 
 
 def spec_conv_layers() -> tuple[int, int, int]:
-    """(stem, main path, shortcut) convs of SPEC §1's ResNet-18, counted from its text."""
+    """(stem, main path, shortcut) convs of the CIFAR ResNet-18, counted from its definition."""
     main = shortcut = 0
     cin = 64
     for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):

@@ -6,7 +6,7 @@ from cifarexp.models import build_model
 
 
 def expected_parameters(batch_norm: bool) -> int:
-    """ResNet-18 for CIFAR counted from its definition (SPEC §1), not from the module."""
+    """ResNet-18 for CIFAR counted from its definition, not from the module."""
     conv = lambda cin, cout, k: cin * cout * k * k  # noqa: E731 - bias=False everywhere
     bn = lambda c: 2 * c if batch_norm else 0  # noqa: E731 - weight and bias
     total = conv(3, 64, 3) + bn(64)

@@ -1,0 +1,158 @@
+"""The command line's options, declared once: each an `Annotated` alias that the commands of
+`cli` list in their own signatures, and the table that turns a config field into its flag.
+
+Importing this module loads typer and the config's choices only, so that `--help` answers
+at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cifarexp.config import CompileMode, Dataset, Loader, Optimizer, Precision, Scaling, Timing
+
+DATA, TRAINING, RUN = "Data", "Training", "Tracking and output"
+FAST = "Fast path (GPU)"
+SCALE = "Several processes (torchrun)"
+
+# A config field shown to the user as its flag: --field-name, except for these.
+FLAGS = {
+    "max_batches": "--cpu-batches",
+    "batch_norm": "--bn/--no-bn",
+    "world": "torchrun's environment",
+}
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a config field (or of a command's own option)."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def _option(help: str, panel: str, *names: str) -> typer.models.OptionInfo:
+    return typer.Option(*names, help=help, rich_help_panel=panel)
+
+
+# ---------------------------------------------------------------- data
+
+Workers = Annotated[
+    str,
+    _option(
+        "DataLoader worker processes (C3), or 'best': the best count of the latest finished "
+        "sweep-workers run for this device and dataset.",
+        DATA,
+    ),
+]
+DatasetName = Annotated[
+    Dataset,
+    _option("cifar10, or synthetic: CIFAR-shaped, learnable, made locally.", DATA, "--dataset"),
+]
+DataDir = Annotated[str, _option("Where CIFAR-10 is (downloaded when absent).", DATA)]
+TrainSize = Annotated[int | None, _option("Train on the first N images only.", DATA)]
+TestSize = Annotated[int | None, _option("Evaluate on the first N test images only.", DATA)]
+PinMemory = Annotated[bool, _option("DataLoader pin_memory.", DATA)]
+PersistentWorkers = Annotated[bool, _option("Keep DataLoader workers between epochs.", DATA)]
+LoaderTimeout = Annotated[
+    float,
+    _option(
+        "Seconds to wait for a batch from the DataLoader workers before the run fails "
+        "(a stuck worker); 0 waits forever.",
+        DATA,
+    ),
+]
+Eval = Annotated[bool, _option("Evaluate on the test split after each epoch (not timed).", DATA)]
+
+# ---------------------------------------------------------------- training
+
+Epochs = Annotated[int, _option("Epochs to train (the study: 5).", TRAINING)]
+OptimizerName = Annotated[
+    Optimizer, _option("The optimizer (C6 compares all five).", TRAINING, "--optimizer")
+]
+Device = Annotated[str, _option("auto (CUDA when present), cpu, cuda or cuda:N.", TRAINING)]
+BatchSize = Annotated[int, _option("Mini-batch size.", TRAINING)]
+Lr = Annotated[float, _option("Learning rate.", TRAINING)]
+Momentum = Annotated[float, _option("Momentum (sgd, nesterov).", TRAINING)]
+WeightDecay = Annotated[float, _option("Weight decay.", TRAINING)]
+Seed = Annotated[int, _option("Seed for weights, shuffling and synthetic data.", TRAINING)]
+
+# ---------------------------------------------------------------- the fast path
+
+LoaderName = Annotated[
+    Loader,
+    _option(
+        "torch: the study's DataLoader; gpu keeps the uint8 train set on the device and "
+        "augments whole batches there, as the study's transforms do (--workers, --pin-memory "
+        "unused; on CPU the same code runs on CPU tensors).",
+        FAST,
+        "--loader",
+    ),
+]
+PrecisionName = Annotated[
+    Precision,
+    _option(
+        "fp32 is PyTorch's default (cuDNN may use TF32 for convolutions), tf32 adds TF32 "
+        "matmuls (CUDA only), bf16 is autocast.",
+        FAST,
+        "--precision",
+    ),
+]
+ChannelsLast = Annotated[bool, _option("Model and inputs in NHWC memory order.", FAST)]
+Compile = Annotated[
+    CompileMode,
+    _option(
+        "torch.compile mode (CUDA only; compiled during the warm-up, logged as warmup_s).",
+        FAST,
+        "--compile",
+    ),
+]
+TimingName = Annotated[
+    Timing,
+    _option(
+        "sync synchronises every step (the study's C2); events times with CUDA events and "
+        "waits once per epoch (CUDA only).",
+        FAST,
+        "--timing",
+    ),
+]
+
+# ---------------------------------------------------------------- several processes
+
+ScalingName = Annotated[
+    Scaling,
+    _option(
+        "Under torchrun: weak trains --batch-size images per process and step, strong "
+        "--batch-size in total, split over the processes.",
+        SCALE,
+        "--scaling",
+    ),
+]
+Nproc = Annotated[
+    int,
+    typer.Option(
+        help="Run this command as N processes on this machine, one per GPU (or N CPU processes "
+        "with --device cpu), through torch.distributed.run; 1 = this process only.",
+        rich_help_panel=SCALE,
+        min=1,
+    ),
+]
+
+# ---------------------------------------------------------------- tracking and output
+
+TrackingUri = Annotated[
+    str | None,
+    _option("MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).", RUN),
+]
+Experiment = Annotated[str | None, _option("MLflow experiment (default: cifarexp-COMMAND).", RUN)]
+Quiet = Annotated[bool, _option("No progress: only the answer at the end.", RUN)]
+RunName = Annotated[str | None, _option("MLflow run name.", RUN)]
+Resume = Annotated[
+    bool,
+    _option(
+        "Continue the previous run with the same settings if it did not finish: reuse its "
+        "finished variants, run the rest.",
+        RUN,
+    ),
+]
+Out = Annotated[Path, _option("Folder for report.md, the CSVs and the PNGs.", RUN)]

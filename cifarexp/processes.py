@@ -1,0 +1,200 @@
+"""Processes and signals: what SIGINT and SIGTERM do to a run, and the launcher that runs a
+command as several processes through torchrun.
+
+A stop (SIGINT: Ctrl-C; SIGTERM: `kill`, a scheduler's limit) is recorded when it arrives
+and raised as an exception: KeyboardInterrupt, which ends the runs KILLED, or, under
+torchrun, `Stopped` for its SIGTERM, which ends them FAILED (torchrun stops every rank once
+one has failed). While a run is being started or ended (`stops_deferred`) a stop is only
+recorded, and `raise_pending` raises it once the run's status is written; a stop whose
+exception Python swallowed (one raised inside a garbage-collector callback, say) is still
+pending, so the run it interrupted cannot end FINISHED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from cifarexp.config import CifarexpError
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets in each process
+LAUNCH_GRACE_S = 30  # after Ctrl-C, how long a launched job gets to end its runs
+PR_SET_PDEATHSIG = 1  # prctl(2)
+STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(CifarexpError):
+    """torchrun stopped this process (SIGTERM): another rank failed, or the job was stopped."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "torchrun stopped this process: another rank failed (its error is in torchrun's "
+            "output) or the job was stopped; the run is FAILED"
+        )
+
+
+class _Stops:
+    """The stops this process received and has not acted upon yet."""
+
+    def __init__(self, under_torchrun: bool = False) -> None:
+        self.pending: list[int] = []
+        self.deferring = 0  # depth of stops_deferred
+        self.under_torchrun = under_torchrun
+        self.stopping = False  # under torchrun: the first stop came; later ones are ignored
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            return
+        self.stopping = self.under_torchrun
+        self.pending.append(signum)
+        if not self.deferring:
+            raise self.error(signum)
+
+    def error(self, signum: int) -> BaseException:
+        if self.under_torchrun and signum == signal.SIGTERM:
+            return Stopped()
+        return KeyboardInterrupt()
+
+
+_stops = _Stops()
+
+
+def handle_stops(*, under_torchrun: bool) -> None:
+    """Take SIGINT and SIGTERM as a run should: a stop ends the run KILLED (exit 130); under
+    torchrun its SIGTERM ends it FAILED, and once stopping, a rank ignores further stops
+    (torchrun may send several: a launcher's death reaches it once per thread of that
+    launcher, and each one makes it signal the ranks again; it SIGKILLs a rank that has not
+    exited after its grace period)."""
+    global _stops
+    _stops = _Stops(under_torchrun)
+    for stop in STOPS:
+        signal.signal(stop, _stops.handle)
+
+
+@contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Inside, a stop is recorded and not raised (see `raise_pending`): a run being started
+    or ended is not interrupted half-written, which would leave it RUNNING."""
+    _stops.deferring += 1
+    try:
+        yield
+    finally:
+        _stops.deferring -= 1
+
+
+def pending() -> bool:
+    """Whether a stop was received and not acted upon yet."""
+    return bool(_stops.pending)
+
+
+def raise_pending() -> None:
+    """Raise the stop received meanwhile (deferred, or swallowed by Python), if any."""
+    if _stops.pending and not _stops.deferring:
+        signum = _stops.pending[0]
+        _stops.pending.clear()  # the exception raised now stands for them
+        raise _stops.error(signum)
+
+
+def acknowledge() -> None:
+    """The stops received so far have been acted upon (their runs are ended)."""
+    _stops.pending.clear()
+
+
+# ---------------------------------------------------------------- several processes
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun) started this process: any of its variables is set."""
+    return any(name in os.environ for name in LAUNCH_VARIABLES)
+
+
+def relaunch(nproc: int, argv: list[str]) -> None:
+    """Run this command again as `nproc` processes on this machine, through torchrun's own
+    launcher (torch.distributed.run), in place of this process; never returns."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, torchrun_command(nproc, without_nproc(argv)))
+
+
+def launch(nproc: int, argv: list[str], env: dict[str, str]) -> int:
+    """Run `cifarexp ARGV` as `nproc` processes on this machine through torchrun's launcher,
+    with `env` added to this environment, and wait; their exit code. They run in a process
+    group of their own, which this process stops if it is stopped (see `_stop`), or which
+    stops itself if this process is killed outright (see `_interrupt_on_parent_death`)."""
+    environment = {**os.environ, **env}
+    environment.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is this process's, not theirs
+    command = torchrun_command(nproc, argv)
+    process = subprocess.Popen(
+        command, env=environment, start_new_session=True, preexec_fn=_interrupt_on_parent_death()
+    )
+    try:
+        return process.wait()
+    except BaseException:  # Ctrl-C, a SIGTERM, or any other exit
+        _stop(process)
+        raise
+
+
+def _interrupt_on_parent_death() -> Callable[[], None] | None:
+    """On Linux, what the launched torchrun runs before it starts: ask the kernel for a SIGINT
+    when this process dies, even killed outright (SIGKILL), so that the job stops as on a
+    Ctrl-C (every rank ends its run KILLED) rather than training on with no one waiting.
+    prctl is looked up here, in this process: the child calls it and nothing else."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def set_parent_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGINT))
+        if os.getppid() != parent:  # it died before the request: nothing waits for the job
+            os._exit(1)
+
+    return set_parent_death_signal
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a launched job as Ctrl-C stops a run: SIGINT to torchrun, which passes it on to
+    every rank (each ends its run KILLED). If the job has not ended LAUNCH_GRACE_S later (or
+    on another Ctrl-C): SIGTERM to torchrun, then SIGKILL to the job's whole group."""
+    for stop in (
+        lambda: process.send_signal(signal.SIGINT),
+        process.terminate,
+        lambda: os.killpg(process.pid, signal.SIGKILL),
+    ):
+        with contextlib.suppress(ProcessLookupError):
+            stop()
+        with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
+            process.wait(timeout=LAUNCH_GRACE_S)
+            return
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """`python -m torch.distributed.run` running `cifarexp ARGV` as `nproc` processes here."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "cifarexp",
+        *argv,
+    ]
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """`argv` less `--nproc N` / `--nproc=N`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
