@@ -48,6 +48,26 @@ class Exercise:
         return ", ".join(f"{k}={v}" for k, v in values.items() if isinstance(v, str))
 
     @property
+    def missing_variants(self) -> list[str]:
+        """The variants the comparison ran whose finished runs are no longer in the store."""
+        ran = str(self.parent.get(f"tags.{tracking.VARIANTS}") or "")
+        found = set(self.runs.get(f"tags.{tracking.VARIANT}", pd.Series(dtype=object)))
+        return [v for v in ran.split(",") if v and v not in found]
+
+    @property
+    def diverged(self) -> dict[str, str]:
+        """Variant (or run id) -> the epoch from which its training loss was not finite."""
+        column = f"tags.{tracking.DIVERGED}"
+        if column not in self.runs:
+            return {}
+        rows = self.runs[self.runs[column].notna()]
+        names = rows.get(f"tags.{tracking.VARIANT}", rows["run_id"]).fillna("")
+        return {
+            name or run_id: epoch
+            for name, run_id, epoch in zip(names, rows["run_id"], rows[column], strict=True)
+        }
+
+    @property
     def parent_id(self) -> str:
         return str(self.parent["run_id"])
 
@@ -64,7 +84,9 @@ def latest_finished(exercise: str) -> pd.Series | None:
 
 
 def run_by_id(run_id: str) -> pd.Series | None:
-    """The run `run_id` whatever its status, else None."""
+    """The run `run_id` whatever its status, else None (for anything that is no run id)."""
+    if not tracking.is_run_id(run_id):
+        return None
     found = tracking.search_runs(f"attributes.run_id = '{run_id}'")
     return None if found.empty else found.iloc[0]
 

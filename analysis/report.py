@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -12,6 +13,7 @@ from matplotlib.figure import Figure
 
 from analysis import plots, queries, tables
 from cifarexp import tracking
+from cifarexp.config import ConfigError
 
 TITLES = {
     "c2_epochs": "C2: time of each epoch (data-loading, training, total), loss and accuracy",
@@ -37,6 +39,7 @@ class Section:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     figures: dict[str, Figure] = field(default_factory=dict)
     text: str = ""
+    notes: list[str] = field(default_factory=list)  # what makes it less than a result
     source: str = ""  # run ids, dataset, device
     dataset: str = ""
     run_id: str = ""  # the top-level run it came from
@@ -131,12 +134,29 @@ def section(item: str, ex: queries.Exercise | None) -> Section:
     result = Section(item, heading, command)
     if ex is not None:
         result.tables, result.figures, result.text = build(ex)
+        result.notes = warnings(ex)
         result.dataset, result.run_id = ex.dataset, ex.parent_id
         result.source = (
             f"runs {', '.join(ex.run_ids)} (parent {ex.parent_id}); dataset {ex.dataset}; "
             f"device {ex.device_name}; {ex.settings or 'settings not recorded'}"
         )
     return result
+
+
+def warnings(ex: queries.Exercise) -> list[str]:
+    """What a reader must know before trusting a section's numbers."""
+    notes = []
+    if ex.missing_variants:
+        notes.append(
+            f"Incomplete: no finished run of {', '.join(ex.missing_variants)} is in the store "
+            "any more (deleted?), although the comparison ran it; the tables leave it out."
+        )
+    for variant, epoch in ex.diverged.items():
+        notes.append(
+            f"Diverged: {variant}'s training loss is not finite from epoch {epoch} on (NaN or "
+            "infinite); its loss and accuracy are not a result."
+        )
+    return notes
 
 
 def summarize(item: str, run_id: str) -> Section:
@@ -159,6 +179,36 @@ def headline(section: Section) -> dict[str, float]:
     return metrics
 
 
+def pick_runs(pairs: list[str]) -> dict[str, str]:
+    """ITEM=RUN_ID pairs -> item -> run id; each a finished run of its item, else a
+    ConfigError (naming the runs option)."""
+    run_ids: dict[str, str] = {}
+    for pair in pairs:
+        item, _, run_id = pair.partition("=")
+        if item not in ITEMS or not run_id:
+            raise ConfigError(
+                f"{pair!r} is not ITEM=RUN_ID with ITEM in {', '.join(ITEMS)}", "runs"
+            )
+        if item in run_ids:
+            raise ConfigError(f"{item} is given twice", "runs")
+        if not tracking.is_run_id(run_id):
+            raise ConfigError(f"{run_id!r} is not a run id (32 hex digits)", "runs")
+        run = queries.run_by_id(run_id)
+        if run is None:
+            raise ConfigError(f"no run {run_id} in {tracking.shown_uri()}", "runs")
+        exercise = run.get(f"tags.{tracking.EXERCISE}")
+        if exercise != item:
+            raise ConfigError(
+                f"run {run_id} is a {exercise or 'non-cifarexp'} run, not {item}", "runs"
+            )
+        if run["status"] != "FINISHED":
+            raise ConfigError(
+                f"run {run_id} is {run['status']}: the report takes finished runs", "runs"
+            )
+        run_ids[item] = run_id
+    return run_ids
+
+
 def build_report(run_ids: Mapping[str, str] | None = None) -> list[Section]:
     """Every item's section from the latest finished runs (or the given run id per item)."""
     run_ids = run_ids or {}
@@ -175,13 +225,14 @@ def write_report(sections: list[Section], out: Path, tracking_uri: str) -> Path:
             "CIFAR-shaped dataset, not on CIFAR-10: timings mean the same, accuracies do not.",
             "",
         ]
-    lines += [f"Built {datetime.now():%Y-%m-%d %H:%M} from `{tracking_uri}`.", ""]
+    lines += [f"Built {datetime.now():%Y-%m-%d %H:%M} from {md_text(tracking_uri)}.", ""]
     for s in sections:
         lines += [f"## {s.heading}", ""]
         if s.missing:
             lines += [f"*Not run yet.* Produce it with `{s.command}`.", ""]
             continue
-        lines += [f"Source: {s.source}.", ""]
+        lines += [f"> **{md_text(note)}**" for note in s.notes] + ([""] if s.notes else [])
+        lines += [f"Source: {md_text(s.source)}.", ""]
         for name, table in s.tables.items():
             table.to_csv(out / f"{name}.csv", index=False)
             lines += [f"**{TITLES[name]}**", "", markdown_table(table), ""]
@@ -202,11 +253,20 @@ def markdown_table(table: pd.DataFrame) -> str:
                           for c in table.columns) + "|"  # fmt: skip
     rows = [
         "| "
-        + " | ".join(format_value(c, v) for c, v in zip(table.columns, row, strict=True))
+        + " | ".join(md_text(format_value(c, v)) for c, v in zip(table.columns, row, strict=True))
         + " |"
         for row in table.itertuples(index=False)
     ]
     return "\n".join([header, rule, *rows])
+
+
+MARKDOWN = re.compile(r"([\\`*_{}\[\]<>#|~!])")  # what markdown would read as its syntax
+
+
+def md_text(text: object) -> str:
+    """Text from the store or the user (a URI, a run's settings, a device name) as plain
+    markdown: one line, markdown's syntax characters escaped."""
+    return MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
 
 
 def format_value(column: object, value: object) -> str:

@@ -566,7 +566,10 @@ def inspect_(
     batch_norm: Annotated[
         bool,
         typer.Option(
-            "--bn/--no-bn", help="The BN model or the BN-free one.", rich_help_panel=opt.TRAINING
+            "--bn/--no-bn",
+            help="The BN model or the BN-free one.",
+            rich_help_panel=opt.TRAINING,
+            envvar="CIFAREXP_BATCH_NORM",
         ),
     ] = True,
     batch_size: Annotated[
@@ -632,21 +635,9 @@ def report_(
 ) -> None:
     """The study's tables and plots, from the tracking store, into a report folder."""
     open_session("report", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet)
-    from analysis import queries, report
-    from cifarexp import tracking
+    from analysis import report
 
-    run_ids = {}
-    for pair in parse_list("runs", runs) if runs is not None else []:
-        item, _, run_id = pair.partition("=")
-        if item not in report.ITEMS or not run_id:
-            raise ConfigError(
-                f"{pair!r} is not ITEM=RUN_ID with ITEM in {', '.join(report.ITEMS)}", "runs"
-            )
-        if item in run_ids:
-            raise ConfigError(f"{item} is given twice", "runs")
-        if queries.run_by_id(run_id) is None:
-            raise ConfigError(f"no run {run_id} in {tracking.current_uri()}", "runs")
-        run_ids[item] = run_id
+    run_ids = report.pick_runs(parse_list("runs", runs)) if runs is not None else {}
     write_and_log_report(report.build_report(run_ids), out)
 
 
@@ -671,7 +662,7 @@ def write_and_log_report(sections: list, out: Path) -> None:
     from cifarexp.jobs import Labels
 
     try:
-        path = report.write_report(sections, out, tracking.current_uri())
+        path = report.write_report(sections, out, tracking.shown_uri())
     except OSError as exc:
         raise _unwritable(out, exc) from None
     for section in sections:

@@ -181,6 +181,8 @@ def print_section(section: Section) -> None:
     """A section's tables and text, and the run they are logged on."""
     from analysis.report import TITLES
 
+    for note in section.notes:
+        console.print(note, style="bold yellow", highlight=False)
     for name, table in section.tables.items():
         if not table.empty:
             console.print(render(table, f"{TITLES[name]} ({section.dataset})"))

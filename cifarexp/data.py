@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
+import threading
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
+from cifarexp import processes
 from cifarexp.config import CifarexpError, TrainConfig
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -120,9 +126,9 @@ def make_loader(
     *,
     train: bool,
     sampler: Sampler[int] | None = None,
-) -> DataLoader:
+) -> WatchedLoader:
     """The study's DataLoader: shuffled for training (or in `sampler`'s order: one rank's
-    shard), cfg.workers worker processes.
+    shard), cfg.workers worker processes, each batch due within cfg.loader_timeout.
 
     More workers than usable CPUs is allowed (C3 sweeps past them) but warned about once,
     in place of PyTorch's repeated one."""
@@ -131,7 +137,7 @@ def make_loader(
             f"{cfg.workers} DataLoader workers > {cpu_count()} CPUs this process may use",
             stacklevel=2,
         )
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         shuffle=train and sampler is None,
@@ -139,6 +145,93 @@ def make_loader(
         num_workers=cfg.workers,
         pin_memory=cfg.pin_memory,
         persistent_workers=cfg.persistent_workers,
-        timeout=cfg.loader_timeout if cfg.workers > 0 else 0,  # a stuck worker fails the run
         generator=torch.Generator().manual_seed(cfg.seed),
     )
+    return WatchedLoader(loader, cfg.loader_timeout)
+
+
+class LoaderTimeout(CifarexpError):
+    """No batch came from the DataLoader's workers in time."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(
+            f"DataLoader timed out after {timeout:g} seconds: no batch from its workers (one "
+            "is stuck, or too slow); the run is FAILED. Raise the timeout, or use 0 workers",
+            "loader_timeout",
+        )
+
+
+class WatchedLoader:
+    """A DataLoader whose workers must deliver each batch within `timeout` seconds (0: no
+    limit). Past it a watchdog thread interrupts the wait for the batch, even a read of a
+    half-written batch that would never return; the workers are then killed (SIGKILL
+    reaches a stopped process too, so nothing is left to wait for at exit) and the wait
+    ends with LoaderTimeout."""
+
+    def __init__(self, loader: DataLoader, timeout: float) -> None:
+        self.loader, self.timeout = loader, timeout
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        if self.timeout <= 0 or self.loader.num_workers == 0:  # no worker to wait for
+            return iter(self.loader)
+        return self._watched()
+
+    def _watched(self) -> Iterator:
+        watch = _Watchdog(self.timeout, can_interrupt=processes.allow_interrupts())
+        batches = iter(self.loader)  # starts the workers: part of waiting for batch 1
+        watch.start()
+        try:
+            while True:
+                watch.since = time.monotonic()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                except BaseException:
+                    if watch.fired:
+                        processes.withdraw_interrupt()
+                        _kill_workers()
+                        raise LoaderTimeout(self.timeout) from None
+                    raise
+                finally:
+                    watch.since = None
+                yield batch
+        finally:
+            watch.stopped.set()
+
+
+def _kill_workers() -> None:
+    """SIGKILL the DataLoader's workers. From the main thread, with PyTorch's SIGCHLD check
+    off meanwhile: it would raise their death wherever the main thread is then."""
+    in_main = threading.current_thread() is threading.main_thread()
+    check = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if in_main else None
+    try:
+        for worker in multiprocessing.active_children():  # the DataLoader's workers
+            worker.kill()
+            worker.join()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGCHLD, check)
+
+
+class _Watchdog(threading.Thread):
+    def __init__(self, timeout: float, *, can_interrupt: bool) -> None:
+        super().__init__(name="cifarexp loader watchdog", daemon=True)
+        self.timeout, self.can_interrupt = timeout, can_interrupt
+        self.since: float | None = None  # when the wait for the current batch began
+        self.fired = False
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.1):
+            since = self.since
+            if since is not None and time.monotonic() - since > self.timeout:
+                self.fired = True
+                if self.can_interrupt:
+                    processes.interrupt_main(LoaderTimeout(self.timeout))
+                else:  # only the workers' death can end the main thread's wait
+                    _kill_workers()
+                return

@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import pandas as pd
@@ -35,6 +35,7 @@ class Answer(Protocol):
     tables: dict[str, pd.DataFrame]
     figures: dict[str, Figure]
     text: str
+    notes: list[str]  # what makes it less than a result
 
     def metrics(self) -> dict[str, float]: ...
 
@@ -52,10 +53,12 @@ class Comparison:
     parent_id: str
     progress: Progress | None
     reused: dict[str, str]  # variant -> finished child of a resumed run
+    variants: list[str] = field(default_factory=list)  # those run (or reused), in order
 
     def run(self, variant: str, cfg: TrainConfig, nproc: int = 1) -> str:
         """Train one variant as a child run (or reuse its finished run); its run id. With
         `nproc` > 1 it trains data-parallel in that many processes under torchrun."""
+        self.variants.append(variant)
         if variant in self.reused:
             log.info(f"{variant}: reusing finished run {self.reused[variant]}")
             return self.reused[variant]
@@ -80,14 +83,16 @@ class Comparison:
 
     def finish(self, summarize: Summarize[A]) -> A:
         """The answer, built from the store once every variant has run, logged on the
-        parent: its tables (CSV), plots, text and headline metrics."""
+        parent: its tables (CSV), plots, text and headline metrics. The parent records the
+        variants it ran, so that one whose run is missing later is seen."""
+        tracking.set_tags({tracking.VARIANTS: ",".join(self.variants)})
         answer = summarize(self.labels.exercise, self.parent_id)
         for name, table in answer.tables.items():
             tracking.log_table(table, f"{name}.csv")
         for name, figure in answer.figures.items():
             tracking.log_figure(figure, f"{name}.png")
-        if answer.text:
-            tracking.log_text(answer.text, "notes.md")
+        if answer.text or answer.notes:
+            tracking.log_text("\n\n".join([*answer.notes, answer.text]).strip(), "notes.md")
         tracking.log_metrics(answer.metrics())
         return answer
 
@@ -113,6 +118,7 @@ def comparison(
     tags = {
         **labels.tags(), tracking.DATASET: base.dataset, **environment_tags(device),
         tracking.DEVICE: str(options.get("devices", device.type)),
+        tracking.SETTINGS: tracking.settings_digest(params), **tracking.owner_tag(),
     }  # fmt: skip
     with tracking.start_run(
         experiment, run_name=labels.command, tags=tags, params=params, reopen=reopen
@@ -194,7 +200,7 @@ def resolve_best_workers(device: str, dataset: str) -> int:
     if sweep is None:
         raise ConfigError(
             f"best: no finished sweep-workers run for {device_type} and {dataset} in "
-            f"{tracking.current_uri()}; run `cifarexp sweep-workers` first",
+            f"{tracking.shown_uri()}; run `cifarexp sweep-workers` first",
             "workers",
         )
     best = int(sweep["metrics.best_workers"])

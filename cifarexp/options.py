@@ -31,8 +31,14 @@ def flag(field: str) -> str:
     return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
-def _option(help: str, panel: str, *names: str) -> typer.models.OptionInfo:
-    return typer.Option(*names, help=help, rich_help_panel=panel)
+def _option(help: str, panel: str, *names: str, **settings: object) -> typer.models.OptionInfo:
+    return typer.Option(*names, help=help, rich_help_panel=panel, **settings)
+
+
+def _env(field: str) -> str:
+    """The environment variable a switch also reads (true or false): MLproject's entry points
+    pass switches through it, so that a parameter's value can never become an option."""
+    return "CIFAREXP_" + field.upper()
 
 
 # ---------------------------------------------------------------- data
@@ -52,8 +58,11 @@ DatasetName = Annotated[
 DataDir = Annotated[str, _option("Where CIFAR-10 is (downloaded when absent).", DATA)]
 TrainSize = Annotated[int | None, _option("Train on the first N images only.", DATA)]
 TestSize = Annotated[int | None, _option("Evaluate on the first N test images only.", DATA)]
-PinMemory = Annotated[bool, _option("DataLoader pin_memory.", DATA)]
-PersistentWorkers = Annotated[bool, _option("Keep DataLoader workers between epochs.", DATA)]
+PinMemory = Annotated[bool, _option("DataLoader pin_memory.", DATA, envvar=_env("pin_memory"))]
+PersistentWorkers = Annotated[
+    bool,
+    _option("Keep DataLoader workers between epochs.", DATA, envvar=_env("persistent_workers")),
+]
 LoaderTimeout = Annotated[
     float,
     _option(
@@ -98,7 +107,9 @@ PrecisionName = Annotated[
         "--precision",
     ),
 ]
-ChannelsLast = Annotated[bool, _option("Model and inputs in NHWC memory order.", FAST)]
+ChannelsLast = Annotated[
+    bool, _option("Model and inputs in NHWC memory order.", FAST, envvar=_env("channels_last"))
+]
 Compile = Annotated[
     CompileMode,
     _option(

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -104,6 +105,36 @@ def raise_pending() -> None:
 def acknowledge() -> None:
     """The stops received so far have been acted upon (their runs are ended)."""
     _stops.pending.clear()
+
+
+_for_main: list[BaseException] = []  # what interrupt_main raises in the main thread
+
+
+def _raise_for_main(signum: int, frame: object) -> None:
+    if _for_main:
+        raise _for_main.pop()
+
+
+def allow_interrupts() -> bool:
+    """Let `interrupt_main` reach this process's main thread (call it from there); whether
+    it can (signal handlers are set from the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGUSR1, _raise_for_main)
+    return True
+
+
+def interrupt_main(error: BaseException) -> None:
+    """Raise `error` in the main thread, even one blocked in a system call that would never
+    return (a read from a stopped DataLoader worker): SIGUSR1 interrupts the call and its
+    handler raises `error`. Only after `allow_interrupts`; `withdraw_interrupt` cancels it."""
+    _for_main.append(error)
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+
+def withdraw_interrupt() -> None:
+    """The main thread has acted on its own: a late interrupt raises nothing."""
+    _for_main.clear()
 
 
 # ---------------------------------------------------------------- several processes

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import json
 import logging
 import os
+import re
+import socket
+import sqlite3
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -16,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import mlflow
 import pandas as pd
+import psutil
 from mlflow.exceptions import MlflowException
 
 from cifarexp import processes
@@ -32,6 +40,10 @@ COMMAND, EXERCISE, VARIANT, DATASET, DEVICE = (
     TAG + name for name in ("command", "exercise", "variant", "dataset", "device")
 )
 ERROR = TAG + "error"
+DIVERGED = TAG + "diverged"  # the epoch from which the training loss is not finite
+# A comparison's parent: a digest of its settings (set as it is created, so that --resume
+# finds it even if it was killed at once), the process that runs it, the variants it ran.
+SETTINGS, OWNER, VARIANTS = TAG + "settings", TAG + "owner", TAG + "variants"
 STORE_ERRORS: tuple[type[Exception], ...] = (MlflowException,)  # failures of the store itself
 # Tracking URI schemes MLflow can keep runs in (+driver allowed); never the legacy file store.
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -42,6 +54,7 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_TI
 # MLflow's SQLite sessions already wait up to 20 s for another process's lock (busy_timeout);
 # a write still refused with "database is locked" is tried again after each of these pauses.
 LOCKED_RETRY_DELAYS_S = (1, 2, 4, 8, 16, 32)
+log = logging.getLogger(__name__)
 
 
 class StoreFailed(CifarexpError):
@@ -57,13 +70,17 @@ def use_store(tracking_uri: str | None, world: World = World()) -> str:
     """Point MLflow at `tracking_uri` (else MLFLOW_TRACKING_URI, else MLflow's default), as
     `world`'s process: only a process that writes (rank 0) opens the store.
 
-    The store is checked up front: a malformed URI is a ConfigError, a store that cannot be
-    opened or a server that cannot be reached one clear CifarexpError (not minutes of
-    retries), each naming where the URI came from.
+    The store is checked up front, fast: a malformed URI is a ConfigError; a sqlite file that
+    cannot be written, a store that cannot be opened or a server that cannot be reached one
+    clear CifarexpError (not minutes of retries), each naming where the URI came from. A new
+    sqlite store is made whole or not at all (see `_prepare_sqlite`).
     """
     global _world
     _world = world
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no store-creation chatter
+    # Their chatter, retries and tracebacks: a store error is cifarexp's one line, its cause
+    # included (see root_cause).
+    for name in ("mlflow", "alembic", "sqlalchemy", "urllib3"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     source = _Source(tracking_uri)
     uri = tracking_uri or mlflow.get_tracking_uri()
     _check_uri(uri, source)
@@ -78,14 +95,16 @@ def use_store(tracking_uri: str | None, world: World = World()) -> str:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise source.error(
-                CifarexpError, f"cannot reach the tracking server at {uri} ({reason})"
+                CifarexpError, f"cannot reach the tracking server at {redact(uri)} ({reason})"
             ) from None
         return uri
+    if uri.startswith("sqlite:///"):
+        _prepare_sqlite(Path(sqlite_path(uri)), source)
     try:
         mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as exc:  # any failure to open it: missing driver, not a database, ...
         raise source.error(
-            CifarexpError, f"cannot open the tracking store {uri} ({_first_line(exc)})"
+            CifarexpError, f"cannot open the tracking store {redact(uri)} ({root_cause(exc)})"
         ) from None
     return uri
 
@@ -109,27 +128,166 @@ def _check_uri(uri: str, source: _Source) -> None:
     """A URI MLflow can keep runs in, else a ConfigError naming `source`."""
     scheme, _, rest = uri.partition(":")
     scheme = scheme.split("+")[0]
+    shown = repr(redact(uri))
     if scheme not in STORE_SCHEMES or not rest:
         raise source.error(
             ConfigError,
-            f"{uri!r} is not a tracking URI cifarexp can use; give sqlite:///PATH.db, "
+            f"{shown} is not a tracking URI cifarexp can use; give sqlite:///PATH.db, "
             "http(s)://HOST:PORT or a database URL",
         )
-    path = rest.removeprefix("///").split("?")[0]
+    path = sqlite_path(uri)
     if scheme == "sqlite" and (not rest.startswith("///") or path in ("", ":memory:")):
         raise source.error(
             ConfigError,
-            f"{uri!r} is not a sqlite file (an in-memory store keeps nothing); give "
+            f"{shown} is not a sqlite file (an in-memory store keeps nothing); give "
             "sqlite:///PATH.db",
         )
-    if scheme in ("http", "https") and not urllib.parse.urlparse(uri).hostname:
-        raise source.error(ConfigError, f"{uri!r} names no host; give {scheme}://HOST:PORT")
+    try:
+        host = urllib.parse.urlsplit(uri).hostname
+    except ValueError as exc:
+        raise source.error(ConfigError, f"{shown} is not a valid URL ({exc})") from None
+    if scheme in ("http", "https") and not host:
+        raise source.error(ConfigError, f"{shown} names no host; give {scheme}://HOST:PORT")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = exc.message if isinstance(exc, MlflowException) else str(exc)
+def sqlite_path(uri: str) -> str:
+    """The file of a sqlite:///PATH URI (its query left out)."""
+    return uri.removeprefix("sqlite:///").split("?")[0]
+
+
+def redact(uri: str) -> str:
+    """`uri` with any password replaced by ***, as cifarexp shows or writes it."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        password = parts.password
+    except ValueError:
+        return uri.split("@")[-1] if "@" in uri else uri
+    if not password:
+        return uri
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def shown_uri() -> str:
+    """The tracking URI in use, as cifarexp shows it (credentials masked)."""
+    return redact(mlflow.get_tracking_uri())
+
+
+def root_cause(exc: BaseException) -> str:
+    """The first line of the deepest error behind `exc` (what SQLite or the system said, not
+    the wrapper around it: "database or disk is full", not "Query-invoked autoflush")."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+    deepest = seen[-1]
+    text = deepest.message if isinstance(deepest, MlflowException) else str(deepest)
     lines = str(text).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return f"{type(deepest).__name__}: {redact(lines[0]) if lines else ''}"
+
+
+# ---------------------------------------------------------------- a sqlite store
+
+
+def _prepare_sqlite(path: Path, source: _Source) -> None:
+    """A sqlite store ready to use, or one clear error.
+
+    Checked without MLflow (which retries for minutes): the folder exists and takes new
+    files; the file, if there, is a writable SQLite database at the schema this MLflow
+    expects. A store that does not exist yet is built in a temporary file of its folder and
+    moved into place, under a lock on the folder: one process builds it while the others
+    wait, and an interrupted build leaves no store at all. A store left half-made (an older
+    cifarexp interrupted while MLflow built it in place) holds no run: it is rebuilt, the old
+    file kept beside it. One at another schema, with runs, is named with the command that
+    upgrades it.
+    """
+    shown = f"sqlite:///{path}"
+    folder = path.parent.resolve()
+    if path.is_dir():
+        raise source.error(CifarexpError, f"{shown} is a folder, not a database file")
+    if not folder.is_dir():
+        raise source.error(CifarexpError, f"cannot make {shown}: no folder {folder}")
+    if _schema(path, shown, source) == "ready":
+        return
+    with _locked(folder, shown, source):
+        state = _schema(path, shown, source)  # again: another process may have built it
+        if state == "ready":
+            return
+        if state != "missing":
+            kept = path.with_name(f"{path.name}.half-made-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, kept)
+            log.warning(f"{shown} was half-made ({state}, no runs): rebuilt; old file: {kept}")
+        _build(path, shown, source)
+
+
+def _schema(path: Path, shown: str, source: _Source) -> str:
+    """ "ready" (at this MLflow's schema, writable), "missing", or why a store without runs
+    is not ready; a store with runs at another schema, or one that is not a writable SQLite
+    database, is an error."""
+    if not path.exists() or path.stat().st_size == 0:
+        return "missing"
+    from mlflow.store.db.utils import _get_latest_schema_revision  # what MLflow expects
+
+    head = _get_latest_schema_revision()
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=20)) as db:
+            tables = {row[0] for row in db.execute("select name from sqlite_master")}
+            version = None
+            if "alembic_version" in tables:
+                found = db.execute("select version_num from alembic_version").fetchone()
+                version = found[0] if found else None
+            runs = db.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
+            db.execute("begin immediate")  # a write, undone: fails on a read-only file or folder
+            db.execute("create table cifarexp_write_check (x)")
+            db.rollback()
+    except sqlite3.Error as exc:
+        raise source.error(CifarexpError, f"cannot use {shown} ({exc})") from None
+    if version == head:
+        return "ready"
+    state = f"schema {version or 'none'}, expected {head}"
+    if runs:
+        raise source.error(
+            CifarexpError,
+            f"{shown} holds {runs} runs at {state}: back it up, then run "
+            f"`mlflow db upgrade {shown}`",
+        )
+    return state
+
+
+@contextmanager
+def _locked(folder: Path, shown: str, source: _Source) -> Iterator[None]:
+    """An exclusive lock on `folder`, held by one process at a time (released if it dies)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as exc:
+        raise source.error(CifarexpError, f"cannot make {shown} ({exc.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build(path: Path, shown: str, source: _Source) -> None:
+    """Build a new store in a temporary file beside `path`, then move it into place."""
+    for stale in path.parent.glob(f".{path.name}.new-*"):  # a build interrupted earlier
+        stale.unlink(missing_ok=True)
+    building = path.with_name(f".{path.name}.new-{os.getpid()}")
+    artifacts = (path.parent.resolve() / "mlartifacts").as_uri()
+    try:
+        with processes.stops_deferred():  # a few seconds; a stop waits, then comes
+            with open(building, "xb"):  # the folder takes files: else fail now, not in retries
+                pass
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = SqlAlchemyStore(f"sqlite:///{building}", artifacts)
+            store.engine.dispose()
+            os.replace(building, path)
+    except Exception as exc:  # the folder, the disk, MLflow's migrations: one line
+        raise source.error(CifarexpError, f"cannot make {shown} ({root_cause(exc)})") from None
+    finally:
+        building.unlink(missing_ok=True)
+    processes.raise_pending()
 
 
 def is_writer() -> bool:
@@ -194,8 +352,7 @@ def start_run(
             _end_failed_run(run_id, "FAILED", error=exc.__cause__)
             raise exc.__cause__ from None
         if run_id is None:
-            uri = mlflow.get_tracking_uri()
-            raise CifarexpError(f"tracking store {uri}: {exc.message}") from None
+            raise CifarexpError(f"tracking store {shown_uri()}: {root_cause(exc)}") from None
         _end_failed_run(run_id, "FAILED")
         raise StoreFailed(_store_failed(run_id, exc)) from None
     except BaseException as exc:
@@ -213,6 +370,8 @@ def _create_run(
     """Start (or, with `reopen`, continue) the run as MLflow's active run; its id."""
     if parent is None and not os.environ.get("MLFLOW_RUN_ID"):
         _set_experiment(experiment)
+    if reopen is not None:
+        _claim(reopen)
     run = mlflow.start_run(
         run_id=reopen,
         run_name=run_name,
@@ -241,10 +400,28 @@ def _set_experiment(name: str) -> None:
     `mlartifacts/` beside the database file (never the legacy ./mlruns)."""
     uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
-        root = Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
+        root = Path(sqlite_path(uri)).resolve().parent / "mlartifacts"
         with contextlib.suppress(MlflowException):  # created meanwhile by another command
             mlflow.create_experiment(name, artifact_location=root.as_uri())
-    mlflow.set_experiment(name)
+    _check_artifacts(mlflow.set_experiment(name))
+
+
+def _check_artifacts(experiment: mlflow.entities.Experiment) -> None:
+    """An experiment's artifacts, where they are local files, can be written: checked before
+    a run starts, so that a read-only or full artifact folder is one line, not a FAILED run."""
+    location = experiment.artifact_location
+    if not location.startswith(("file:", "/")):
+        return  # a server or a cloud store: it answers for itself
+    folder = Path(urllib.parse.unquote(urllib.parse.urlsplit(location).path))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise CifarexpError(
+            f"cannot write the artifacts of experiment {experiment.name!r} to {folder} "
+            f"({exc.strerror})"
+        ) from None
 
 
 def _end_run(run_id: str | None, status: str, error: BaseException | None = None) -> None:
@@ -285,8 +462,8 @@ def _store_failed(run_id: str, exc: BaseException) -> str:
     else:
         logged = f"epochs logged: {', '.join(map(str, epochs))}"
     return (
-        f"the tracking store {mlflow.get_tracking_uri()} failed during run {run_id} "
-        f"({_first_line(exc)}); {logged}; the run is left unfinished"
+        f"the tracking store {shown_uri()} failed during run {run_id} "
+        f"({root_cause(exc)}); {logged}; the run is left unfinished"
     )
 
 
@@ -317,6 +494,13 @@ def _retry_locked(write: Callable[[], None]) -> None:
     write()
 
 
+def has_tag(key: str) -> bool:
+    """Whether the active run has the tag `key` (False on a process that does not write)."""
+    if not is_writer():
+        return False
+    return key in mlflow.get_run(mlflow.active_run().info.run_id).data.tags
+
+
 def set_tags(tags: Mapping[str, object]) -> None:
     if not is_writer():
         return
@@ -337,29 +521,41 @@ def log_epoch(result: EpochResult) -> None:
     _epochs_logged.setdefault(mlflow.active_run().info.run_id, []).append(result.epoch)
 
 
+@contextmanager
+def _writing_artifact(name: str) -> Iterator[None]:
+    """An artifact that cannot be written (a full disk, a read-only folder) as one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise CifarexpError(
+            f"cannot write the artifact {name} of the run ({exc.strerror})"
+        ) from None
+
+
 def log_text(text: str, artifact_file: str) -> None:
     if not is_writer():
         return
-    mlflow.log_text(text, artifact_file)
+    with _writing_artifact(artifact_file):
+        mlflow.log_text(text, artifact_file)
 
 
 def log_artifacts(folder: Path) -> None:
     if not is_writer():
         return
-    mlflow.log_artifacts(str(folder))
+    with _writing_artifact(str(folder)):
+        mlflow.log_artifacts(str(folder))
 
 
 def log_table(table: pd.DataFrame, artifact_file: str) -> None:
     """A table as a CSV artifact (readable in the UI and by any tool)."""
-    if not is_writer():
-        return
-    mlflow.log_text(table.to_csv(index=False), artifact_file)
+    log_text(table.to_csv(index=False), artifact_file)
 
 
 def log_figure(figure: Figure, artifact_file: str) -> None:
     if not is_writer():
         return
-    mlflow.log_figure(figure, artifact_file)
+    with _writing_artifact(artifact_file):
+        mlflow.log_figure(figure, artifact_file)
 
 
 def search_runs(filter_string: str = "") -> pd.DataFrame:
@@ -389,6 +585,14 @@ def metric_history(run_id: str, keys: list[str]) -> pd.DataFrame:
     }
     frame = pd.DataFrame({k: v for k, v in series.items() if not v.empty})
     return frame.rename_axis("step").reset_index()
+
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids: a UUID's 32 hex digits
+
+
+def is_run_id(text: str) -> bool:
+    """Whether `text` has the form of a run id (checked before it goes into a filter)."""
+    return RUN_ID.fullmatch(text) is not None
 
 
 def tag_filter(tags: Mapping[str, str]) -> str:
@@ -427,12 +631,84 @@ def latest_sweep(device_type: str, dataset: str) -> pd.Series | None:
     return None if found.empty else found.iloc[0]
 
 
+def settings_digest(params: Mapping[str, object]) -> str:
+    """A short digest of a comparison's settings (its params)."""
+    text = json.dumps({k: str(v) for k, v in params.items()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
 def unfinished(exercise: str, params: Mapping[str, object]) -> pd.Series | None:
-    """The newest top-level run of `exercise` (C3, C5, C5-scaling, ...), if it has exactly
-    these params and did not finish (FAILED, KILLED, or RUNNING because its process was
-    killed outright)."""
+    """The newest top-level run of `exercise` (C3, C5, C5-scaling, ...) with these settings,
+    if it did not finish (FAILED, KILLED, or RUNNING because its process was killed outright
+    or is still running: see `start_run`'s reopen)."""
     found = top_level(search_runs(tag_filter({EXERCISE: exercise})))
+    digest = settings_digest(params)
     for _, run in found.iterrows():
-        if all(str(run.get(f"params.{k}")) == str(v) for k, v in params.items()):
+        same = run.get(f"tags.{SETTINGS}") == digest or all(
+            str(run.get(f"params.{k}")) == str(v) for k, v in params.items()
+        )
+        if same:
             return None if run["status"] == "FINISHED" else run
     return None
+
+
+# ---------------------------------------------------------------- who runs a comparison
+
+
+def owner_tag() -> dict[str, str]:
+    """This process, as the owner of the run it starts: host, pid and start time."""
+    me = psutil.Process()
+    return {
+        OWNER: json.dumps(
+            {"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()}
+        )
+    }
+
+
+def _owner_alive(text: str | None) -> bool | None:
+    """Whether the process of an owner tag still runs: None where it cannot be told (another
+    host's process); False without a tag (a run from before owners were recorded)."""
+    try:
+        owner = json.loads(text or "")
+    except json.JSONDecodeError:
+        return False
+    if owner.get("host") != socket.gethostname():
+        return None
+    try:
+        return abs(psutil.Process(owner["pid"]).create_time() - owner["started"]) < 1
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError):
+        return False
+
+
+def _claim(run_id: str) -> None:
+    """Make this process the owner of the unfinished run `run_id`, which it reopens; a run
+    that another live process still runs is refused. On a sqlite store the check and the
+    claim hold the store's folder lock (two --resume at once: one wins); elsewhere the tag
+    is read back after a pause, the last writer owning it."""
+    uri = mlflow.get_tracking_uri()
+    local = uri.startswith("sqlite:///")
+    lock = _locked(Path(sqlite_path(uri)).parent.resolve(), uri, _Source(uri)) if local else None
+    client, mine = mlflow.MlflowClient(), owner_tag()[OWNER]
+    with lock or contextlib.nullcontext():
+        run = client.get_run(run_id)
+        holder = run.data.tags.get(OWNER)
+        if run.info.status == "RUNNING" and _owner_alive(holder) is not False:
+            raise CifarexpError(
+                f"run {run_id} is still being run by {_describe(holder)}: wait for it to end, "
+                "or stop it first (its finished variants are kept)"
+            )
+        client.set_tag(run_id, OWNER, mine)
+        client.update_run(run_id, status="RUNNING")  # taken: a second claim sees it running
+    if not local:
+        time.sleep(1)
+        holder = client.get_run(run_id).data.tags.get(OWNER)
+        if holder != mine:
+            raise CifarexpError(f"run {run_id} was taken over meanwhile by {_describe(holder)}")
+
+
+def _describe(owner: str | None) -> str:
+    try:
+        found = json.loads(owner or "")
+        return f"pid {found['pid']} on {found['host']}"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "another process"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -42,6 +43,11 @@ TINY_ARGS = [
     "cpu",
     "--quiet",
 ]
+
+
+def one_message(output: str) -> str:
+    """The output as one line, without the usage box's borders and wrapping."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
 
 
 def without(option: str, args: list[str] = TINY_ARGS) -> list[str]:

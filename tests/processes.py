@@ -3,6 +3,8 @@ server that goes away."""
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import shutil
 import signal
@@ -21,6 +23,8 @@ from tests.conftest import all_runs
 
 @dataclass
 class Process:
+    """A process started by `start`: in its own process group, its output in a log file."""
+
     popen: subprocess.Popen
     log_path: Path
 
@@ -31,14 +35,17 @@ class Process:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
     def wait(self, timeout: float = 300) -> int:
         return self.popen.wait(timeout=timeout)
 
     def stop(self) -> None:
         """Kill the process and everything it started (its own process group)."""
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(timeout=30)
+        if self.poll() is None:
+            os.killpg(self.pid, signal.SIGKILL)
+        self.wait(timeout=30)
 
 
 def start(command: list[str], cwd: Path, name: str, env: dict[str, str] | None = None) -> Process:
@@ -57,8 +64,80 @@ def start(command: list[str], cwd: Path, name: str, env: dict[str, str] | None =
     return Process(popen, log_path)
 
 
-def start_cifarexp(*args: str, cwd: Path, name: str = "cifarexp") -> Process:
-    return start([sys.executable, "-m", "cifarexp", *args], cwd, name)
+# `cifarexp ...` as a new process forked from a server that has imported cifarexp, torch and
+# MLflow once (importing them takes seconds of CPU a process here): the same program from its
+# first line, its own session, working folder, environment and output.
+ROOT = Path(__file__).resolve().parents[1]
+PRELOAD = ["cifarexp.cli", "cifarexp.jobs", "cifarexp.experiments", "analysis.report"]
+_forkserver = multiprocessing.get_context("forkserver")
+_forkserver.set_forkserver_preload(PRELOAD)
+
+
+@dataclass
+class ForkedProcess:
+    """`cifarexp ARGS` forked from the preloaded server (see `start_cifarexp`)."""
+
+    process: multiprocessing.process.BaseProcess
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float = 300) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"cifarexp (pid {self.pid})", timeout)
+        return self.process.exitcode
+
+    def stop(self) -> None:
+        """Kill the process and everything it started (its own process group)."""
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+        self.wait(timeout=30)
+
+
+def _run_cifarexp(args: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> None:
+    """In the forked process: become `cifarexp ARGS` started in `cwd` with `env`."""
+    multiprocessing.set_start_method(
+        None, force=True
+    )  # a new process's (the forkserver set its own)
+    os.setsid()
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    sys.argv = ["cifarexp", *args]
+    from cifarexp.cli import main
+
+    main()
+
+
+def start_cifarexp(
+    *args: str, cwd: Path, name: str = "cifarexp", env: dict[str, str] | None = None
+) -> ForkedProcess:
+    """`cifarexp ARGS` in a process of its own (see PRELOAD), output into `cwd`/`name`.log."""
+    log_path = cwd / f"{name}.log"
+    log_path.touch()
+    process = _forkserver.Process(
+        target=_run_cifarexp, args=(list(args), cwd, {**os.environ, **(env or {})}, log_path)
+    )
+    here = os.getcwd()
+    os.chdir(ROOT)  # the server, started with the first process, works in no test's folder
+    try:
+        process.start()
+    finally:
+        os.chdir(here)
+    return ForkedProcess(process, log_path)
 
 
 def wait_for_epoch(
@@ -68,7 +147,7 @@ def wait_for_epoch(
     (polling the store)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.popen.poll() is None, f"ended before an epoch:\n{process.log()}"
+        assert process.poll() is None, f"ended before an epoch:\n{process.log()}"
         logged = [
             run
             for run in all_runs(client)

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from analysis import queries, report, tables
+from tests.conftest import one_message
 from tests.fake_runs import log_run, log_study
 
 
@@ -157,3 +158,26 @@ def test_report_runs_option_picks_runs_and_rejects_malformed_pairs(cli, study, t
     assert result.exit_code == 0, result.output
     result = cli("report", "--runs", "C9=abc")
     assert result.exit_code == 2 and "--runs" in result.output
+
+
+@pytest.mark.parametrize(
+    ("pick", "message"),
+    [
+        (lambda ids, killed: f"C3={ids['C6']}", "is a C6 run, not C3"),
+        (lambda ids, killed: f"C2={killed}", "is KILLED"),
+        (lambda ids, killed: "C2=' or 1=1 or run_id='", "is not a run id"),
+    ],
+)
+def test_report_runs_takes_finished_runs_of_their_item_only(cli, client, study, pick, message):
+    experiment = client.get_run(study["C2"]).info.experiment_id
+    killed = log_run(client, experiment, command="time", exercise="C2", status="KILLED")
+    result = cli("report", "--runs", pick(study, killed))
+    assert result.exit_code == 2, result.output
+    assert message in one_message(result.output) and "--runs" in result.output
+
+
+def test_the_report_escapes_what_users_and_the_store_wrote(study, tmp_path):
+    uri = "sqlite:///x.db`\n## INJECTED [link](http://evil) | cell"
+    text = report.write_report(report.build_report(), tmp_path / "out", uri).read_text()
+    assert not any(line.startswith("## INJECTED") for line in text.splitlines())
+    assert "\\#\\# INJECTED \\[link\\](http://evil) \\| cell" in text

@@ -4,13 +4,13 @@ nothing in the store for a usage error."""
 
 from __future__ import annotations
 
-import re
+from pathlib import Path
 
 import pytest
 from torchvision import datasets
 
 from cifarexp.cli import app
-from tests.conftest import TINY_ARGS, all_runs, without
+from tests.conftest import TINY_ARGS, all_runs, one_message, without
 
 USAGE, RUNTIME = 2, 1
 TRAINING = ["time", "sweep-workers", "compare-device", "compare-optim", "no-bn"]
@@ -49,6 +49,21 @@ SHARED = [
     (["--workers", "x"], "--workers", USAGE),
     (["--workers", "-1"], "--workers", USAGE),
     (["--persistent-workers"], "--persistent-workers", USAGE),  # with --workers 0
+    (["--seed", "-1"], "--seed", USAGE),
+    (["--seed", str(2**40)], "--seed", USAGE),
+    (["--train-size", str(10**12)], "--train-size", USAGE),  # more than memory holds
+    (["--test-size", str(10**12)], "--test-size", USAGE),
+    (["--batch-size", str(10**12)], "--batch-size", USAGE),
+    (["--workers", str(10**6)], "--workers", USAGE),
+    (["--loader-timeout", "inf"], "--loader-timeout", USAGE),
+    (["--loader-timeout", "nan"], "--loader-timeout", USAGE),
+    (["--lr", "inf"], "--lr", USAGE),
+    (["--lr", "nan"], "--lr", USAGE),
+    (["--weight-decay", "inf"], "--weight-decay", USAGE),
+    (["--momentum", "inf"], "--momentum", USAGE),
+    (["--device", "cuda:\u0663"], "--device", USAGE),  # an Arabic-Indic digit three
+    (["--device", "cuda:" + "9" * 20], "--device", USAGE),
+    ([*CIFAR10, "empty", "--train-size", "60000"], "--train-size", USAGE),  # > CIFAR-10's
     ([*CIFAR10, "empty"], "--data-dir", RUNTIME),  # absent, and no download
     ([*CIFAR10, "afile/data"], "--data-dir", RUNTIME),  # cannot be created
     ([*CIFAR10, "corrupt"], "--data-dir", RUNTIME),
@@ -62,6 +77,9 @@ TRACKING = [
     (["--tracking-uri", "./mlruns"], "--tracking-uri", USAGE),  # the legacy file store
     (["--tracking-uri", "sqlite:///afile/mlflow.db"], "--tracking-uri", RUNTIME),
     (["--tracking-uri", "postgresql://u@127.0.0.1:9/db"], "--tracking-uri", RUNTIME),
+    (["--tracking-uri", "http://[::1"], "--tracking-uri", USAGE),
+    (["--tracking-uri", "sqlite:///afolder"], "--tracking-uri", RUNTIME),  # a folder
+    (["--tracking-uri", "sqlite:///afile"], "--tracking-uri", RUNTIME),  # not a database
 ]
 OWN = {
     "sweep-workers": [
@@ -131,6 +149,7 @@ def bad_files(store, tmp_path, monkeypatch):
     """In the working folder: `afile`, a file, and `corrupt`, a CIFAR-10 folder with a damaged
     batch; nothing can be downloaded, and there is no CUDA."""
     (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "afolder").mkdir()
     folder = tmp_path / "corrupt" / datasets.CIFAR10.base_folder
     folder.mkdir(parents=True)
     (folder / "data_batch_1").write_bytes(b"\x80\x04 truncated pickle")
@@ -139,11 +158,6 @@ def bad_files(store, tmp_path, monkeypatch):
     # use_store sets MLflow's HTTP settings unless they are set: keep them to this test
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
-def one_message(output: str) -> str:
-    """The output as one line, without the usage box's borders and wrapping."""
-    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
 
 
 @pytest.mark.parametrize(("command", "args", "option", "code"), cases())
@@ -164,3 +178,44 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing_running(
     if code == USAGE:
         assert runs == []
         assert [e.name for e in client.search_experiments()] == ["Default"]
+
+
+@pytest.mark.parametrize(
+    "environment",
+    [{"WORLD_SIZE": "2"}, {"RANK": "1"}, {"RANK": "x", "WORLD_SIZE": "2"}, {"LOCAL_RANK": "0"}],
+)
+def test_torchrun_variables_half_set_are_one_line_and_no_run(cli, client, monkeypatch, environment):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    result = cli("time", *TINY_ARGS)
+    assert result.exit_code == USAGE, result.output
+    assert "Traceback" not in result.output
+    assert "torchrun's environment" in one_message(result.output)
+    assert all_runs(client) == []
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["postgresql://user:s3cret@127.0.0.1:9/db", "http://user:s3cret@127.0.0.1:9"],
+)
+def test_a_password_in_the_tracking_uri_is_never_shown(cli, bad_files, uri):
+    result = cli("time", *TINY_ARGS, "--tracking-uri", uri)
+    assert result.exit_code == RUNTIME, result.output
+    assert "s3cret" not in result.output and "user:***@127.0.0.1" in result.output
+
+
+def test_no_mlproject_parameter_can_become_an_option():
+    # MLflow quotes each value as one word; a value placed where an option's name goes
+    # (`--{switch}`) could still be any option, e.g. -P switch=tracking-uri=...
+    import yaml
+
+    project = yaml.safe_load((Path(__file__).parents[1] / "MLproject").read_text())
+    for name, entry in project["entry_points"].items():
+        assert "--{" not in entry["command"] and "-{" not in entry["command"], name
+
+
+def test_a_switch_from_the_environment_is_true_or_false_and_nothing_else(cli, client, monkeypatch):
+    monkeypatch.setenv("CIFAREXP_PERSISTENT_WORKERS", "tracking-uri=sqlite:///evil.db")
+    result = cli("time", *TINY_ARGS)
+    assert result.exit_code == USAGE and "CIFAREXP_PERSISTENT_WORKERS" in one_message(result.output)
+    assert all_runs(client) == [] and not Path("evil.db").exists()

@@ -7,12 +7,15 @@ import signal
 import time
 
 import mlflow
+import psutil
 import pytest
 from mlflow.exceptions import MlflowException
 
+from analysis import report
 from cifarexp import data, jobs, processes, tracking
 from cifarexp.config import CifarexpError
 from tests.conftest import TINY_ARGS, all_runs, without
+from tests.processes import start_cifarexp
 
 WORKER_DIED = "DataLoader worker (pid 4242) is killed by signal: Killed. "
 
@@ -114,3 +117,52 @@ def test_a_sigterm_while_a_failed_run_is_ended_waits_until_it_is_ended(
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["cifarexp.error"] == "RuntimeError: rank 1 crashed"
+
+
+def test_a_stopped_dataloader_worker_ends_the_run_and_the_process_within_the_timeout(
+    client, tmp_path
+):
+    # Given a run whose DataLoader worker is stopped (SIGSTOP) in epoch 1, twice over,
+    args = [*without("--workers", without("--train-size")), "--train-size", "512"]
+    args += ["--workers", "1", "--loader-timeout", "2"]
+    for attempt in range(2):
+        process = start_cifarexp("time", *args, "--run-name", f"try{attempt}", cwd=tmp_path)
+        try:
+            worker = wait_for_worker(process)
+            worker.suspend()
+            started = time.monotonic()
+            code = process.wait(timeout=120)
+            took = time.monotonic() - started
+        finally:
+            process.stop()
+        # then the command ends (not hangs) with one line, the run FAILED, nothing left.
+        assert code == 1, process.log()
+        [error] = error_lines(process.log())
+        assert "--loader-timeout" in error and "timed out after 2 seconds" in error
+        assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
+        [run] = [r for r in all_runs(client) if r.info.run_name == f"try{attempt}"]
+        assert run.info.status == "FAILED", took
+
+
+def wait_for_worker(process, timeout: float = 180) -> psutil.Process:
+    """The DataLoader worker of `process`, once it has delivered a batch or two."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.log()
+        workers = psutil.Process(process.pid).children()
+        if workers:
+            time.sleep(2)  # into the epoch
+            return workers[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no DataLoader worker in {timeout} s:\n{process.log()}")
+
+
+def test_a_loss_that_is_not_finite_is_tagged_said_and_marked_in_the_report(cli, client, tmp_path):
+    result = cli("time", *TINY_ARGS, "--lr", "1e12")
+
+    assert result.exit_code == 0, result.output
+    assert "the run diverged" in result.output
+    [run] = all_runs(client)
+    assert run.data.tags[tracking.DIVERGED] == "1"
+    [note] = [s for s in report.build_report() if s.item == "C2"][0].notes
+    assert note.startswith("Diverged:")

@@ -3,15 +3,20 @@ for a result, and `--resume` finishes only what is missing."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import signal
+import sqlite3
+import time
 
 from analysis import queries, report, tables
-from cifarexp import jobs, tracking
+from cifarexp import jobs, processes, tracking
 from tests.conftest import TINY_ARGS, all_runs, without
 from tests.processes import start_cifarexp, wait_for_epoch
 
 COMPARE_OPTIM = ["compare-optim", *TINY_ARGS, "--optimizers", "sgd,adam"]
+ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
 PARENT = "mlflow.parentRunId"
 
 
@@ -129,3 +134,148 @@ def test_sigterm_ends_the_run_killed_with_its_finished_epochs(client, tmp_path):
     assert run.info.status == "KILLED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch_time_s")]
     assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) < 20
+
+
+def test_a_stop_as_the_last_epoch_is_logged_ends_the_run_and_says_what_it_is(
+    client, store, tmp_path
+):
+    # Given runs stopped (SIGINT, SIGTERM) the moment their last epoch appears in the store,
+    outcomes = []
+    for number, stop in enumerate([signal.SIGINT, signal.SIGTERM] * 2):
+        name = f"try{number}"
+        process = start_cifarexp("time", *ONE_EPOCH, "--run-name", name, cwd=tmp_path, name=name)
+        try:
+            deadline = time.monotonic() + 180
+            while not logged_epoch(store, name) and time.monotonic() < deadline:
+                assert process.poll() is None, process.log()
+                time.sleep(0.002)
+            os.kill(process.pid, stop)
+            code = process.wait(timeout=60)
+        finally:
+            process.stop()
+        # then each run ended, and what the process said agrees with the store.
+        [run] = [r for r in all_runs(client) if r.info.run_name == name]
+        log = process.log()
+        assert "Traceback" not in log
+        outcomes.append((run.info.status, code))
+        if run.info.status == "KILLED":
+            assert code == 130 and "the run is KILLED" in log, (stop, log)
+        else:
+            assert run.info.status == "FINISHED", (stop, run.info.status, log)
+            assert (code == 0 and "Interrupted" not in log) or (
+                code == 130 and "had FINISHED" in log
+            ), (stop, code, log)
+
+
+def logged_epoch(store: str, run_name: str) -> bool:
+    """Whether the run `run_name` has an epoch in the store (read straight from the file:
+    polling through MLflow would take the CPU the run needs)."""
+    query = (
+        "select count(*) from metrics join runs on metrics.run_uuid = runs.run_uuid "
+        "where runs.name = ? and metrics.key = 'epoch_time_s'"
+    )
+    with contextlib.closing(sqlite3.connect(store.removeprefix("sqlite:///"), timeout=20)) as db:
+        return db.execute(query, (run_name,)).fetchone()[0] > 0
+
+
+def test_a_stop_swallowed_by_python_still_ends_the_run_killed(
+    cli, client, monkeypatch, stop_handlers
+):
+    # Given a SIGTERM that lands in a garbage-collector callback, where Python prints
+    # "Exception ignored" and drops the KeyboardInterrupt it raised,
+    processes.handle_stops(under_torchrun=False)
+    log_epoch = tracking.log_epoch
+
+    def sigterm_in_a_gc_callback(phase, info):
+        gc.callbacks.remove(sigterm_in_a_gc_callback)
+        signal.raise_signal(signal.SIGTERM)
+
+    def log_then_collect(result):
+        log_epoch(result)
+        if result.epoch == 1:
+            gc.callbacks.append(sigterm_in_a_gc_callback)
+            gc.collect()
+
+    monkeypatch.setattr(jobs.tracking, "log_epoch", log_then_collect)
+
+    # when
+    result = cli("time", *without("--epochs"), "--epochs", "3")
+
+    # then the run still ends KILLED after the epoch it finished, and exits so
+    assert result.exit_code == 130, result.output
+    [run] = all_runs(client)
+    assert run.info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+
+
+def test_two_resumes_at_once_run_each_missing_variant_once(cli, client, monkeypatch, tmp_path):
+    # Given a comparison stopped after its first variant,
+    log_epoch, logged = tracking.log_epoch, []
+
+    def interrupt_at_the_third_epoch(result):
+        log_epoch(result)
+        logged.append(result.epoch)
+        if len(logged) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs.tracking, "log_epoch", interrupt_at_the_third_epoch)
+    assert cli(*COMPARE_OPTIM).exit_code == 130
+    monkeypatch.setattr(jobs.tracking, "log_epoch", log_epoch)
+
+    # when two --resume start at the same moment,
+    both = [start_cifarexp(*COMPARE_OPTIM, "--resume", cwd=tmp_path, name=name) for name in "ab"]
+    try:
+        codes = sorted(process.wait() for process in both)
+    finally:
+        for process in both:
+            process.stop()
+
+    # then one resumes it and the other refuses with one line,
+    logs = "\n".join(process.log() for process in both)
+    assert codes == [0, 1], logs
+    [refusal] = [line for line in logs.splitlines() if line.startswith("Error:")]
+    assert "is still being run by pid" in refusal and "Traceback" not in logs
+    # and the comparison is complete, no variant twice.
+    [parent] = [run for run in all_runs(client) if PARENT not in run.data.tags]
+    assert_one_complete_comparison(client, parent.info.run_id)
+    assert runs_by_status(client) == {
+        "FINISHED": ["compare-optim", "optimizer=adam", "optimizer=sgd"],
+        "KILLED": ["optimizer=adam"],
+    }
+
+
+def test_resume_finds_a_comparison_killed_as_soon_as_it_was_created(cli, client, tmp_path):
+    # Given compare-optim SIGKILLed the moment its parent run appears (before its params),
+    process = start_cifarexp(*COMPARE_OPTIM, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while not all_runs(client) and time.monotonic() < deadline:
+            assert process.poll() is None, process.log()
+            time.sleep(0.005)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        process.stop()
+    [parent] = all_runs(client)
+
+    # when
+    result = cli(*COMPARE_OPTIM, "--resume")
+
+    # then that parent is the one completed
+    assert result.exit_code == 0, result.output
+    assert "Nothing to resume" not in result.output
+    assert_one_complete_comparison(client, parent.info.run_id)
+
+
+def test_a_comparison_whose_child_was_deleted_is_reported_as_incomplete(cli, client, tmp_path):
+    assert cli(*COMPARE_OPTIM).exit_code == 0
+    [adam] = [run for run in all_runs(client) if run.info.run_name == "optimizer=adam"]
+    client.delete_run(adam.info.run_id)
+
+    result = cli("report", "--quiet", "--out", str(tmp_path / "r"))
+
+    assert result.exit_code == 0, result.output
+    [note] = c6_section().notes
+    assert note.startswith("Incomplete:") and "optimizer=adam" in note
+    assert "Incomplete:" in (tmp_path / "r" / "report.md").read_text()
+    assert list(c6_section().tables["c6_optimizers"]["optimizer"]) == ["sgd"]

@@ -1,0 +1,226 @@
+"""The sqlite store at its edges: its first creation interrupted or raced, one left half-made
+or at another schema, paths that cannot hold one, and a store that fails mid-run. Each
+fault ends in a usable store, or in one line that names the cause."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cifarexp import jobs
+from tests.conftest import TINY_ARGS, all_runs, without
+from tests.processes import start_cifarexp
+
+ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
+
+
+def store_uri(folder: Path) -> str:
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error:")]
+
+
+def assert_usable(uri: str) -> None:
+    """The store opens at this MLflow's schema and takes a run."""
+    client = MlflowClient(uri)
+    run = client.create_run(client.get_experiment_by_name("Default").experiment_id)
+    client.set_terminated(run.info.run_id)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+@contextmanager
+def immutable(path: Path):
+    """`path` made immutable (chattr +i: not even root may write it); the test is skipped
+    where the filesystem has no such flag."""
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr +i does not work here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_first_command_stopped_while_it_makes_the_store_leaves_it_usable(
+    cli, tmp_path, monkeypatch
+):
+    # Given the very first command on a new store, stopped while the store is being made
+    # (SIGINT or SIGKILL, at several moments after its first file appears),
+    tries = [(stop, delay) for stop in (signal.SIGINT, signal.SIGKILL) for delay in (0, 0.5)]
+    for number, (stop, delay) in enumerate(tries):
+        folder = tmp_path / f"try{number}"
+        folder.mkdir()
+        uri = store_uri(folder)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the started process's
+        process = start_cifarexp("report", "--quiet", "--out", "r", cwd=folder)
+        deadline = time.monotonic() + 120
+        while not any(folder.glob("*mlflow.db*")) and time.monotonic() < deadline:
+            assert process.poll() is None, process.log()
+            time.sleep(0.005)
+        time.sleep(delay)
+        os.kill(process.pid, stop)
+        process.wait(timeout=60)
+        process.stop()
+
+        # then the store is either not there or whole: the next command works on it.
+        again = cli("report", "--quiet", "--out", str(folder / "r"), "--tracking-uri", uri)
+        assert again.exit_code == 0, (stop, delay, again.output)
+        assert_usable(uri)
+        assert not list(folder.glob(".mlflow.db.new-*"))  # no half-made file left
+
+
+def test_writers_started_together_on_a_store_that_does_not_exist_all_finish(tmp_path, monkeypatch):
+    uri = store_uri(tmp_path / "fresh")
+    (tmp_path / "fresh").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    writers = [
+        start_cifarexp("time", *ONE_EPOCH, "--run-name", f"w{i}", cwd=tmp_path, name=f"w{i}")
+        for i in range(3)
+    ]
+    try:
+        codes = [writer.wait() for writer in writers]
+    finally:
+        for writer in writers:
+            writer.stop()
+    assert codes == [0] * 3, "\n".join(w.log()[-1500:] for w in writers)
+    runs = all_runs(MlflowClient(uri))
+    assert sorted(r.info.run_name for r in runs) == ["w0", "w1", "w2"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.info.experiment_id for r in runs}) == 1
+
+
+def half_made(path: Path, *, runs: int) -> None:
+    """A store whose schema stopped short of the current one (as an older cifarexp left it,
+    interrupted while MLflow built it in place), holding `runs` runs; made by another
+    process, as it would have been."""
+    code = (
+        "import sys; from mlflow.tracking import MlflowClient; client = MlflowClient(sys.argv[1])\n"
+        "for _ in range(int(sys.argv[2])): client.create_run('0')"
+    )
+    subprocess.run([sys.executable, "-c", code, f"sqlite:///{path}", str(runs)], check=True)
+    with sqlite3.connect(path) as db:
+        db.execute("update alembic_version set version_num = '451aebb31d03'")
+
+
+def test_a_half_made_store_without_runs_is_rebuilt_and_the_old_file_kept(cli, tmp_path):
+    path = tmp_path / "old" / "mlflow.db"
+    path.parent.mkdir()
+    half_made(path, runs=0)
+
+    result = cli(
+        "report", "--quiet", "--out", str(tmp_path / "r"), "--tracking-uri", f"sqlite:///{path}"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "half-made" in result.output and "rebuilt" in result.output
+    assert len(list(path.parent.glob("mlflow.db.half-made-*"))) == 1
+    assert_usable(f"sqlite:///{path}")
+
+
+def test_a_store_with_runs_at_another_schema_is_named_with_its_upgrade_command(cli, tmp_path):
+    path = tmp_path / "old" / "mlflow.db"
+    path.parent.mkdir()
+    half_made(path, runs=2)
+
+    result = cli("report", "--quiet", "--tracking-uri", f"sqlite:///{path}")
+
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    [error] = error_lines(result.output)
+    assert "--tracking-uri" in error and "holds 2 runs" in error
+    assert f"mlflow db upgrade sqlite:///{path}" in error
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ("folder", "is a folder"),
+        ("missing/mlflow.db", "no folder"),
+        ("/proc/mlflow.db", "cannot make"),
+        ("garbage.db", "file is not a database"),
+    ],
+)
+def test_a_path_that_cannot_hold_a_store_is_one_line_naming_it(cli, tmp_path, where, expected):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "garbage.db").write_text("not sqlite")
+    path = where if where.startswith("/") else tmp_path / where
+
+    result = cli("time", *TINY_ARGS, "--tracking-uri", f"sqlite:///{path}")
+
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "WARNING" not in result.output
+    [error] = error_lines(result.output)
+    assert "--tracking-uri" in error and expected in error
+
+
+def test_the_default_store_in_a_folder_that_cannot_be_written_is_named_as_the_default(
+    cli, tmp_path, monkeypatch
+):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(None)  # MLflow's own default again, as in a new process
+    monkeypatch.chdir(folder)
+    with immutable(folder):
+        result = cli("time", *TINY_ARGS)
+    assert result.exit_code == 1, result.output
+    [error] = error_lines(result.output)
+    default = f"sqlite:///{folder.resolve() / 'mlflow.db'}"
+    assert error.startswith(f"Error: the default tracking store: cannot make {default}")
+    assert "Operation not permitted" in error
+    assert "--tracking-uri" not in error
+
+
+def test_a_read_only_store_and_a_read_only_artifact_folder_are_one_line(cli, store, tmp_path):
+    path = Path(store.removeprefix("sqlite:///"))
+    with immutable(path):
+        result = cli("time", *TINY_ARGS)
+    assert result.exit_code == 1, result.output
+    [error] = error_lines(result.output)
+    assert "MLFLOW_TRACKING_URI" in error and "readonly database" in error
+
+    artifacts = tmp_path / "mlartifacts"
+    artifacts.mkdir()
+    with immutable(artifacts):
+        result = cli("time", *TINY_ARGS)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    [error] = error_lines(result.output)
+    assert "cannot write the artifacts" in error and str(artifacts) in error
+    assert all_runs(MlflowClient(store)) == []  # checked before any run starts
+
+
+def test_a_store_that_fails_mid_run_names_the_real_cause_and_the_epochs_logged(
+    cli, tmp_path, monkeypatch
+):
+    # Given a store whose folder goes away once epoch 1 has reached it,
+    folder = tmp_path / "store"
+    folder.mkdir()
+    log_epoch = jobs.tracking.log_epoch
+
+    def log_then_lose_the_folder(result):
+        log_epoch(result)
+        if result.epoch == 1:
+            folder.rename(tmp_path / "gone")
+
+    monkeypatch.setattr(jobs.tracking, "log_epoch", log_then_lose_the_folder)
+
+    # when
+    args = [*without("--epochs"), "--epochs", "3", "--tracking-uri", store_uri(folder)]
+    result = cli("time", *args)
+
+    # then: one line with SQLite's own words, not its wrapper's
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    [error] = error_lines(result.output)
+    assert "epochs logged: 1;" in error and "readonly database" in error
+    assert "autoflush" not in result.output
