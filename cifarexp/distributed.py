@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 import os
 import statistics
 import time
@@ -33,7 +34,8 @@ from cifarexp.processes import LAUNCH_VARIABLES, launched
 # A collective that waits longer than this fails the run instead of hanging it (a crashed or
 # stuck rank); well above one epoch's longest step, evaluation included.
 TIMEOUT = timedelta(minutes=10)
-COMM_PAIRS = 7  # steps with and without gradient all-reduce per epoch (see measure_comm_time)
+COMM_PAIRS = 7  # the most pairs of passes measured after one epoch (see Combiner)
+COMM_BUDGET = 0.1  # of an epoch's steps: what measuring comm_time_s may cost in passes
 # How cifarexp runs DDP: no broadcast of the BN buffers from rank 0 before every forward
 # (a collective per step that the training maths does not need: each rank keeps its own
 # running statistics, and rank 0's model is the one evaluated), and gradients that are views
@@ -45,6 +47,7 @@ BUFFER_SYNC = (  # the option's name since torch 2.14 (the old one is deprecated
     else "broadcast_buffers"
 )
 DDP_OPTIONS = {BUFFER_SYNC: False, "gradient_as_bucket_view": True}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -204,31 +207,63 @@ def shard(
 # ---------------------------------------------------------------- one epoch over all ranks
 
 
-@dataclass(frozen=True)
 class Combiner:
     """Turns this process's epoch into the run's: the identity for a world of one; in a
-    process group, `combine` over the ranks, with `measure_comm_time`'s estimate added."""
+    process group, `combine` over the ranks, with the gradient communication that backward
+    does not hide (comm_time_s) added.
 
-    world: World
-    model: nn.Module  # the model under DDP
-    device: torch.device
-    execution: Execution
-    batch_size: int  # per process
-    steps_per_epoch: int
+    That is measured after the epoch, outside its timing, in pairs of passes (see
+    `measure_pairs`) that cost at most COMM_BUDGET of the steps trained: each epoch earns
+    COMM_BUDGET x its steps in passes, spent two at a time, at most COMM_PAIRS pairs after
+    one epoch. comm_time_s is the median difference of all pairs so far, times the epoch's
+    steps; an epoch too short to have earned a pair yet logs none.
+    """
+
+    def __init__(
+        self,
+        world: World,
+        model: nn.Module,
+        device: torch.device,
+        execution: Execution,
+        *,
+        batch_size: int,
+        steps_per_epoch: int,
+    ) -> None:
+        self.world, self.model, self.device, self.execution = world, model, device, execution
+        self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
+        self.earned = 0.0  # passes the epochs so far allow, less those made
+        self.passes = 0  # passes made so far
+        self.differences: list[float] = []  # s per step: with all-reduce less without
 
     def __call__(self, result: EpochResult) -> EpochResult:
         if not self.world.joined:
             return result
         result = combine(result, self.world, self.execution)
-        comm_time_s = measure_comm_time(
-            self.model,
-            self.device,
-            self.world,
-            batch_size=self.batch_size,
-            steps_per_epoch=self.steps_per_epoch,
-            execution=self.execution,
+        return replace(result, comm_time_s=self.comm_time_s(result.epoch))
+
+    def comm_time_s(self, epoch: int) -> float | None:
+        self.earned += COMM_BUDGET * self.steps_per_epoch
+        pairs = min(COMM_PAIRS, int(self.earned // 2))  # the same on every rank
+        if pairs:
+            if not self.differences and self.world.writes:
+                log.info(
+                    f"comm_time_s: measured after each epoch in pairs of passes with and "
+                    f"without all-reduce, within {COMM_BUDGET:.0%} of its steps ({pairs} "
+                    f"pairs after epoch {epoch})"
+                )
+            self.differences += measure_pairs(
+                self.model, self.device, self.execution, batch_size=self.batch_size, pairs=pairs
+            )
+            self.earned -= 2 * pairs
+            self.passes += 2 * pairs
+        if not self.differences:
+            return None
+        per_epoch = max(0.0, statistics.median(self.differences)) * self.steps_per_epoch
+        slowest = torch.tensor(
+            [per_epoch], dtype=torch.float64, device=_collective_device(self.world)
         )
-        return replace(result, comm_time_s=comm_time_s)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        return slowest.item()
 
 
 def combine(result: EpochResult, world: World, execution: Execution) -> EpochResult:
@@ -260,24 +295,19 @@ def combine(result: EpochResult, world: World, execution: Execution) -> EpochRes
     )
 
 
-def measure_comm_time(
+def measure_pairs(
     model: nn.Module,
     device: torch.device,
-    world: World,
+    execution: Execution,
     *,
     batch_size: int,
-    steps_per_epoch: int,
-    execution: Execution,
-    pairs: int = COMM_PAIRS,
-) -> float:
-    """Seconds per epoch that gradient communication adds to the steps, as the slowest rank
-    sees it, measured outside the timed epoch.
-
-    `pairs` times, one forward + backward pass on a fixed random batch as DDP runs it
-    (all-reducing gradient buckets while backward goes on), then one under `no_sync()`
-    (no all-reduce), each synchronised and started together on every rank. The median of
-    the differences, times the epoch's steps, is the communication that backward did not
-    hide; alternating the two and taking the median keeps drifts and one-off stalls out.
+    pairs: int,
+) -> list[float]:
+    """`pairs` times, one forward + backward pass on a fixed random batch as DDP runs it
+    (all-reducing gradient buckets while backward goes on), then one under `no_sync()` (no
+    all-reduce), each synchronised and started together on every rank (barrier): the
+    differences in seconds, i.e. the communication that backward did not hide, per step.
+    Alternating the two keeps drifts out; the caller takes a median against one-off stalls.
     The model's weights and buffers are put back as they were; no optimizer step is taken.
     """
     saved = copy.deepcopy(model.state_dict())
@@ -300,17 +330,10 @@ def measure_comm_time(
         synchronize(device)
         return time.perf_counter() - start
 
-    timed(sync=True), timed(sync=False)  # untimed: allocations, cuDNN choices
-    exposed = statistics.median(timed(sync=True) - timed(sync=False) for _ in range(pairs))
+    differences = [timed(sync=True) - timed(sync=False) for _ in range(pairs)]
     model.zero_grad(set_to_none=True)
     model.load_state_dict(saved)
-    per_epoch = torch.tensor(
-        [max(0.0, exposed) * steps_per_epoch],
-        dtype=torch.float64,
-        device=_collective_device(world),
-    )
-    dist.all_reduce(per_epoch, op=dist.ReduceOp.MAX)
-    return per_epoch.item()
+    return differences
 
 
 def _collective_device(world: World) -> torch.device:

@@ -10,11 +10,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from cifarexp import jobs, processes
+from cifarexp.distributed import COMM_BUDGET, Combiner, World
+from cifarexp.engine import EpochResult, Execution
 from tests import ddp_entry
 from tests.conftest import TINY_ARGS, all_runs, without
-from tests.processes import processes_in, start_cifarexp, wait_for_epoch, wait_until_gone
+from tests.processes import (
+    free_port,
+    processes_in,
+    start_cifarexp,
+    wait_for_epoch,
+    wait_until_gone,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = {"data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc"}
@@ -31,7 +42,9 @@ def torchrun(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: 
 
 
 def test_time_under_torchrun_logs_one_run_from_rank_0(client, tmp_path):
-    args = [*without("--batch-size"), "--batch-size", "4", "--train-size", "16"]
+    # 20 steps of 2 images per rank and epoch: each epoch affords a pair of comm passes
+    args = [*without("--batch-size", without("--train-size")), "--batch-size", "2"]
+    args += ["--train-size", "80"]
     done = torchrun("-m", "cifarexp", "time", *args, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -39,15 +52,15 @@ def test_time_under_torchrun_logs_one_run_from_rank_0(client, tmp_path):
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert (params["world_size"], params["backend"], params["scaling"]) == ("2", "gloo", "weak")
-    assert params["batch_size"] == "4"
+    assert params["batch_size"] == "2"
     for name in [*METRICS, "comm_time_s"]:  # one point per epoch: rank 0 alone logged
         history = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in history] == [1, 2], name
     assert all(m.value >= 0 for m in client.get_metric_history(run.info.run_id, "comm_time_s"))
-    # weak scaling: each rank trains 8 of the 16 images, so an epoch covers all 16
+    # weak scaling: each rank trains 40 of the 80 images, so an epoch covers all 80
     rate = client.get_metric_history(run.info.run_id, "images_per_s")[0].value
     epoch = client.get_metric_history(run.info.run_id, "epoch_time_s")[0].value
-    assert rate * epoch == pytest.approx(16)
+    assert rate * epoch == pytest.approx(80)
 
 
 def test_each_rank_trains_a_disjoint_shard_reshuffled_every_epoch(tmp_path):
@@ -170,7 +183,9 @@ def test_compare_device_gpus_rejects_bad_counts_with_one_line(cli, store, args, 
 def test_stopping_compare_device_gpus_stops_its_torchrun_job_and_its_run(
     client, tmp_path, stop, code, parent
 ):
-    args = [*without("--device", without("--epochs")), "--epochs", "30", "--devices", "cpu"]
+    # one step an epoch: the 1-process baseline is over soon, the 2-process child runs on
+    args = [*without("--device", without("--epochs", without("--train-size"))), "--epochs", "20"]
+    args += ["--train-size", "16", "--devices", "cpu"]
     process = start_cifarexp("compare-device", *args, "--gpus", "1,2", "--scaling", "weak",
                              cwd=tmp_path)  # fmt: skip
     try:
@@ -185,3 +200,39 @@ def test_stopping_compare_device_gpus_stops_its_torchrun_job_and_its_run(
 
     status = {r.data.tags["cifarexp.variant"]: r.info.status for r in all_runs(client)}
     assert status == {"": parent, "gpus=1": "FINISHED", "gpus=2,scaling=weak": "KILLED"}
+
+
+@pytest.fixture
+def group_of_one():
+    """A gloo process group of this process alone, left after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    yield World(0, 1, "gloo")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("steps", "epochs"), [(391, 3), (25, 4), (5, 6), (2, 3)])
+def test_measuring_comm_time_costs_at_most_a_tenth_of_the_steps_trained(
+    group_of_one, steps, epochs
+):
+    # Given a model under DDP and epochs of `steps` steps each,
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
+    combiner = Combiner(
+        group_of_one, DistributedDataParallel(model), torch.device("cpu"), Execution(),
+        batch_size=2, steps_per_epoch=steps,
+    )  # fmt: skip
+    logged = []
+    for epoch in range(1, epochs + 1):
+        result = EpochResult(epoch, 0.1, 0.8, 1.0, 2.0, 0.5, images=2 * steps)
+        logged.append(combiner(result).comm_time_s)
+        # then the passes made never exceed a tenth of the steps trained so far,
+        assert combiner.passes <= COMM_BUDGET * steps * epoch
+    # and every epoch once a pair has been afforded has an estimate (none before).
+    first = next((i for i, value in enumerate(logged) if value is not None), len(logged))
+    assert all(value is not None and value >= 0 for value in logged[first:])
+    assert combiner.passes == 2 * len(combiner.differences)
+    assert (first < epochs) == (COMM_BUDGET * steps * epochs >= 2)
