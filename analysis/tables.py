@@ -22,13 +22,17 @@ def per_run_means(ex: Exercise, first_epoch: int = 1) -> pd.DataFrame:
 
 
 def c2_epochs(ex: Exercise) -> pd.DataFrame:
-    """C2: one row per epoch (data-loading, training, total, loss, accuracy), then the
-    totals (times summed) and the means."""
+    """C2: the untimed warm-up as its own line (when the run had one: its seconds as the
+    total), one row per epoch (data-loading, training, total, loss, accuracy), then the
+    epochs' totals (times summed) and means, which never include the warm-up."""
     frame = ex.epochs.rename(columns={**TIMES, "train_loss": "loss", "train_acc": "accuracy"})
     frame = frame[["epoch", DATA, TRAIN, TOTAL, "loss", "accuracy"]].astype({"epoch": object})
     total = {"epoch": "total", **frame[[DATA, TRAIN, TOTAL]].sum()}
     mean = {"epoch": "mean", **frame.drop(columns="epoch").mean()}
-    return pd.concat([frame, pd.DataFrame([total, mean])], ignore_index=True)
+    warmup = ex.runs.get("metrics.warmup_s", pd.Series(dtype=float)).dropna()
+    first = [{"epoch": "warm-up", TOTAL: warmup.iloc[0]}] if len(warmup) else []
+    rows = [pd.DataFrame(first, columns=frame.columns), frame, pd.DataFrame([total, mean])]
+    return pd.concat([r for r in rows if not r.empty], ignore_index=True)
 
 
 def c3_workers(ex: Exercise) -> pd.DataFrame:

@@ -1,23 +1,31 @@
-"""How fast can an epoch be? A bare loop vs cifarexp's standard path vs its fast path (issue 6).
+"""How fast can an epoch be? The bare loop, cifarexp's standard path, its fast path and the
+card's floor, alternated in rounds in one process (issues 6 and 18).
 
-One process, one card, synthetic CIFAR-shaped images (the same for every path), batch 128:
+One card, synthetic CIFAR-shaped images (the same for every path), batch 128:
 
-  (a) a bare, lab-style loop: torch DataLoader with the study's PIL transforms, a plain
+  (a) a bare, lab-style loop: the DataLoader with the study's PIL transforms, a plain
       training loop; no cifarexp engine, no tracking
-  (b) cifarexp's standard path: jobs.run_training with the same workers, tracked into a
-      temporary sqlite store
-  (c) cifarexp's fast path: --loader gpu --precision bf16 --channels-last --compile MODE
-      --timing events
+  (b) cifarexp's standard path: `engine.train` with the same workers, each epoch logged to a
+      temporary sqlite store as `cifarexp time` logs it
+  (c) cifarexp's fast path: --loader gpu --precision bf16 --channels-last --cuda-graph
+      --timing events, trained and logged as (b)
+  (d) the floor: what one step of the same model and optimizer costs on one fixed batch
+      already on the device, the whole step captured as one CUDA graph (bf16 autocast,
+      channels_last): `len(loader)` replays, timed as one epoch
+  (e) optional: the fast path with --compile reduce-overhead instead of --cuda-graph
 
-Prints each path's epoch time (median of epochs 2..N: epoch 1 of (a) and (b) holds their
-warm-up), warm-up time, final train accuracy, and the ratios. Targets (issue 6): (c) <= 1.5 s
-per epoch on an H100/H200 (stretch 1.0 s) and >= 3x faster than (b); (c)'s accuracy after
-5 epochs within 2 points of (b)'s; (b) <= 1.02x (a).
+Every path is built through `build.build_training` and warmed up once (untimed); then each
+round runs --epochs epochs of every path in turn, and a path's time in a round is the
+median of its epochs there. Printed: each path's median and range over the rounds, its warm-up
+and final training accuracy, and each ratio's per-round values, median and range. A target
+is met when the median meets it: (b)/(a) <= 1.02, (c)/(d) <= 1.10, (c)'s accuracy within
+2 points of (b)'s (both have trained the same epochs).
 
     python benchmarks/epoch_time.py --workers 8                 # on the GPU machine
-    python benchmarks/epoch_time.py --device cpu --train-size 256 --epochs 2 --workers 0
+    python benchmarks/epoch_time.py --device cpu --train-size 256 --rounds 1 --workers 0
 
-On CPU, (c) runs without compile and events timing (CUDA only): a smoke test, not a result.
+On CPU, (c) runs without CUDA graph and events timing and (d) is skipped (CUDA only): a
+smoke test, not a result.
 """
 
 from __future__ import annotations
@@ -25,120 +33,166 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
-from overhead import bare_epoch  # the same bare loop as benchmarks/overhead.py
+from overhead import bare_epoch, ratios_line  # the same bare loop as benchmarks/overhead.py
+from torch import nn
 
 from cifarexp import tracking
-from cifarexp.build import build_training
+from cifarexp.build import Training, build_training
 from cifarexp.config import TrainConfig
-from cifarexp.jobs import Labels, run_training
+from cifarexp.engine import synchronize, train, warm_up
+
+Epoch = Callable[[], tuple[float, float | None]]  # one epoch: (seconds, train accuracy)
 
 
-@dataclass(frozen=True)
-class Row:
-    path: str
-    epoch_times: list[float]
-    train_acc: float  # after the last epoch
+@dataclass
+class Path:
+    name: str
+    epoch: Epoch
     warmup_s: float | None = None
-    mfu: float | None = None  # median over the same epochs as the time
-
-    @property
-    def epoch_s(self) -> float:
-        return statistics.median(self.epoch_times[1:] or self.epoch_times)
+    rounds: list[float] = field(default_factory=list)  # per round: the median epoch
+    train_acc: float | None = None  # after the last epoch
 
 
-# ----------------------------------------------------------------- (a) the bare loop
+# ----------------------------------------------------------------- the paths
 
 
-def bare_loop(cfg: TrainConfig, epochs: int) -> Row:
+def bare_path(cfg: TrainConfig) -> Path:
     """(a): the model, optimizer and DataLoader cifarexp builds, trained by a lab's loop."""
     training = build_training(cfg)
-    epoch_times, train_acc = [], 0.0
-    for _ in range(epochs):
-        seconds, train_acc = bare_epoch(training)
-        epoch_times.append(seconds)
-    return Row(f"(a) bare loop, {cfg.workers} workers", epoch_times, train_acc)
+    return Path(f"(a) bare loop, {cfg.workers} workers", lambda: bare_epoch(training))
 
 
-# ----------------------------------------------------------------- (b), (c) cifarexp
+def cifarexp_path(name: str, cfg: TrainConfig) -> Path:
+    """(b), (c), (e): cifarexp's engine with its warm-up, each epoch logged to the store."""
+    training = build_training(cfg)
+    warmup_s = warmed_up(training)
+
+    def epoch() -> tuple[float, float]:
+        start = time.perf_counter()
+        (result,) = train(
+            training.train_model,
+            training.loader,
+            training.optimizer,
+            training.device,
+            epochs=1,
+            on_epoch=tracking.log_epoch,
+            execution=training.execution,
+            step=training.step,
+        )
+        return time.perf_counter() - start, result.train_acc
+
+    return Path(name, epoch, warmup_s)
 
 
-def cifarexp_path(name: str, cfg: TrainConfig) -> Row:
-    run = run_training(cfg, Labels("benchmark", "C2", name), experiment="benchmark")
-    results = run.results
-    mfus = [r.mfu for r in results[1:] or results if r.mfu is not None]
-    return Row(
-        name,
-        [r.epoch_time_s for r in results],
-        results[-1].train_acc,
-        run.warmup_s,
-        statistics.median(mfus) if mfus else None,
+def floor_path(cfg: TrainConfig) -> Path:
+    """(d): the captured step replayed on one batch that never changes; no loader, no timing
+    of its own, one wait at the end."""
+    training = build_training(cfg)
+    warmup_s = warmed_up(training)
+    images, labels = next(iter(training.loader))
+    criterion, steps = nn.CrossEntropyLoss(), len(training.loader)
+    model, optimizer, execution = training.train_model, training.optimizer, training.execution
+
+    def epoch() -> tuple[float, None]:
+        start = time.perf_counter()
+        for _ in range(steps):
+            training.step(model, criterion, optimizer, images, labels, execution)
+        synchronize(training.device)
+        return time.perf_counter() - start, None
+
+    return Path("(d) floor: one batch, whole step as one CUDA graph", epoch, warmup_s)
+
+
+def warmed_up(training: Training) -> float | None:
+    """The run's own warm-up (see jobs.warm_up_before_epoch_1), where it has one."""
+    if training.device.type != "cuda":
+        return None
+    return warm_up(
+        training.train_model,
+        training.optimizer,
+        training.device,
+        batch_sizes=training.warmup_batch_sizes(),
+        execution=training.execution,
+        step=training.step,
     )
 
 
-def fast_settings(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
-    if device.type != "cuda":  # compile, events and tf32 are CUDA only
-        return {"loader": "gpu", "precision": "bf16", "channels_last": True}
-    return {
-        "loader": "gpu",
-        "precision": "bf16",
-        "channels_last": True,
-        "compile": args.compile,
-        "timing": "events",
-    }
+def fast_settings(device: torch.device, compile: str = "none") -> dict[str, object]:
+    settings: dict[str, object] = {"loader": "gpu", "precision": "bf16", "channels_last": True}
+    if device.type == "cuda":  # graphs, compile and events are CUDA only
+        graph = {"cuda_graph": True} if compile == "none" else {"compile": compile}
+        settings |= graph | {"timing": "events"}
+    return settings
 
 
-# ----------------------------------------------------------------- report
+def described(settings: dict[str, object]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("loader", "precision"))
+
+
+# ----------------------------------------------------------------- rounds and report
+
+
+def run_rounds(paths: dict[str, Path], rounds: int, epochs: int) -> None:
+    """One untimed epoch of every path, then `rounds` rounds of `epochs` epochs each, in turn."""
+    for path in paths.values():
+        path.epoch()
+    for r in range(1, rounds + 1):
+        for key, path in paths.items():
+            runs = [path.epoch() for _ in range(epochs)]
+            path.rounds.append(statistics.median(seconds for seconds, _ in runs))
+            path.train_acc = runs[-1][1]
+            print(f"round {r}: ({key}) {path.rounds[-1]:.3f} s", flush=True)
 
 
 def seconds(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def report(rows: dict[str, Row], args: argparse.Namespace, device: torch.device) -> None:
+def report(paths: dict[str, Path], args: argparse.Namespace, device: torch.device) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"\nResNet-18, {args.train_size:,} synthetic images, batch {args.batch_size}, "
-        f"{args.epochs} epochs, {name}, torch {torch.__version__}"
+        f"{name}, torch {torch.__version__}; {args.rounds} rounds of {args.epochs} epochs, "
+        "a round's time = the median of its epochs\n"
     )
-    print(f"epoch s = median of epochs 2..{args.epochs}\n")
-    width = max(len(row.path) for row in rows.values())
-    print(f"{'path':<{width}}  {'epoch s':>8}  {'warm-up s':>9}  {'train acc':>9}  {'mfu':>6}")
-    for row in rows.values():
-        mfu = "–" if row.mfu is None else f"{row.mfu:.1%}"
+    width = max(len(p.name) for p in paths.values())
+    header = f"{'path':<{width}}  {'epoch s':>8}  {'range':>13}  {'warm-up s':>9}  {'train acc':>9}"
+    print(header)
+    for p in paths.values():
+        spread = f"{min(p.rounds):.3f}-{max(p.rounds):.3f}"
+        acc = "–" if p.train_acc is None else f"{p.train_acc:.1%}"
+        median = statistics.median(p.rounds)
         print(
-            f"{row.path:<{width}}  {row.epoch_s:>8.3f}  {seconds(row.warmup_s):>9}  "
-            f"{row.train_acc:>9.1%}  {mfu:>6}"
+            f"{p.name:<{width}}  {median:>8.3f}  {spread:>13}  {seconds(p.warmup_s):>9}  {acc:>9}"
         )
     print()
-    a, b, c = rows.get("a"), rows.get("b"), rows.get("c")
-    if b and c:
-        print(f"c/b = {c.epoch_s / b.epoch_s:.3f}   (target <= 0.333: (c) >= 3x faster than (b))")
+    for top, bottom, target in (("b", "a", 1.02), ("c", "d", 1.10), ("c", "b", 0.333)):
+        if top in paths and bottom in paths:
+            ratios = [t / b for t, b in zip(paths[top].rounds, paths[bottom].rounds, strict=True)]
+            print(f"  per round: {', '.join(f'{x:.3f}' for x in ratios)}")
+            print(ratios_line(f"({top})/({bottom})", ratios, target))
+    b, c = paths.get("b"), paths.get("c")
+    if b and c and b.train_acc is not None and c.train_acc is not None:
         gap = 100 * (c.train_acc - b.train_acc)
-        print(f"c - b train accuracy = {gap:+.1f} points   (target: within 2)")
-    if a and b:
-        print(f"b/a = {b.epoch_s / a.epoch_s:.3f}   (target <= 1.02)")
-    if c:
-        print(f"c epoch = {c.epoch_s:.3f} s   (target <= 1.5 s on an H100/H200, stretch 1.0 s)")
+        verdict = "met" if abs(gap) <= 2 else "NOT met"
+        print(f"(c) - (b) train accuracy: {gap:+.1f} points (target: within 2: {verdict})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of (a), (b)")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of each path per round")
     parser.add_argument("--train-size", type=int, default=50_000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--compile",
-        default="max-autotune",
-        choices=["none", "default", "reduce-overhead", "max-autotune"],
-        help="(c)'s torch.compile mode (SPEC §3: max-autotune ~220 s, reduce-overhead ~20 s)",
-    )
-    parser.add_argument("--paths", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--paths", default="abcd", help="which of a, b, c, d, e to run")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -147,22 +201,30 @@ def main() -> None:
         train_size=args.train_size,
         batch_size=args.batch_size,
         workers=args.workers,
-        epochs=args.epochs,
         device=args.device,
         seed=args.seed,
     )
-    fast = fast_settings(args, device)
-    described = ", ".join(f"{k}={v}" for k, v in fast.items())
-    rows: dict[str, Row] = {}
+    fast, compiled = fast_settings(device), fast_settings(device, "reduce-overhead")
     with tempfile.TemporaryDirectory() as store:
         tracking.use_store(f"sqlite:///{store}/mlflow.db")
-        if "a" in args.paths:
-            rows["a"] = bare_loop(cfg, args.epochs)
-        if "b" in args.paths:
-            rows["b"] = cifarexp_path(f"(b) cifarexp standard, {args.workers} workers", cfg)
-        if "c" in args.paths:
-            rows["c"] = cifarexp_path(f"(c) cifarexp fast: {described}", cfg.replace(**fast))
-    report(rows, args, device)
+        with tracking.start_run("benchmark", params=cfg.as_params()):
+            builders: dict[str, Callable[[], Path]] = {
+                "a": lambda: bare_path(cfg),
+                "b": lambda: cifarexp_path(f"(b) cifarexp standard, {args.workers} workers", cfg),
+                "c": lambda: cifarexp_path(
+                    f"(c) cifarexp fast: {described(fast)}", cfg.replace(**fast)
+                ),
+                "d": lambda: floor_path(cfg.replace(**fast)),
+                "e": lambda: cifarexp_path(
+                    f"(e) cifarexp fast: {described(compiled)}", cfg.replace(**compiled)
+                ),
+            }
+            wanted = [k for k in args.paths if k in builders]
+            if device.type != "cuda" and "d" in wanted:
+                wanted.remove("d")  # a CUDA graph
+            paths = {key: builders[key]() for key in wanted}
+            run_rounds(paths, args.rounds, args.epochs)
+    report(paths, args, device)
 
 
 if __name__ == "__main__":

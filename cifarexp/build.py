@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cifarexp import distributed, fastpath
-from cifarexp.config import TrainConfig
+from cifarexp.config import ConfigError, TrainConfig
 from cifarexp.data import ImageArrayDataset, load_split, make_loader
 from cifarexp.distributed import Combiner, World
-from cifarexp.engine import Batch, Execution, batches_per_epoch
+from cifarexp.engine import Batch, Execution, GraphedStep, Step, batches_per_epoch, train_step
 from cifarexp.gpu_loader import GpuLoader
 from cifarexp.models import build_model
 from cifarexp.optim import build_optimizer
@@ -39,6 +39,7 @@ class Training:
     train_model: nn.Module  # what trains: the model, under DDP in a process group, compiled
     optimizer: torch.optim.Optimizer
     execution: Execution
+    step: Step  # one batch's training step: engine.train_step, or a GraphedStep (cuda_graph)
     combine: Combiner  # this process's epoch -> the run's
 
     @property
@@ -62,6 +63,8 @@ def build_training(cfg: TrainConfig, world: World = World()) -> Training:
     `cfg` in `world`. Everything that can fail on bad input fails here, before a run starts."""
     device = distributed.join(world, cfg.device)
     cfg.check_device(device.type)
+    if cfg.cuda_graph and world.joined:
+        raise ConfigError("captures one process's step; not under torchrun", "cuda_graph")
     batch_size = world.batch_size(cfg)  # may not split: fails before the data is made
     train_set = load_split(cfg, train=True)
     test_set = load_split(cfg, train=False) if cfg.eval else None
@@ -100,6 +103,7 @@ def build_training(cfg: TrainConfig, world: World = World()) -> Training:
         train_model=fastpath.compile_model(ddp_model, cfg.compile),  # shares model's parameters
         optimizer=optimizer,
         execution=execution,
+        step=GraphedStep() if cfg.cuda_graph else train_step,
         combine=combine,
     )
 

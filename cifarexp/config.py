@@ -28,6 +28,9 @@ COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 TIMINGS: tuple[str, ...] = get_args(Timing)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
 MODELS = ("resnet18",)
+# What a captured step can train: optimizers whose state starts as zeros and has no
+# host-side step count (see fastpath.GraphedStep).
+GRAPHED_OPTIMIZERS = ("sgd", "nesterov")
 CHOICES = {  # the fields with a fixed set of values
     "dataset": DATASETS,
     "optimizer": OPTIMIZERS,
@@ -104,7 +107,9 @@ class TrainConfig:
     precision: Precision = "fp32"  # fp32 (PyTorch's defaults), tf32, or bf16 via autocast
     channels_last: bool = False  # NHWC memory order for the model and its inputs
     compile: CompileMode = "none"  # torch.compile mode, or none
+    cuda_graph: bool = False  # the whole step (forward, backward, SGD) as one CUDA graph
     timing: Timing = "sync"
+    warmup: bool = True  # on CUDA: untimed steps before epoch 1 (state put back), warmup_s
     # several processes (README: "Scaling out"; used only under torchrun)
     scaling: Scaling = "weak"
 
@@ -131,6 +136,20 @@ class TrainConfig:
             "needs workers >= 1",
         )
         _check(self.max_batches is None or self.max_batches >= 1, "max_batches", "must be >= 1")
+        if self.cuda_graph:
+            _check(self.compile == "none", "cuda_graph", "cannot be used with a compile mode")
+            _check(
+                self.optimizer in GRAPHED_OPTIMIZERS,
+                "cuda_graph",
+                f"captures {' and '.join(GRAPHED_OPTIMIZERS)} steps only, not {self.optimizer}",
+            )
+        for needs_warmup in ("compile", "cuda_graph"):
+            _check(
+                self.warmup or getattr(self, needs_warmup) in ("none", False),
+                "warmup",
+                f"cannot be off with {needs_warmup}: the model is compiled or captured "
+                "during the warm-up",
+            )
         for train in (True, False):
             _check_size(self, train)
         check_device_name(self.device)
@@ -144,7 +163,7 @@ class TrainConfig:
     def fast_path(self) -> bool:
         """Whether any fast-path setting differs from the study's."""
         study = TrainConfig()
-        fields = ("loader", "precision", "channels_last", "compile", "timing")
+        fields = ("loader", "precision", "channels_last", "compile", "cuda_graph", "timing")
         return any(getattr(self, f) != getattr(study, f) for f in fields)
 
     def check_device(self, device_type: str) -> None:
@@ -155,6 +174,7 @@ class TrainConfig:
         on = f"needs a CUDA device (this run is on {device_type})"
         _check(self.timing == "sync", "timing", f"events {on}; use sync")
         _check(self.compile == "none", "compile", f"{self.compile} {on}; use none")
+        _check(not self.cuda_graph, "cuda_graph", on)
         _check(self.precision != "tf32", "precision", f"tf32 {on}; use fp32 or bf16")
 
     def replace(self, **changes: object) -> TrainConfig:

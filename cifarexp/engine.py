@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -18,6 +18,9 @@ from cifarexp.config import ConfigError, check_device_name
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 OnBatch = Callable[[int, float, float], None]  # (batch index, batch loss, batch accuracy)
+# One training step: (model, criterion, optimizer, images, labels, execution) -> (loss, logits);
+# `train_step`, or the fast path's captured one (fastpath.GraphedStep).
+Step = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,14 @@ class Execution:
     flops_per_image: float | None = None  # forward + backward FLOPs per trained image
     peak_flops: float | None = None  # the device's peak FLOP/s at this precision
 
-    def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
+    def autocast(
+        self, device_type: str, *, cache: bool = True
+    ) -> contextlib.AbstractContextManager:
+        """bf16 autocast, or nothing; `cache` False inside a CUDA-graph capture (the cast
+        weights are then made by the graph itself at each replay)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type, dtype=self.autocast_dtype)
+        return torch.autocast(device_type, dtype=self.autocast_dtype, cache_enabled=cache)
 
     def to_device(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The copy to the device (a no-op for a batch already there, in the right order)."""
@@ -107,6 +114,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_step(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    execution: Execution,
+    *,
+    autocast_cache: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward, optimizer step: the computation C2.2 times. Returns the
+    loss and the logits, to be read before the next step."""
+    if execution.compiled:
+        # CUDA graphs (compile modes reduce-overhead, max-autotune) reuse their output memory
+        # at each replay: mark the start of a step, the previous step's outputs being read.
+        torch.compiler.cudagraph_mark_step_begin()
+    optimizer.zero_grad(set_to_none=True)
+    with execution.autocast(images.device.type, cache=autocast_cache):
+        logits = model(images)
+        loss = criterion(logits, labels)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[Batch],
@@ -117,10 +149,12 @@ def train_one_epoch(
     max_batches: int | None = None,
     on_batch: OnBatch | None = None,
     execution: Execution = Execution(),
+    step: Step = train_step,
 ) -> EpochResult:
     """Train one epoch and time it exactly as C2 defines (data wait, computation, wall clock).
 
-    With `execution.timing == "events"` see `_train_one_epoch_events`.
+    `step` trains one batch (default `train_step`). With `execution.timing == "events"` see
+    `_train_one_epoch_events`.
     """
     model.train()
     if execution.timing == "events":
@@ -133,6 +167,7 @@ def train_one_epoch(
             max_batches=max_batches,
             on_batch=on_batch,
             execution=execution,
+            step=step,
         )
     criterion = nn.CrossEntropyLoss()
     data_time = train_time = loss_sum = 0.0
@@ -148,7 +183,7 @@ def train_one_epoch(
         labels = labels.to(device, non_blocking=True)
         synchronize(device)
         compute_start = time.perf_counter()
-        loss, logits = train_step(model, criterion, optimizer, images, labels, execution)
+        loss, logits = step(model, criterion, optimizer, images, labels, execution)
         synchronize(device)  # GPU work is asynchronous: count it in the step that queued it
         train_time += time.perf_counter() - compute_start
 
@@ -181,29 +216,6 @@ def train_one_epoch(
     )
 
 
-def train_step(
-    model: nn.Module,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    execution: Execution,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, loss, backward, optimizer step: the computation C2.2 times. Returns the
-    loss and the logits, to be read before the next step."""
-    if execution.compiled:
-        # CUDA graphs (compile modes reduce-overhead, max-autotune) reuse their output memory
-        # at each replay: mark the start of a step, the previous step's outputs being read.
-        torch.compiler.cudagraph_mark_step_begin()
-    optimizer.zero_grad(set_to_none=True)
-    with execution.autocast(images.device.type):
-        logits = model(images)
-        loss = criterion(logits, labels)
-    loss.backward()
-    optimizer.step()
-    return loss, logits
-
-
 def _train_one_epoch_events(
     model: nn.Module,
     loader: Iterable[Batch],
@@ -214,6 +226,7 @@ def _train_one_epoch_events(
     max_batches: int | None,
     on_batch: OnBatch | None,
     execution: Execution,
+    step: Step,
 ) -> EpochResult:
     """`train_one_epoch` timed with CUDA events: the host queues work and waits once, at the end.
 
@@ -236,7 +249,7 @@ def _train_one_epoch_events(
         images = execution.to_device(images, device)
         labels = labels.to(device, non_blocking=True)
         start = _event(stream)
-        loss, logits = train_step(model, criterion, optimizer, images, labels, execution)
+        loss, logits = step(model, criterion, optimizer, images, labels, execution)
         marks.append((asked, ready, start, _event(stream)))
         stats.append(
             torch.stack([loss.detach().float(), (logits.argmax(1) == labels).sum().float()])
@@ -290,32 +303,113 @@ def warm_up(
     *,
     batch_sizes: Sequence[int],
     execution: Execution = Execution(),
+    step: Step = train_step,
     steps: int = 3,
 ) -> float:
     """Untimed training steps on random data, `steps` per batch size (the full one first),
-    then the model and optimizer put back exactly as they were: cuDNN autotuning,
-    compilation of the full batch's shape and CUDA-graph capture (3 calls) happen here,
-    never in an epoch. Returns the seconds it took (a run's warmup_s)."""
+    then the model and optimizer put back exactly as they were: cuDNN autotuning, CUDA's
+    lazy start-up, compilation of the full batch's shape, CUDA-graph capture (3 calls) and
+    a `GraphedStep`'s capture happen here, never in an epoch. Returns the seconds it took
+    (a run's warmup_s)."""
     saved_model = copy.deepcopy(model.state_dict())
     saved_optimizer = copy.deepcopy(optimizer.state_dict())
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG as it was
+    graphed = isinstance(step, GraphedStep)
     model.train()
     start = time.perf_counter()
-    for i, size in enumerate(batch_sizes):
-        images = torch.randn(size, 3, 32, 32, device=device, generator=generator)
-        images = execution.to_device(images, device)  # the memory order batches will have
-        labels = torch.zeros(size, dtype=torch.long, device=device)
-        # The first size compiles; the others run as the epochs will run them.
-        with compiled_shapes_only(execution) if i else contextlib.nullcontext():
-            for _ in range(steps):
-                train_step(model, criterion, optimizer, images, labels, execution)
+    with _side_stream(device) if graphed else contextlib.nullcontext():
+        for i, size in enumerate(batch_sizes):
+            images = torch.randn(size, 3, 32, 32, device=device, generator=generator)
+            images = execution.to_device(images, device)  # the memory order batches will have
+            labels = torch.zeros(size, dtype=torch.long, device=device)
+            # The first size compiles; the others run as the epochs will run them.
+            with compiled_shapes_only(execution) if i else contextlib.nullcontext():
+                for _ in range(steps):
+                    train_step(model, criterion, optimizer, images, labels, execution)
+            if graphed and i == 0:
+                step.capture(model, criterion, optimizer, images, labels, execution)
     synchronize(device)
     seconds = time.perf_counter() - start
     model.load_state_dict(saved_model)  # copies in place: parameters keep their memory
-    optimizer.load_state_dict(saved_optimizer)
+    if graphed:  # the graph holds the optimizer's state tensors: put back in place
+        _zero_state(optimizer)
+    else:
+        optimizer.load_state_dict(saved_optimizer)
     optimizer.zero_grad(set_to_none=True)
     return seconds
+
+
+class GraphedStep:
+    """`train_step` for one batch shape as one CUDA graph: forward, loss, backward and the
+    optimizer step captured by `warm_up`, then replayed on each batch copied into the
+    graph's input tensors: one launch a step instead of hundreds of kernels. Any other
+    shape (an epoch's smaller last batch) steps eagerly, on the same parameters and state.
+
+    Only for optimizers whose fresh state is zeros with no host-side step count (SGD with
+    or without Nesterov momentum: config.GRAPHED_OPTIMIZERS): the state is made by the
+    warm-up, captured, then zeroed in place, which trains as a fresh optimizer does.
+    """
+
+    def __init__(self) -> None:
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # the graph's images, labels
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # its loss, logits
+
+    def capture(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        execution: Execution,
+    ) -> None:
+        """Record one step on `images`' shape (run on a side stream after warm steps)."""
+        self.inputs = images.clone(), labels.clone()  # clone keeps the memory order
+        self.graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)  # backward makes the grads in the graph's pool
+        with torch.cuda.graph(self.graph):
+            self.outputs = train_step(
+                model, criterion, optimizer, *self.inputs, execution, autocast_cache=False
+            )
+
+    def __call__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        execution: Execution,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is None or self.inputs is None or images.shape != self.inputs[0].shape:
+            return train_step(model, criterion, optimizer, images, labels, execution)
+        self.inputs[0].copy_(images)
+        self.inputs[1].copy_(labels)
+        self.graph.replay()
+        assert self.outputs is not None
+        return self.outputs
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """Work on a new stream, ordered after and before the current one (CUDA-graph capture
+    wants its warm-up off the default stream)."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
+def _zero_state(optimizer: torch.optim.Optimizer) -> None:
+    """Every state tensor of `optimizer` zeroed where it is (see GraphedStep)."""
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.zero_()
 
 
 @torch.no_grad()
@@ -349,11 +443,13 @@ def train(
     max_batches: int | None = None,
     on_batch: OnBatch | None = None,
     execution: Execution = Execution(),
+    step: Step = train_step,
     combine: Callable[[EpochResult], EpochResult] | None = None,
 ) -> list[EpochResult]:
     """Train for `epochs`, reporting each finished epoch to `on_epoch` as soon as it ends.
 
-    A compiled model (`execution.compiled`) must have been through `warm_up`. `combine`
+    A compiled model (`execution.compiled`) and a `GraphedStep` must have been through
+    `warm_up`; `step` trains one batch (see `train_one_epoch`). `combine`
     turns this process's epoch into the run's (several processes: see `distributed`); it
     runs after the timed epoch and the evaluation, on every process.
     """
@@ -369,6 +465,7 @@ def train(
                 max_batches=max_batches,
                 on_batch=on_batch,
                 execution=execution,
+                step=step,
             )
         if test_loader is not None:
             test_loss, test_acc = evaluate(model, test_loader, device)

@@ -48,7 +48,7 @@ class TrainingRun:
     config: TrainConfig
     device: torch.device
     results: list[EpochResult]
-    warmup_s: float | None = None  # untimed steps before epoch 1 (fast path on CUDA only)
+    warmup_s: float | None = None  # untimed steps before epoch 1 (on CUDA, unless --no-warmup)
 
 
 class Display(Protocol):
@@ -145,6 +145,7 @@ def run_training(
                 max_batches=cfg.max_batches,
                 on_batch=display.on_batch,
                 execution=training.execution,
+                step=training.step,
                 combine=training.combine,
             )
     return TrainingRun(run_id, cfg, training.device, results, warmup_s)
@@ -177,9 +178,10 @@ def log_summary(training: Training) -> None:
 
 
 def warm_up_before_epoch_1(training: Training) -> float | None:
-    """The untimed warm-up (cuDNN autotuning, compilation, CUDA-graph capture) of a fast
-    path on CUDA, logged as warmup_s; the study's own path keeps its epoch 1."""
-    if training.device.type != "cuda" or not training.cfg.fast_path:
+    """On CUDA (unless --no-warmup), the untimed warm-up before epoch 1, logged as
+    warmup_s: CUDA's lazy start-up, cuDNN autotuning, compilation and graph capture, which
+    would otherwise land in epoch 1's times (README: "Warm-up")."""
+    if training.device.type != "cuda" or not training.cfg.warmup:
         return None
     warmup_s = warm_up(
         training.train_model,
@@ -187,6 +189,7 @@ def warm_up_before_epoch_1(training: Training) -> float | None:
         training.device,
         batch_sizes=training.warmup_batch_sizes(),
         execution=training.execution,
+        step=training.step,
     )
     tracking.log_metrics({"warmup_s": warmup_s})
     return warmup_s

@@ -71,6 +71,16 @@ LoaderTimeout = Annotated[
         DATA,
     ),
 ]
+Warmup = Annotated[
+    bool,
+    _option(
+        "On CUDA, untimed training steps before epoch 1 (model and optimizer put back as they "
+        "were; logged as warmup_s), so that epoch 1 measures training, not CUDA's start-up. "
+        "--no-warmup keeps the cold epoch 1.",
+        TRAINING,
+        envvar=_env("warmup"),
+    ),
+]
 Eval = Annotated[bool, _option("Evaluate on the test split after each epoch (not timed).", DATA)]
 
 # ---------------------------------------------------------------- training
@@ -116,6 +126,16 @@ Compile = Annotated[
         "torch.compile mode (CUDA only; compiled during the warm-up, logged as warmup_s).",
         FAST,
         "--compile",
+    ),
+]
+CudaGraph = Annotated[
+    bool,
+    _option(
+        "Capture the whole training step (forward, backward, SGD step) as one CUDA graph "
+        "during the warm-up and replay it each step: no per-kernel launches (CUDA, sgd or "
+        "nesterov, instead of --compile).",
+        FAST,
+        envvar=_env("cuda_graph"),
     ),
 ]
 TimingName = Annotated[

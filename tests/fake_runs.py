@@ -69,6 +69,7 @@ def log_study(client: MlflowClient, prefix: str = "cifarexp") -> dict[str, str]:
     ids["C2"] = log_run(
         client, e, command="time", exercise="C2", params={"workers": 2},
         epochs=[epoch(0.2, 14.0, 14.5, 1.5, 0.45), epoch(0.2, 13.0, 13.5, 1.0, 0.65)],
+        metrics={"warmup_s": 3.1},
     )  # fmt: skip
     e = exp("sweep-workers")
     ids["C3"] = parent = log_run(

@@ -13,14 +13,17 @@ def study(client):
     return log_study(client)
 
 
-def test_c2_table_has_each_epoch_then_totals_and_means(study):
+def test_c2_table_has_the_warm_up_then_each_epoch_then_totals_and_means(study):
     c2 = tables.c2_epochs(queries.exercise("C2"))
-    assert list(c2["epoch"]) == [1, 2, "total", "mean"]
-    assert list(c2["data-loading s"]) == pytest.approx([0.2, 0.2, 0.4, 0.2])
-    assert list(c2["training s"]) == pytest.approx([14.0, 13.0, 27.0, 13.5])
-    assert list(c2["total s"]) == pytest.approx([14.5, 13.5, 28.0, 14.0])
-    assert c2["accuracy"].iloc[:2].tolist() == pytest.approx([0.45, 0.65])
-    assert pd.isna(c2["accuracy"].iloc[2]) and c2["accuracy"].iloc[3] == pytest.approx(0.55)
+    assert list(c2["epoch"]) == ["warm-up", 1, 2, "total", "mean"]
+    assert c2["total s"].iloc[0] == pytest.approx(3.1)  # its own line, in no epoch or total
+    assert c2.iloc[0][["data-loading s", "training s", "loss", "accuracy"]].isna().all()
+    epochs = c2.iloc[1:]
+    assert list(epochs["data-loading s"]) == pytest.approx([0.2, 0.2, 0.4, 0.2])
+    assert list(epochs["training s"]) == pytest.approx([14.0, 13.0, 27.0, 13.5])
+    assert list(epochs["total s"]) == pytest.approx([14.5, 13.5, 28.0, 14.0])
+    assert epochs["accuracy"].iloc[:2].tolist() == pytest.approx([0.45, 0.65])
+    assert pd.isna(epochs["accuracy"].iloc[2]) and epochs["accuracy"].iloc[3] == pytest.approx(0.55)
 
 
 def test_c3_sorts_counts_marks_the_best_and_c4_compares_one_worker_with_it(study):

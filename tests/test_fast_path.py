@@ -22,7 +22,15 @@ from cifarexp.data import (
     synthetic_arrays,
     train_transform,
 )
-from cifarexp.engine import EpochResult, Execution, train, train_one_epoch, warm_up
+from cifarexp.engine import (
+    EpochResult,
+    Execution,
+    GraphedStep,
+    train,
+    train_one_epoch,
+    train_step,
+    warm_up,
+)
 from cifarexp.gpu_loader import GpuLoader, crop_flip_normalize, normalization, pad_images
 from cifarexp.models import build_model
 from cifarexp.optim import build_optimizer
@@ -298,6 +306,11 @@ def test_fast_path_options_default_to_the_study():
         (["--timing", "events"], "--timing: events needs a CUDA device"),
         (["--compile", "reduce-overhead"], "--compile: reduce-overhead needs a CUDA device"),
         (["--precision", "tf32"], "--precision: tf32 needs a CUDA device"),
+        (["--cuda-graph"], "--cuda-graph: needs a CUDA device"),
+        (["--cuda-graph", "--optimizer", "adam"], "--cuda-graph: captures sgd and nesterov"),
+        (["--cuda-graph", "--compile", "default"], "--cuda-graph: cannot be used with a compile"),
+        (["--no-warmup", "--compile", "default"], "--warmup: cannot be off with compile"),
+        (["--no-warmup", "--cuda-graph"], "--warmup: cannot be off with cuda_graph"),
     ],
 )
 def test_bad_or_cuda_only_fast_path_options_are_a_usage_error_and_leave_no_run(
@@ -326,6 +339,7 @@ def test_fast_path_options_reach_the_run_params_and_train_on_cpu(cli, client):
         "True",
     )
     assert (params["compile"], params["timing"]) == ("none", "sync")
+    assert (params["cuda_graph"], params["warmup"]) == ("False", "True")
     metrics = run.data.metrics
     assert 3.2e9 < metrics["flops_per_image"] < 3.4e9
     assert {"epoch_time_s", "train_acc"} <= set(metrics)
@@ -377,6 +391,58 @@ def test_on_cuda_an_events_epoch_never_waits_for_the_device_before_its_end(
     # then it ran through, and its times are attributed.
     assert result.images == 1000 and 0 <= result.train_acc <= 1
     assert result.data_time_s > 0 and 0 < result.train_time_s < result.epoch_time_s
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_on_cuda_a_graphed_step_trains_as_the_eager_step_does():
+    # Given two copies of one model and SGD, one stepped eagerly, one through a GraphedStep
+    # captured during the warm-up (whose state it then zeroes in place),
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    eager_model = build_model().to(device)
+    graph_model = copy.deepcopy(eager_model)
+    eager_opt = build_optimizer("nesterov", eager_model.parameters())
+    graph_opt = build_optimizer("nesterov", graph_model.parameters())
+    step = GraphedStep()
+    warm_up(graph_model, graph_opt, device, batch_sizes=[32, 8], step=step)
+    assert step.graph is not None
+
+    # when both train the same batches, the last one of another size (eager in both),
+    criterion, execution = nn.CrossEntropyLoss(), Execution()
+    generator = torch.Generator(device).manual_seed(1)
+    for size in (32, 32, 32, 8, 32):
+        images = torch.randn(size, 3, 32, 32, device=device, generator=generator)
+        labels = torch.randint(0, 10, (size,), device=device, generator=generator)
+        eager_loss, _ = train_step(eager_model, criterion, eager_opt, images, labels, execution)
+        graph_loss, _ = step(graph_model, criterion, graph_opt, images, labels, execution)
+        assert graph_loss.item() == pytest.approx(eager_loss.item(), rel=1e-2, abs=1e-3)
+
+    # then their weights, batch-norm statistics and momentum agree.
+    # (Tolerances allow for cuDNN picking other algorithms; a lost momentum is ~50% off.)
+    states = eager_model.state_dict(), graph_model.state_dict()
+    for eager, graphed in zip(*(s.values() for s in states), strict=True):
+        torch.testing.assert_close(graphed.float(), eager.float(), rtol=1e-2, atol=1e-3)
+    parameters = eager_model.parameters(), graph_model.parameters()
+    for p_eager, p_graph in zip(*parameters, strict=True):
+        torch.testing.assert_close(
+            graph_opt.state[p_graph]["momentum_buffer"],
+            eager_opt.state[p_eager]["momentum_buffer"],
+            rtol=1e-2,
+            atol=1e-3,
+        )
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("warmup", [True, False])
+def test_on_cuda_the_study_path_warms_up_unless_told_not_to(cli, client, warmup):
+    args = () if warmup else ("--no-warmup",)
+    result = cli("time", *TINY_ARGS, "--device", "cuda", *args)
+    assert result.exit_code == 0, result.output
+    [run] = all_runs(client)
+    assert ("warmup_s" in run.data.metrics) == warmup
+    assert run.data.params["warmup"] == str(warmup)
 
 
 @pytest.mark.gpu
