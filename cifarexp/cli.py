@@ -220,6 +220,7 @@ def time_(
     compile: opt.Compile = D.compile,
     timing: opt.TimingName = D.timing,
     scaling: opt.ScalingName = D.scaling,
+    profile: opt.Profile = D.profile,
     nproc: opt.Nproc = 1,
     run_name: opt.RunName = None,
     tracking_uri: opt.TrackingUri = None,
@@ -290,6 +291,7 @@ def sweep_workers(
     channels_last: opt.ChannelsLast = D.channels_last,
     compile: opt.Compile = D.compile,
     timing: opt.TimingName = D.timing,
+    profile: opt.Profile = D.profile,
     resume: opt.Resume = False,
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
@@ -382,6 +384,7 @@ def compare_device(
     channels_last: opt.ChannelsLast = D.channels_last,
     compile: opt.Compile = D.compile,
     timing: opt.TimingName = D.timing,
+    profile: opt.Profile = D.profile,
     resume: opt.Resume = False,
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
@@ -472,6 +475,7 @@ def compare_optim(
     channels_last: opt.ChannelsLast = D.channels_last,
     compile: opt.Compile = D.compile,
     timing: opt.TimingName = D.timing,
+    profile: opt.Profile = D.profile,
     resume: opt.Resume = False,
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
@@ -528,6 +532,7 @@ def no_bn(
     channels_last: opt.ChannelsLast = D.channels_last,
     compile: opt.Compile = D.compile,
     timing: opt.TimingName = D.timing,
+    profile: opt.Profile = D.profile,
     resume: opt.Resume = False,
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
@@ -694,13 +699,14 @@ def lab_(
     data_dir: opt.DataDir = D.data_dir,
     device: opt.Device = D.device,
     out: opt.Out = Path("report"),
+    profile: opt.Profile = D.profile,
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
     quiet: opt.Quiet = False,
 ) -> None:
     """The whole study, from nothing to every answer: inspect, time, sweep-workers,
     compare-device, compare-optim, no-bn (with the best worker count), then the report."""
-    base = TrainConfig(dataset=dataset, data_dir=data_dir, device=device)
+    base = TrainConfig(dataset=dataset, data_dir=data_dir, device=device, profile=profile)
     make_out_dir(out)  # a bad --out fails now, not after the whole study
     session = open_session("lab", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet)
     from analysis import report
