@@ -36,7 +36,6 @@ ACTIVE_STEPS = 5  # recorded: a few MB of trace on a GPU, a few seconds on a CPU
 TOP = 10  # rows per ranking in the summary table
 TRACE, SUMMARY = "profile_trace.json.gz", "profile_summary.csv"
 DATA_WAIT = "cifarexp: data wait"  # the annotation around each wait for a batch
-VERDICT = tracking.TAG + "verdict"
 
 # The parts of a step, in the order a bar shows them. On a GPU the device's timeline decides:
 # compute where a kernel runs (communication beside compute is hidden, so compute), comm
@@ -99,7 +98,7 @@ def profile_training(training: Training) -> Profile | None:
     text = verdict(split, training.cfg, device_type, best)
     step_ms = window_us / ACTIVE_STEPS / 1000
     tracking.log_table(summary, SUMMARY)
-    tracking.set_tags({VERDICT: text})
+    tracking.set_tags({tracking.VERDICT: text})
     tracking.append_description(description(split, text, step_ms))
     profile_s = time.perf_counter() - start
     tracking.log_metrics(

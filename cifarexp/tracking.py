@@ -41,6 +41,7 @@ COMMAND, EXERCISE, VARIANT, DATASET, DEVICE = (
 )
 ERROR = TAG + "error"
 DIVERGED = TAG + "diverged"  # the epoch from which the training loss is not finite
+VERDICT = TAG + "verdict"  # what bounds a profiled run's step (see profiling)
 DESCRIPTION = "mlflow.note.content"  # a run's description in the MLflow UI (markdown)
 # A comparison's parent: a digest of its settings (set as it is created, so that --resume
 # finds it even if it was killed at once), the process that runs it, the variants it ran.

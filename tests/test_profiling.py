@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision import transforms
 
-from cifarexp import data, engine, jobs, profiling
+from cifarexp import data, engine, jobs, profiling, tracking
 from cifarexp.profiling import ACTIVE_STEPS, INPUT_BOUND_SHARE, WARMUP_STEPS, step_split, verdict
 from tests.conftest import TINY, all_runs
 from tests.fake_runs import log_run
@@ -72,10 +72,10 @@ def test_a_profiled_run_logs_its_profile_after_its_timed_epochs_which_it_leaves_
     assert sum(metrics[name] for name in SHARES) == pytest.approx(1)
     assert metrics["profile_s"] > 0
     # the verdict: not input-bound, as a tag, on the terminal and in the description
-    assert tags[profiling.VERDICT].startswith("compute-bound: the CPU computed")
-    assert f"Verdict: {tags[profiling.VERDICT]}" in " ".join(result.output.split())
+    assert tags[tracking.VERDICT].startswith("compute-bound: the CPU computed")
+    assert f"Verdict: {tags[tracking.VERDICT]}" in " ".join(result.output.split())
     assert tags["mlflow.note.content"].startswith("**Profile**")
-    assert tags[profiling.VERDICT] in tags["mlflow.note.content"]
+    assert tags[tracking.VERDICT] in tags["mlflow.note.content"]
 
     # And the same run without --profile logged the same epochs
     assert cli("time", *args(), "--quiet", "--run-name", "plain").exit_code == 0
@@ -93,7 +93,7 @@ def test_a_profiled_run_logs_its_profile_after_its_timed_epochs_which_it_leaves_
             for r in (run_id, plain.info.run_id)
         )
         assert ours == pytest.approx(theirs), name
-    assert profiling.VERDICT not in plain.data.tags
+    assert tracking.VERDICT not in plain.data.tags
 
 
 def test_a_run_whose_transform_sleeps_is_input_bound_and_told_the_sweeps_best(
@@ -116,7 +116,7 @@ def test_a_run_whose_transform_sleeps_is_input_bound_and_told_the_sweeps_best(
     # Then it is input-bound, and told to try the sweep's count
     run = next(r for r in all_runs(client) if r.info.run_id != sweep)
     assert run.data.metrics["profile_data_wait_share"] >= INPUT_BOUND_SHARE
-    text = run.data.tags[profiling.VERDICT]
+    text = run.data.tags[tracking.VERDICT]
     assert text.startswith("input-bound: the CPU waited") and "(0 workers)" in text
     assert f"(run {sweep}) found 4 workers best: try --workers 4" in text
     summary = Path(client.download_artifacts(run.info.run_id, profiling.SUMMARY)).read_text()
