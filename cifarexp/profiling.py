@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import logging
 import os
 import tempfile
 import time
@@ -62,6 +63,7 @@ KINDS = {
     "comm": "communication-bound",
     "compute": "compute-bound",
 }
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ def profile_training(training: Training) -> Profile | None:
             return None
         with gzip.open(trace, "rt") as file:
             events = json.load(file)["traceEvents"]
+        if device_type == "cuda" and not any(e.get("cat") == "kernel" for e in events):
+            log.warning("the profile's trace holds no GPU kernel (CUPTI unavailable?): its split "
+                        "counts the GPU as idle")  # fmt: skip
         split, window_us = step_split(events, device_type, comm=training.world.world_size > 1)
         tracking.log_artifacts(Path(folder))
     summary = top_operators(averages, window_us)
@@ -110,10 +115,11 @@ def profile_training(training: Training) -> Profile | None:
 def _record(training: Training, trace: Path | None) -> torch.autograd.profiler_util.EventList:
     """Train the window under the profiler; the recorded steps' operator averages. The trace
     is exported to `trace` (gzipped, as its name ends) where one is given."""
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" on a CPU
     activities = [ProfilerActivity.CPU]
     if training.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
+    else:  # kineto's "gpuGetDeviceCount failed" means nothing on a CPU run
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     steps = WARMUP_STEPS + ACTIVE_STEPS
     schedule = torch.profiler.schedule(wait=0, warmup=WARMUP_STEPS, active=ACTIVE_STEPS, repeat=1)
     # No shapes, no stacks: they would make the trace many times larger.
