@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -72,4 +73,25 @@ def scaling_curve(c5: pd.DataFrame, subtitle: str = "") -> Figure:
     ax.set(xlabel="GPUs", ylabel="speedup in images/s vs 1 GPU", xticks=counts, ylim=(0, None))
     ax.set_title(f"C5: data-parallel scaling {subtitle}".strip())
     ax.legend()
+    return fig
+
+
+def profile_split(profiles: pd.DataFrame) -> Figure:
+    """Profiles: each run's step split into its parts, one stacked horizontal bar per run
+    (the first run at the top, named with what bounds it), the parts' shares written on them."""
+    parts = [c for c in profiles.columns if c.endswith(" %")]
+    fig = Figure(figsize=(10, 1.6 + 0.45 * len(profiles)), layout="constrained")
+    ax = fig.add_subplot()
+    left = np.zeros(len(profiles))
+    names = [f"{run}\n{bound}" for run, bound in profiles[["run", "bound"]].itertuples(index=False)]
+    for part in parts:
+        shares = 100 * profiles[part].fillna(0).to_numpy()
+        bars = ax.barh(names, shares, left=left, label=part.removesuffix(" %"))
+        labels = [f"{share:.0f}%" if share >= 5 else "" for share in shares]
+        ax.bar_label(bars, labels=labels, label_type="center", fontsize=8)
+        left += shares
+    ax.invert_yaxis()
+    ax.set(xlabel="% of a training step", xlim=(0, 100))
+    ax.set_title("Profiles: where each profiled run's step goes")
+    fig.legend(loc="outside lower center", ncol=len(parts))
     return fig

@@ -113,6 +113,11 @@ def exercise(name: str, run_id: str | None = None) -> Exercise | None:
     return Exercise(name, parent, runs, epochs(runs))
 
 
+def profiled_runs() -> pd.DataFrame:
+    """The FINISHED runs that were profiled (`--profile`), newest first."""
+    return tracking.search_runs("metrics.profile_s >= 0 and attributes.status = 'FINISHED'")
+
+
 def answers(ex: Exercise) -> dict:
     """The answers an inspect run logged (answers.json: `cifarexp.inspection`'s schema)."""
     text = tracking.load_text(ex.parent_id, "answers.json")

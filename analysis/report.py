@@ -26,6 +26,7 @@ TITLES = {
     "c6_loss": "C6: training loss per epoch",
     "c7_batch_norm": "C7: with and without BatchNorm",
     "q1_q4": "Q1-Q4: the model's anatomy",
+    "profiles": "Profiles: what bounds each profiled run's step, and the step's split",
 }
 
 
@@ -143,6 +144,24 @@ def section(item: str, ex: queries.Exercise | None) -> Section:
     return result
 
 
+def profiles_section() -> Section:
+    """The verdict and the step's split of each kind of profiled run (`--profile`), oldest
+    first: the bottleneck moving as the study removes it."""
+    result = Section("profiles", "Profiles: what bounds the step", "cifarexp time --profile")
+    runs = queries.profiled_runs()
+    if runs.empty:
+        return result
+    table = tables.profiles(runs)
+    shown = table.drop(columns=["verdict", "run_id"])
+    result.tables, result.figures = {"profiles": shown}, {"profiles": plots.profile_split(shown)}
+    result.text = "\n".join(
+        f"- {run}: {verdict}." for run, verdict in zip(table["run"], table["verdict"], strict=True)
+    )
+    result.dataset = ", ".join(sorted(set(runs[f"tags.{tracking.DATASET}"])))
+    result.source = f"runs {', '.join(table['run_id'])}; dataset {result.dataset}"
+    return result
+
+
 def warnings(ex: queries.Exercise) -> list[str]:
     """What a reader must know before trusting a section's numbers."""
     notes = []
@@ -210,9 +229,11 @@ def pick_runs(pairs: list[str]) -> dict[str, str]:
 
 
 def build_report(run_ids: Mapping[str, str] | None = None) -> list[Section]:
-    """Every item's section from the latest finished runs (or the given run id per item)."""
+    """Every item's section from the latest finished runs (or the given run id per item),
+    then the profiles."""
     run_ids = run_ids or {}
-    return [section(item, queries.exercise(item, run_ids.get(item))) for item in ITEMS]
+    items = [section(item, queries.exercise(item, run_ids.get(item))) for item in ITEMS]
+    return [*items, profiles_section()]
 
 
 def write_report(sections: list[Section], out: Path, tracking_uri: str) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.queries import Exercise
-from cifarexp import tracking
+from cifarexp import profiling, tracking
 
 DATA, TRAIN, TOTAL = "data-loading s", "training s", "total s"
 TIMES = {"data_time_s": DATA, "train_time_s": TRAIN, "epoch_time_s": TOTAL}
@@ -242,3 +242,40 @@ def q1_q4_answers(answers: dict) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=["item", "quantity", "value"])
     table["value"] = [f"{v:,.2f}" if v % 1 else f"{int(v):,}" for v in table["value"]]
     return table
+
+
+def profile_label(run: pd.Series) -> str:
+    """A profiled run as the study names it: its command and variant, then how it trained
+    where that differs from the study's defaults."""
+    p = {k.removeprefix("params."): v for k, v in run.items()
+         if str(k).startswith("params.") and isinstance(v, str)}  # fmt: skip
+    name = " ".join(str(run.get(f"tags.{t}") or "") for t in (tracking.COMMAND, tracking.VARIANT))
+    settings = ["loader=gpu"] if p.get("loader") == "gpu" else [f"workers={p.get('workers')}"]
+    settings += [f"{k}={p[k]}" for k, study in (("precision", "fp32"), ("compile", "none"),
+                 ("timing", "sync")) if p.get(k, study) != study]  # fmt: skip
+    settings += [k.replace("_", "-") for k in ("channels_last", "persistent_workers", "pin_memory")
+                 if p.get(k) == "True"]  # fmt: skip
+    if int(p.get("world_size") or 1) > 1:
+        settings.append(f"{p['world_size']} processes")
+    return f"{name.strip()}: {', '.join(settings)}"
+
+
+def profiles(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per kind of profiled run (the newest of each label), oldest first: what bounds
+    its step, the step's split (the parts it has, in profiling.PARTS' order), the profile's
+    cost and its verdict."""
+    table = pd.DataFrame(
+        {
+            "run": [profile_label(run) for _, run in runs.iterrows()],
+            "device": runs[f"tags.{tracking.DEVICE}"],
+            "bound": runs[f"tags.{tracking.VERDICT}"].str.partition(":")[0],
+        }
+    )
+    for part in profiling.PARTS:
+        metric = f"metrics.profile_{part}_share"
+        if metric in runs and runs[metric].notna().any():
+            table[f"{profiling.PART_NAMES[part]} %"] = runs[metric]
+    table["profile s"] = runs["metrics.profile_s"]
+    table["verdict"] = runs[f"tags.{tracking.VERDICT}"]
+    table["run_id"] = runs["run_id"]
+    return table.drop_duplicates("run").iloc[::-1].reset_index(drop=True)

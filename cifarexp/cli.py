@@ -222,6 +222,7 @@ def time_(
     cuda_graph: opt.CudaGraph = D.cuda_graph,
     timing: opt.TimingName = D.timing,
     scaling: opt.ScalingName = D.scaling,
+    profile: opt.Profile = D.profile,
     nproc: opt.Nproc = 1,
     run_name: opt.RunName = None,
     tracking_uri: opt.TrackingUri = None,
@@ -294,6 +295,7 @@ def sweep_workers(
     compile: opt.Compile = D.compile,
     cuda_graph: opt.CudaGraph = D.cuda_graph,
     timing: opt.TimingName = D.timing,
+    profile: opt.Profile = D.profile,
     resume: opt.Resume = False,
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
@@ -388,6 +390,7 @@ def compare_device(
     compile: opt.Compile = D.compile,
     cuda_graph: opt.CudaGraph = D.cuda_graph,
     timing: opt.TimingName = D.timing,
+    profile: opt.Profile = D.profile,
     resume: opt.Resume = False,
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
@@ -480,6 +483,7 @@ def compare_optim(
     compile: opt.Compile = D.compile,
     cuda_graph: opt.CudaGraph = D.cuda_graph,
     timing: opt.TimingName = D.timing,
+    profile: opt.Profile = D.profile,
     resume: opt.Resume = False,
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
@@ -538,6 +542,7 @@ def no_bn(
     compile: opt.Compile = D.compile,
     cuda_graph: opt.CudaGraph = D.cuda_graph,
     timing: opt.TimingName = D.timing,
+    profile: opt.Profile = D.profile,
     resume: opt.Resume = False,
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
@@ -704,13 +709,14 @@ def lab_(
     data_dir: opt.DataDir = D.data_dir,
     device: opt.Device = D.device,
     out: opt.Out = Path("report"),
+    profile: opt.Profile = D.profile,
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
     quiet: opt.Quiet = False,
 ) -> None:
     """The whole study, from nothing to every answer: inspect, time, sweep-workers,
     compare-device, compare-optim, no-bn (with the best worker count), then the report."""
-    base = TrainConfig(dataset=dataset, data_dir=data_dir, device=device)
+    base = TrainConfig(dataset=dataset, data_dir=data_dir, device=device, profile=profile)
     make_out_dir(out)  # a bad --out fails now, not after the whole study
     session = open_session("lab", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet)
     from analysis import report

@@ -102,6 +102,7 @@ class TrainConfig:
     seed: int = 0
     eval: bool = False  # evaluate on the test split after each epoch, outside the timing
     max_batches: int | None = None  # stop each epoch after N batches (CPU estimates, C5)
+    profile: bool = False  # after the timed epochs, profile a few steps (see profiling)
     # the fast path (README: "The fast path")
     loader: Loader = "torch"
     precision: Precision = "fp32"  # fp32 (PyTorch's defaults), tf32, or bf16 via autocast

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from cifarexp.anatomy import Count
     from cifarexp.engine import EpochResult
     from cifarexp.inspection import Inspection
+    from cifarexp.profiling import Profile
 
 console = Console()
 err_console = Console(stderr=True)
@@ -107,6 +108,17 @@ class EpochProgress:
             f"acc {result.train_acc:.1%}",
             highlight=False,
         )
+
+    def on_profile(self, profile: Profile) -> None:
+        """The profile's top operators and kernels, its split and its verdict."""
+        from cifarexp.profiling import ACTIVE_STEPS, split_text
+
+        steps = f"{ACTIVE_STEPS} recorded steps of {profile.step_ms:.1f} ms"
+        title = f"{self._prefix()}profile: {steps}"
+        console.print(render(profile.summary, title))
+        console.print(f"Split: {split_text(profile.split)}.", highlight=False)
+        console.print(f"Verdict: {profile.verdict}.", style="bold", highlight=False)
+        console.print(f"(the profile took {profile.profile_s:.1f} s)", style="dim", highlight=False)
 
     def done(self) -> None:
         """One line for a finished variant."""

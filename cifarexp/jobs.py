@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 import torchinfo
 
-from cifarexp import processes, tracking
+from cifarexp import processes, profiling, tracking
 from cifarexp.build import Training, build_training
 from cifarexp.config import CifarexpError, TrainConfig
 from cifarexp.data import cpu_count
@@ -57,6 +57,8 @@ class Display(Protocol):
     def on_batch(self, index: int, loss: float, acc: float) -> None: ...
 
     def on_epoch(self, result: EpochResult) -> None: ...
+
+    def on_profile(self, profile: profiling.Profile) -> None: ...
 
 
 # (label, epochs, batches per epoch) -> a context that shows the run's progress
@@ -148,6 +150,10 @@ def run_training(
                 step=training.step,
                 combine=training.combine,
             )
+            if cfg.profile:  # after the last epoch is logged: never inside a timed epoch
+                profile = profiling.profile_training(training)
+                if profile is not None:
+                    display.on_profile(profile)
     return TrainingRun(run_id, cfg, training.device, results, warmup_s)
 
 
@@ -200,6 +206,9 @@ class _Silent:
         pass
 
     def on_epoch(self, result: EpochResult) -> None:
+        pass
+
+    def on_profile(self, profile: profiling.Profile) -> None:
         pass
 
 

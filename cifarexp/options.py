@@ -186,4 +186,14 @@ Resume = Annotated[
         RUN,
     ),
 ]
+Profile = Annotated[
+    bool,
+    _option(
+        "After the timed epochs, profile a few more training steps of the run (torch.profiler): "
+        "a trace, the top operators and kernels, the step's split (data wait, host, copies, "
+        "compute, communication) and a verdict on what bounds it, logged on the run.",
+        RUN,
+        envvar=_env("profile"),
+    ),
+]
 Out = Annotated[Path, _option("Folder for report.md, the CSVs and the PNGs.", RUN)]

@@ -41,6 +41,8 @@ COMMAND, EXERCISE, VARIANT, DATASET, DEVICE = (
 )
 ERROR = TAG + "error"
 DIVERGED = TAG + "diverged"  # the epoch from which the training loss is not finite
+VERDICT = TAG + "verdict"  # what bounds a profiled run's step (see profiling)
+DESCRIPTION = "mlflow.note.content"  # a run's description in the MLflow UI (markdown)
 # A comparison's parent: a digest of its settings (set as it is created, so that --resume
 # finds it even if it was killed at once), the process that runs it, the variants it ran.
 SETTINGS, OWNER, VARIANTS = TAG + "settings", TAG + "owner", TAG + "variants"
@@ -505,6 +507,14 @@ def set_tags(tags: Mapping[str, object]) -> None:
     if not is_writer():
         return
     _retry_locked(lambda: mlflow.set_tags({key: str(value) for key, value in tags.items()}))
+
+
+def append_description(paragraph: str) -> None:
+    """Add a paragraph to the active run's description, after what it holds already."""
+    if not is_writer():
+        return
+    held = mlflow.get_run(mlflow.active_run().info.run_id).data.tags.get(DESCRIPTION, "")
+    set_tags({DESCRIPTION: f"{held}\n\n{paragraph}".strip()})
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:

@@ -26,10 +26,12 @@ def log_run(
     status: str = "FINISHED",
     dataset: str = "synthetic",
     device: str = "cuda",
+    tags: dict[str, str] | None = None,
 ) -> str:
-    """One run with cifarexp's tags, `params`, per-epoch metrics (step = epoch) and
-    single `metrics`; returns its id."""
+    """One run with cifarexp's tags (and `tags`), `params`, per-epoch metrics (step = epoch)
+    and single `metrics`; returns its id."""
     tags = {
+        **(tags or {}),
         C + "command": command, C + "exercise": exercise, C + "variant": variant,
         C + "dataset": dataset, C + "device": device, C + "device_name": "Fake GPU",
         C + "cpu_count": "16",

@@ -122,7 +122,8 @@ def test_only_finished_runs_count_and_the_newest_child_per_variant_wins(client, 
 
 def test_report_writes_every_item_in_study_order_with_csvs_and_plots(study, tmp_path):
     sections = report.build_report()
-    assert [s.item for s in sections] == ["C2", "C3", "C5", "C5-scaling", "C6", "C7", "Q1-Q4"]
+    items = ["C2", "C3", "C5", "C5-scaling", "C6", "C7", "Q1-Q4", "profiles"]
+    assert [s.item for s in sections] == items
     path = report.write_report(sections, tmp_path / "out", "sqlite:///x.db")
     text = path.read_text()
     assert text.index("C1, C2") < text.index("C3, C4") < text.index("C7") < text.index("Q1-Q4")
@@ -134,6 +135,50 @@ def test_report_writes_every_item_in_study_order_with_csvs_and_plots(study, tmp_
             "c7_batch_norm.csv", "q1_q4.csv"} <= files  # fmt: skip
     assert {"c3_workers.png", "c5_devices.png", "c6_optimizers.png", "c7_batch_norm.png"} <= files
     assert pd.read_csv(tmp_path / "out" / "c3_workers.csv")["workers"].tolist() == [0, 1, 4, 8]
+
+
+def _profiled(client, experiment, workers, split, bound, **params):
+    metrics = {f"profile_{part}_share": share for part, share in split.items()}
+    return log_run(
+        client, experiment, command="time", exercise="C2", params={"workers": workers, **params},
+        metrics={**metrics, "profile_s": 1.5}, tags={"cifarexp.verdict": f"{bound}: because"},
+    )  # fmt: skip
+
+
+def test_the_profiles_show_each_kind_of_run_newest_first_as_a_stacked_bar(client, tmp_path):
+    # Given profiled runs of the study's path with 0 workers (twice), 8, and the fast path
+    e = client.create_experiment("time")
+    gpu = {"data_wait": 0.6, "host": 0.15, "copy": 0.05, "compute": 0.2}
+    _profiled(client, e, 0, {**gpu, "data_wait": 0.5, "host": 0.25}, "input-bound")  # older
+    ids = [
+        _profiled(client, e, 0, gpu, "input-bound"),
+        _profiled(client, e, 8, {**gpu, "data_wait": 0.05, "host": 0.7}, "host-launch-bound"),
+        _profiled(client, e, 0, {**gpu, "data_wait": 0.0, "host": 0.1, "compute": 0.85},
+                  "compute-bound", loader="gpu", precision="bf16", compile="reduce-overhead"),
+    ]  # fmt: skip
+    log_run(client, e, command="time", exercise="C2")  # not profiled
+    # When the report's section is built
+    section = report.profiles_section()
+    # Then each kind of run has a row, oldest first, the newest of a kind winning
+    table = section.tables["profiles"]
+    assert list(table["run"]) == [
+        "time: workers=0", "time: workers=8",
+        "time: loader=gpu, precision=bf16, compile=reduce-overhead",
+    ]  # fmt: skip
+    assert list(table["bound"]) == ["input-bound", "host-launch-bound", "compute-bound"]
+    assert list(table["data wait %"]) == pytest.approx([0.6, 0.05, 0.0])
+    assert list(table.columns[3:]) == [
+        "data wait %", "host, device idle %", "copies %", "compute %", "profile s"
+    ]  # fmt: skip
+    assert "- time: workers=8: host-launch-bound: because." in section.text
+    assert all(run_id in section.source for run_id in ids)
+    # and a stacked bar per run: one bar per part and run, each run's adding up to 100%
+    [ax] = section.figures["profiles"].axes
+    widths = [[bar.get_width() for bar in bars] for bars in ax.containers]
+    assert len(widths) == 4 and all(len(w) == 3 for w in widths)
+    assert [sum(run) for run in zip(*widths, strict=True)] == pytest.approx([100, 100, 100])
+    report.write_report([section], tmp_path, "sqlite:///x.db")
+    assert {"profiles.csv", "profiles.png"} <= {p.name for p in tmp_path.iterdir()}
 
 
 def test_report_cli_names_missing_items_with_the_command_to_run(cli, client, tmp_path):

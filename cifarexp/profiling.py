@@ -1,0 +1,308 @@
+"""`--profile`: after the timed epochs, never inside them, a short window of the same run's
+training steps under torch.profiler, and what it says about them, logged on the run.
+
+The window trains WARMUP_STEPS then ACTIVE_STEPS more batches through `engine.train_one_epoch`
+(the run's loader, model, optimizer and execution settings: the study's path or the fast
+path, timed as its epochs are); the active ones are recorded. From them come the trace
+(gzipped Chrome JSON: Perfetto, chrome://tracing), the top operators and kernels, the
+step's split into what the time went to (`profile_<part>_share`) and a verdict naming what
+bounds the step, with the next thing to try.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.profiler import ProfilerActivity, record_function
+
+from cifarexp import tracking
+from cifarexp.build import Training
+from cifarexp.config import TrainConfig
+from cifarexp.engine import Batch, compiled_shapes_only, train_one_epoch
+
+WARMUP_STEPS = 2  # run, not recorded: the loader's workers start again, the step settles
+ACTIVE_STEPS = 5  # recorded: a few MB of trace on a GPU, a few seconds on a CPU
+TOP = 10  # rows per ranking in the summary table
+TRACE, SUMMARY = "profile_trace.json.gz", "profile_summary.csv"
+DATA_WAIT = "cifarexp: data wait"  # the annotation around each wait for a batch
+
+# The parts of a step, in the order a bar shows them. On a GPU the device's timeline decides:
+# compute where a kernel runs (communication beside compute is hidden, so compute), comm
+# where only NCCL runs, copy where only a copy or memset does; where the device is idle,
+# data_wait if the host waits for a batch, else host (the device waits for the host's
+# launches). On a CPU the step is data_wait or compute.
+PARTS = ("data_wait", "host", "copy", "comm", "compute")
+PART_NAMES = {
+    "data_wait": "data wait",
+    "host": "host, device idle",
+    "copy": "copies",
+    "comm": "communication not hidden",
+    "compute": "compute",
+}
+# A part of the step at least this large bounds it (the largest such part); below all of
+# them the step is compute-bound.
+INPUT_BOUND_SHARE = 0.2
+HOST_BOUND_SHARE = 0.3
+COMM_BOUND_SHARE = 0.2
+BOUNDS = {"data_wait": INPUT_BOUND_SHARE, "host": HOST_BOUND_SHARE, "comm": COMM_BOUND_SHARE}
+KINDS = {
+    "data_wait": "input-bound",
+    "host": "host-launch-bound",
+    "comm": "communication-bound",
+    "compute": "compute-bound",
+}
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the profile of a run found (see `profile_training`)."""
+
+    split: dict[str, float]  # part -> share of the step, summing to 1
+    summary: pd.DataFrame  # the top operators and kernels
+    verdict: str
+    step_ms: float  # the mean recorded step
+    profile_s: float  # what the profile cost the run, its logging included
+
+
+def profile_training(training: Training) -> Profile | None:
+    """Profile a window of `training`'s steps after its epochs and log it on the active run:
+    the trace and the summary table (artifacts), the split (`profile_<part>_share`), its
+    cost (`profile_s`), the verdict (tag and description). Every process of a torchrun job
+    trains the window (its all-reduces need them all); only the one that writes analyses
+    it, and returns the Profile (the others None)."""
+    start = time.perf_counter()
+    device_type = training.device.type
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / TRACE
+        averages = _record(training, trace if tracking.is_writer() else None)
+        if not tracking.is_writer():
+            return None
+        with gzip.open(trace, "rt") as file:
+            events = json.load(file)["traceEvents"]
+        if device_type == "cuda" and not any(e.get("cat") == "kernel" for e in events):
+            log.warning("the profile's trace holds no GPU kernel (CUPTI unavailable?): its split "
+                        "counts the GPU as idle")  # fmt: skip
+        split, window_us = step_split(events, device_type, comm=training.world.world_size > 1)
+        tracking.log_artifacts(Path(folder))
+    summary = top_operators(averages, window_us)
+    sweep = tracking.latest_sweep(device_type, training.cfg.dataset)
+    best = None if sweep is None else (int(sweep["metrics.best_workers"]), str(sweep["run_id"]))
+    text = verdict(split, training.cfg, device_type, best)
+    step_ms = window_us / ACTIVE_STEPS / 1000
+    tracking.log_table(summary, SUMMARY)
+    tracking.set_tags({tracking.VERDICT: text})
+    tracking.append_description(description(split, text, step_ms))
+    profile_s = time.perf_counter() - start
+    tracking.log_metrics(
+        {f"profile_{part}_share": share for part, share in split.items()} | {"profile_s": profile_s}
+    )
+    return Profile(split, summary, text, step_ms, profile_s)
+
+
+def _record(training: Training, trace: Path | None) -> torch.autograd.profiler_util.EventList:
+    """Train the window under the profiler; the recorded steps' operator averages. The trace
+    is exported to `trace` (gzipped, as its name ends) where one is given."""
+    activities = [ProfilerActivity.CPU]
+    if training.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    else:  # kineto's "gpuGetDeviceCount failed" means nothing on a CPU run
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    steps = WARMUP_STEPS + ACTIVE_STEPS
+    schedule = torch.profiler.schedule(wait=0, warmup=WARMUP_STEPS, active=ACTIVE_STEPS, repeat=1)
+    # No shapes, no stacks: they would make the trace many times larger.
+    with torch.profiler.profile(
+        activities=activities, schedule=schedule, record_shapes=False, with_stack=False
+    ) as profiler:
+        with compiled_shapes_only(training.execution):
+            train_one_epoch(
+                training.train_model,
+                _window(training.loader, steps, profiler),
+                training.optimizer,
+                training.device,
+                epoch=0,  # not an epoch of the run: nothing of it is logged as one
+                max_batches=steps,
+                execution=training.execution,
+            )
+        profiler.step()  # the last step ends: the recording stops
+    if trace is not None:
+        profiler.export_chrome_trace(str(trace))
+    return profiler.key_averages()
+
+
+def _window(
+    loader: Iterable[Batch], steps: int, profiler: torch.profiler.profile
+) -> Iterator[Batch]:
+    """`steps` batches of `loader` (started again as often as needed), each wait for one
+    annotated as DATA_WAIT; asking for the next batch ends a profiler step."""
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    for index in range(steps):
+        if index:
+            profiler.step()
+        with record_function(DATA_WAIT):
+            batch = next(batches)
+        yield batch
+
+
+def step_split(
+    events: list[dict], device_type: str, *, comm: bool = False
+) -> tuple[dict[str, float], float]:
+    """The recorded steps' time split into PARTS (shares summing to 1; on a CPU data_wait
+    and compute only; comm with several processes only), from a Chrome trace's events, and
+    the window's length in µs: from the first recorded step's start to the end of its last
+    step or of the device work it queued, whichever is later."""
+    steps = [_span(e) for e in events if e.get("name", "").startswith("ProfilerStep#")]
+    waits = [_span(e) for e in events if e.get("name") == DATA_WAIT]
+    device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    kernels = [_span(e) for e in device if e["cat"] == "kernel" and "nccl" not in e["name"]]
+    nccl = [_span(e) for e in device if e["cat"] == "kernel" and "nccl" in e["name"]]
+    copies = [_span(e) for e in device if e["cat"] != "kernel"]
+    begin = min(s for s, _ in steps)
+    end = max(e for _, e in steps + kernels + nccl + copies)
+    spans = np.clip([(begin, end), *waits, *kernels, *nccl, *copies], begin, end)
+    edges = np.unique(spans)  # the window cut into segments, each wholly in or out of a span
+    lengths = np.diff(edges)
+
+    def covered(intervals: list[tuple[float, float]]) -> np.ndarray:
+        """Whether each segment lies in one of `intervals`."""
+        depth = np.zeros(len(edges))
+        for interval in np.clip(np.reshape(intervals, (-1, 2)), begin, end):
+            np.add.at(depth, np.searchsorted(edges, interval), (1, -1))
+        return np.cumsum(depth)[:-1] > 0
+
+    waiting = covered(waits)
+    if device_type != "cuda":
+        parts = {"data_wait": waiting, "compute": ~waiting}
+    else:
+        computing = covered(kernels)
+        communicating = covered(nccl) & ~computing  # beside compute it is hidden
+        copying = covered(copies) & ~computing & ~communicating
+        idle = ~(computing | communicating | copying)
+        if not comm:  # one process: no NCCL kernel to speak of
+            computing |= communicating
+        parts = {"data_wait": idle & waiting, "host": idle & ~waiting, "copy": copying}
+        parts |= {"comm": communicating} if comm else {}
+        parts["compute"] = computing
+    total = float(lengths.sum())
+    return {part: float(lengths[mask].sum()) / total for part, mask in parts.items()}, total
+
+
+def _span(event: Mapping) -> tuple[float, float]:
+    return float(event["ts"]), float(event["ts"]) + float(event.get("dur", 0))
+
+
+def top_operators(averages: Iterable, window_us: float) -> pd.DataFrame:
+    """The TOP operators by host time and the TOP kernels (and copies) by device time of the
+    recorded steps: calls in all of them, self time (a caller's leaves out its callees') per
+    step and as a share of the step."""
+    rows = []
+    for kind, attribute in (("device", "self_device_time_total"), ("host", "self_cpu_time_total")):
+        found = [
+            a
+            for a in averages
+            if getattr(a, attribute) > 0
+            and (a.device_type == torch.autograd.DeviceType.CPU) == (kind == "host")
+            and not a.key.startswith("ProfilerStep")
+        ]
+        for a in sorted(found, key=lambda a: getattr(a, attribute), reverse=True)[:TOP]:
+            us = getattr(a, attribute)
+            rows.append(
+                {
+                    "by": kind,
+                    "name": a.key,
+                    "calls": a.count,
+                    "ms per step": us / ACTIVE_STEPS / 1000,
+                    "of step %": us / window_us,
+                }
+            )
+    return pd.DataFrame(rows, columns=["by", "name", "calls", "ms per step", "of step %"])
+
+
+def verdict(
+    split: Mapping[str, float],
+    cfg: TrainConfig,
+    device_type: str,
+    best: tuple[int, str] | None = None,
+) -> str:
+    """What bounds the step, as one sentence: the kind (KINDS), the numbers behind it and
+    the next thing to try, from the run's settings and what the study measured (`best`: the
+    latest C3 sweep's best worker count on this device type, and its run id)."""
+    over = {part: split.get(part, 0.0) for part in BOUNDS}
+    over = {part: share for part, share in over.items() if share >= BOUNDS[part]}
+    part = max(over, key=over.__getitem__) if over else "compute"
+    share, compute = split.get(part, 0.0), split.get("compute", 0.0)
+    device = "GPU" if device_type == "cuda" else "CPU"
+    if part == "data_wait":
+        found = f"the {device} waited {share:.0%} of each step for the next batch"
+        found, advice = f"{found} ({cfg.workers} workers)", _more_data(cfg, device_type, best)
+    elif part == "host":
+        found = f"the GPU waited {share:.0%} of each step for the host's launches"
+        found, advice = f"{found} (it computed {compute:.0%})", _fewer_launches(cfg)
+    elif part == "comm":
+        found = f"the GPUs waited {share:.0%} of each step for gradients all-reduced after backward"
+        advice = (
+            "try more images per GPU (--scaling weak, a larger --batch-size): more compute to "
+            "hide the all-reduce behind"
+        )
+    else:
+        waited = split.get("data_wait", 0.0)
+        found = f"the {device} computed {compute:.0%} of each step (data wait {waited:.0%})"
+        advice = _faster_compute(cfg, device_type)
+    return f"{KINDS[part]}: {found}; {advice}"
+
+
+def _more_data(cfg: TrainConfig, device_type: str, best: tuple[int, str] | None) -> str:
+    if cfg.loader == "gpu":
+        return "the batches are made on the device already: try a larger --batch-size"
+    if best is None:
+        return f"no C3 sweep on {device_type} in this store yet: run `cifarexp sweep-workers`"
+    count, run_id = best
+    if count != cfg.workers:
+        sweep = f"the C3 sweep on this machine (run {run_id}) found {count} workers best"
+        return f"{sweep}: try --workers {count}"
+    gpu = ", or --loader gpu (the data kept on the device)" if device_type == "cuda" else ""
+    return f"{count} workers is the C3 sweep's best: try --persistent-workers --pin-memory{gpu}"
+
+
+def _fewer_launches(cfg: TrainConfig) -> str:
+    if cfg.compile in ("none", "default"):
+        return "try --compile reduce-overhead (CUDA graphs launch a whole step at once)"
+    if cfg.timing == "sync":
+        return "try --timing events (no wait for the device after each step)"
+    return "try a larger --batch-size (more work per launch)"
+
+
+def _faster_compute(cfg: TrainConfig, device_type: str) -> str:
+    if device_type != "cuda":
+        return "try a GPU (`cifarexp compare-device` measures how much faster it is)"
+    if cfg.precision != "bf16" or not cfg.channels_last:
+        return "try --precision bf16 --channels-last (tensor cores)"
+    if cfg.compile == "none":
+        return "try --compile reduce-overhead (fused kernels, CUDA graphs)"
+    return "the kernels bound the step: only a larger --batch-size or a faster GPU shortens it"
+
+
+def split_text(split: Mapping[str, float]) -> str:
+    """The split in words: "data wait 58%, host, device idle 10%, ..." in PARTS' order."""
+    return ", ".join(f"{PART_NAMES[p]} {split[p]:.0%}" for p in PARTS if p in split)
+
+
+def description(split: Mapping[str, float], text: str, step_ms: float) -> str:
+    """The profile as a paragraph of the run's description (markdown)."""
+    return (
+        f"**Profile** ({ACTIVE_STEPS} steps after the last epoch, {step_ms:.1f} ms each): {text}. "
+        f"Split: {split_text(split)}. Trace: `{TRACE}` (opens in ui.perfetto.dev); top "
+        f"operators and kernels: `{SUMMARY}`."
+    )
