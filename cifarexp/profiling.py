@@ -135,6 +135,7 @@ def _record(training: Training, trace: Path | None) -> torch.autograd.profiler_u
                 epoch=0,  # not an epoch of the run: nothing of it is logged as one
                 max_batches=steps,
                 execution=training.execution,
+                step=training.step,
             )
         profiler.step()  # the last step ends: the recording stops
     if trace is not None:
