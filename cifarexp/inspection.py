@@ -168,7 +168,7 @@ def run_inspection(cfg: TrainConfig, optimizers: tuple[str, ...], *, experiment:
         )
         tracking.log_text(str(summary), "model_summary.txt")
         tracking.log_metrics(result.metrics())
-        tracking.log_table(result.convs, "q1_conv_layers.csv")
-        tracking.log_table(optimizers_frame(anatomies), "q3_q4_optimizers.csv")
+        tracking.log_table(result.convs, "q1_conv_layers")
+        tracking.log_table(optimizers_frame(anatomies), "q3_q4_optimizers")
         tracking.log_text(result.json(), "answers.json")
     return result
