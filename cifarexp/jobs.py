@@ -271,6 +271,7 @@ class LaunchedRun:
     labels: Labels
     parent: str
     quiet: bool
+    system_metrics: bool  # as the launcher's --system-metrics says
 
 
 def run_processes(
@@ -279,7 +280,10 @@ def run_processes(
     """Train `cfg` as `nproc` data-parallel processes on this machine (one per GPU, or
     CPU processes with gloo), launched through torchrun, as a child run of `parent`; waits.
     The processes run the hidden command `cifarexp launched-run`, which reads this spec."""
-    spec = {"config": asdict(cfg), "labels": asdict(labels), "parent": parent, "quiet": quiet}
+    spec = {
+        "config": asdict(cfg), "labels": asdict(labels), "parent": parent, "quiet": quiet,
+        "system_metrics": tracking.logs_system_metrics(),
+    }  # fmt: skip
     env = {LAUNCHED_RUN: json.dumps(spec), "MLFLOW_TRACKING_URI": tracking.current_uri()}
     code = processes.launch(nproc, ["launched-run"], env)
     if code != 0:
@@ -297,7 +301,11 @@ def launched_run() -> LaunchedRun:
         )
     spec = json.loads(os.environ[LAUNCHED_RUN])
     return LaunchedRun(
-        TrainConfig(**spec["config"]), Labels(**spec["labels"]), spec["parent"], spec["quiet"]
+        TrainConfig(**spec["config"]),
+        Labels(**spec["labels"]),
+        spec["parent"],
+        spec["quiet"],
+        spec["system_metrics"],
     )
 
 

@@ -310,6 +310,11 @@ def is_writer() -> bool:
     return _world.writes
 
 
+def logs_system_metrics() -> bool:
+    """Whether this process's training runs log system metrics (see use_store)."""
+    return _system_metrics
+
+
 def current_uri() -> str:
     return mlflow.get_tracking_uri()
 
