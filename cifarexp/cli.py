@@ -7,6 +7,7 @@ when it runs, so that `--help` and a usage error answer at once.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -754,6 +755,12 @@ def main() -> None:
     processes.handle_stops(under_torchrun=under_torchrun)
     try:
         app()
+    except SystemExit as exc:
+        if exc.code == 2 and "MLFLOW_RUN_ID" in os.environ:  # `mlflow run`'s run exists already
+            from cifarexp import tracking
+
+            tracking.fail_project_run(f"usage error: cifarexp {' '.join(sys.argv[1:])}")
+        raise
     finally:
         if under_torchrun:
             from cifarexp import distributed

@@ -502,6 +502,16 @@ def _end_failed_run(run_id: str | None, status: str, error: BaseException | None
     processes.raise_pending()
 
 
+def fail_project_run(message: str) -> None:
+    """End the run `mlflow run` opened (MLflow checks no integer parameter, so a bad value
+    reaches the command line after the run exists) FAILED, `message` as its error tag."""
+    client = mlflow.MlflowClient()
+    run_id = os.environ["MLFLOW_RUN_ID"]
+    with contextlib.suppress(*STORE_ERRORS):
+        client.set_tag(run_id, ERROR, message[:5000])
+        client.set_terminated(run_id, "FAILED")
+
+
 def last_ended() -> tuple[str, str] | None:
     """The (run id, status) of the run this process ended last, if any."""
     return _ended[-1] if _ended else None

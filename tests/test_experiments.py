@@ -157,7 +157,7 @@ def test_mlflow_run_entry_point_sweep_workers(client, tmp_path):
     # mlflow run runs the project in its own folder: keep the run's artifacts in tmp_path
     client.create_experiment("via-mlflow-run", artifact_location=(tmp_path / "art").as_uri())
     params = dict(
-        dataset="synthetic", train_size="32", batch_size="16", workers="0,1", device="cpu",
+        dataset="synthetic", train_size="32", batch_size="16", workers_list="0,1", device="cpu",
         epochs="1",
     )  # fmt: skip
     command = [sys.executable, "-m", "mlflow", "run", str(root), "-e", "sweep-workers",
@@ -169,6 +169,8 @@ def test_mlflow_run_entry_point_sweep_workers(client, tmp_path):
     assert "C3: epoch times per DataLoader worker count" in done.stdout
     parent, children = parent_and_children(client)
     assert parent.data.tags["cifarexp.command"] == "sweep-workers"
-    assert parent.data.params["workers"] == "0,1"  # logged by mlflow run, kept as given
+    # what mlflow run logged agrees with cifarexp: the counts, no base worker count
+    assert parent.data.params["workers_list"] == "0,1" and "workers" not in parent.data.params
+    assert not any(k.startswith("cifarexp.resolved.") for k in parent.data.tags)
     assert [c.data.tags["cifarexp.variant"] for c in children] == ["workers=0", "workers=1"]
     assert not (root / "mlruns").exists()
