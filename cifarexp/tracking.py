@@ -656,7 +656,7 @@ def where(run_id: str) -> list[str]:
     lines = [
         f"Experiment {experiment.name!r}, run {run.info.run_name!r} ({run_id}).",
         f"In the MLflow UI: {page}?workflowType=machine_learning (the experiment's runs), "
-        f"{page}/runs/{run_id} (this run).",
+        f"{page}/runs/{run_id}?workflowType=machine_learning (this run).",
     ]
     if local:
         lines.append(f"Start the UI with: mlflow ui --backend-store-uri {redact(uri)}")

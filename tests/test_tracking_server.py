@@ -43,8 +43,8 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
 
 def contents(uri: str) -> list[tuple]:
     """What a user finds in a store, less what differs between any two runs (ids, generated
-    names, times, values, system metrics): per run its experiment, status, params, cifarexp tags, whether it
-    has a parent, each metric's steps and the artifact paths."""
+    names, times, values, system metrics): per run its experiment, status, params, cifarexp
+    tags, whether it has a parent, each metric's steps and the artifact paths."""
     client = MlflowClient(uri)
     found = []
     for run in all_runs(client):
