@@ -11,7 +11,8 @@ from cifarexp import tracking
 
 EPOCH_METRICS = [
     "data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc", "images_per_s",
-    "test_loss", "test_acc", "mfu", "est_epoch_time_s", "comm_time_s",
+    "test_loss", "test_acc", "mfu", "comm_time_s",
+    "partial_data_s", "partial_train_s", "partial_total_s",  # an epoch cut at max_batches
 ]  # fmt: skip
 
 
@@ -92,10 +93,16 @@ def run_by_id(run_id: str) -> pd.Series | None:
 
 
 def epochs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per-epoch metrics of `runs`: columns run_id, variant, epoch and one per metric."""
+    """Per-epoch metrics of `runs`: columns run_id, variant, epoch and one per metric. A
+    partial epoch's data-loading and training times are scaled, as its total was, to the
+    whole epoch that its epoch_time_s estimates."""
     frames = []
     for run in runs.to_dict("records"):
         history = tracking.metric_history(run["run_id"], EPOCH_METRICS)
+        if "partial_total_s" in history:
+            scale = history["epoch_time_s"] / history["partial_total_s"]
+            history["data_time_s"] = history["partial_data_s"] * scale
+            history["train_time_s"] = history["partial_train_s"] * scale
         history.insert(0, "variant", run.get(f"tags.{tracking.VARIANT}", ""))
         history.insert(0, "run_id", run["run_id"])
         frames.append(history.rename(columns={"step": "epoch"}))

@@ -53,6 +53,20 @@ class Section:
         """The one-number answers, logged as metrics on the section's parent run."""
         return headline(self)
 
+    def tags(self) -> dict[str, str]:
+        """The answers that are no numbers, logged as tags on the section's parent run."""
+        c6 = self.tables.get("c6_optimizers")
+        if c6 is None or c6.empty:
+            return {}
+        best = c6.loc[c6["final accuracy"].idxmax(), "optimizer"]
+        return {f"{tracking.TAG}best_optimizer": str(best)}
+
+    @property
+    def answer(self) -> str:
+        """The answer in one or two sentences, from the section's tables (the sweep's is
+        the C4 explanation)."""
+        return answer(self)
+
 
 Builder = Callable[[queries.Exercise], tuple[dict, dict, str]]
 
@@ -191,11 +205,60 @@ def headline(section: Section) -> dict[str, float]:
     speedup = section.tables.get("c5_devices", pd.DataFrame()).get("speedup vs cpu")
     if speedup is not None and len(speedup) > 1:
         metrics["gpu_speedup"] = float(speedup.max())
+    for _, row in section.tables.get("c5_devices", pd.DataFrame()).iterrows():
+        metrics[f"{str(row['device']).replace(':', '_')}_epoch_s"] = float(row["avg epoch s"])
+    for _, row in section.tables.get("c6_optimizers", pd.DataFrame()).iterrows():
+        metrics[f"final_acc_{row['optimizer']}"] = float(row["final accuracy"])
+        metrics[f"final_loss_{row['optimizer']}"] = float(row["final loss"])
+    c7 = section.tables.get("c7_batch_norm", pd.DataFrame())
+    final = dict(zip(c7.get("model", []), c7.get("final accuracy", []), strict=True))
+    metrics |= {f"final_acc_{m.lower().replace(' ', '_')}": float(a) for m, a in final.items()}
+    if {"BN", "no BN"} <= final.keys():  # what BatchNorm adds to the final accuracy
+        metrics["acc_gap"] = float(final["BN"] - final["no BN"])
     if "c5_scaling" in section.tables:  # the efficiency at the most GPUs, per mode
         for mode, rows in section.tables["c5_scaling"].groupby("scaling"):
             if mode != "–":
                 metrics[f"{mode}_scaling_efficiency"] = float(rows["efficiency %"].iloc[-1])
     return metrics
+
+
+def answer(section: Section) -> str:
+    """See `Section.answer`."""
+    t, m = section.tables, headline(section)
+    if "c2_epochs" in t:
+        mean = t["c2_epochs"].iloc[-1]
+        return (
+            f"An epoch took {mean['total s']:.2f} s on average: {mean['data-loading s']:.2f} s "
+            f"waiting for data and {mean['training s']:.2f} s computing."
+        )
+    if "c3_workers" in t:
+        return f"The best count is {m['best_workers']} workers. {section.text}"
+    if "c5_devices" in t:
+        rows = t["c5_devices"]
+        epochs = ", ".join(
+            f"{r['device']} {r['avg epoch s']:.2f} s{' (estimated)' if r['estimated'] else ''}"
+            for _, r in rows.iterrows()
+        )
+        speedup = f": the GPU is {m['gpu_speedup']:.1f}x faster" if "gpu_speedup" in m else ""
+        return f"Average epoch time per device: {epochs}{speedup}."
+    if "c5_scaling" in t:
+        gpus = t["c5_scaling"]["GPUs"].max()
+        modes = [f"{k.removesuffix('_scaling_efficiency')} {v:.1%}" for k, v in m.items()]
+        return f"Scaling efficiency at {gpus} GPUs: {', '.join(modes)}."
+    if "c6_optimizers" in t:
+        c6 = t["c6_optimizers"].sort_values("final accuracy", ascending=False)
+        ranked = ", ".join(
+            f"{name} {acc:.1%}"
+            for name, acc in zip(c6["optimizer"], c6["final accuracy"], strict=True)
+        )
+        return f"Final training accuracy, best first: {ranked}."
+    if "c7_batch_norm" in t:
+        c7 = t["c7_batch_norm"]
+        final = dict(zip(c7["model"], c7["final accuracy"], strict=True))
+        text = ", ".join(f"{model} {acc:.1%}" for model, acc in final.items())
+        gap = f" (BatchNorm adds {m['acc_gap']:.1%})" if "acc_gap" in m else ""
+        return f"Final training accuracy: {text}{gap}."
+    return ""
 
 
 def pick_runs(pairs: list[str]) -> dict[str, str]:
@@ -255,7 +318,7 @@ def write_report(sections: list[Section], out: Path, tracking_uri: str) -> Path:
         lines += [f"> **{md_text(note)}**" for note in s.notes] + ([""] if s.notes else [])
         lines += [f"Source: {md_text(s.source)}.", ""]
         for name, table in s.tables.items():
-            table.to_csv(out / f"{name}.csv", index=False)
+            table.to_csv(out / f"{name}.csv", index=False, float_format="%.6g")
             lines += [f"**{TITLES[name]}**", "", markdown_table(table), ""]
         if s.text:
             lines += [s.text, ""]

@@ -112,20 +112,18 @@ def c4_explanation(c4: pd.DataFrame, cpus: str = "?") -> str:
 
 
 def c5_devices(ex: Exercise) -> pd.DataFrame:
-    """C5: average epoch time per device, estimated where only some batches ran, and the
-    speedup against the CPU."""
+    """C5: average epoch time per device, estimated where only some batches ran (see
+    `queries.epochs`), and the speedup against the CPU."""
     runs = per_run_means(ex)
-    estimated = runs.get("est_epoch_time_s", pd.Series(float("nan"), index=runs.index))
-    # an estimated epoch scales every part of the measured batches by the same factor
-    scale = (estimated / runs["epoch_time_s"]).fillna(1.0)
+    partial = runs.get("partial_total_s", pd.Series(float("nan"), index=runs.index))
     table = pd.DataFrame(
         {
             "device": runs["params.device"],
             "device name": runs[f"tags.{tracking.TAG}device_name"],
-            DATA: runs["data_time_s"] * scale,
-            TRAIN: runs["train_time_s"] * scale,
-            "avg epoch s": runs["epoch_time_s"] * scale,
-            "estimated": ["estimated" if pd.notna(e) else "" for e in estimated],
+            DATA: runs["data_time_s"],
+            TRAIN: runs["train_time_s"],
+            "avg epoch s": runs["epoch_time_s"],
+            "estimated": ["estimated" if pd.notna(p) else "" for p in partial],
         }
     )
     cpu = table.loc[table["device"] == "cpu", "avg epoch s"]

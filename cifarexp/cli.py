@@ -7,6 +7,7 @@ when it runs, so that `--help` and a usage error answer at once.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -94,6 +95,7 @@ def open_session(
     quiet: bool,
     device: str = "auto",
     nproc: int = 1,
+    system_metrics: bool = True,
 ) -> Session:
     """Relaunch under torchrun for --nproc N; else this process's world, its store, its
     experiment and its progress display."""
@@ -103,7 +105,7 @@ def open_session(
 
     console.show_notices()
     world = distributed.world_from_environment(device)
-    tracking.use_store(tracking_uri, world)
+    tracking.use_store(tracking_uri, world, system_metrics=system_metrics)
     return Session(
         world,
         experiment or tracking.default_experiment(command),
@@ -228,16 +230,18 @@ def time_(
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
     quiet: opt.Quiet = False,
+    system_metrics: opt.SystemMetrics = True,
 ) -> None:
     """C1, C2: train and time every epoch: data-loading wait, computation, wall clock."""
     session = open_session(
         "time", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet, device=device,
-        nproc=nproc,
+        nproc=nproc, system_metrics=system_metrics,
     )  # fmt: skip
     cfg = training_config(locals())
     from analysis import report
-    from cifarexp.console import print_section
-    from cifarexp.jobs import Labels, run_training
+    from cifarexp import tracking
+    from cifarexp.console import print_section, print_where
+    from cifarexp.jobs import Labels, description, run_training
 
     run = run_training(
         cfg,
@@ -248,7 +252,10 @@ def time_(
         progress=session.progress,
     )
     if run.run_id is not None:  # None on the ranks other than 0 of a torchrun job
-        print_section(report.summarize("C2", run.run_id))
+        section = report.summarize("C2", run.run_id)
+        print_section(section)
+        tracking.describe(run.run_id, description("C2", section.answer, cfg.as_params()))
+        print_where(run.run_id)
 
 
 # ---------------------------------------------------------------- C3, C4: sweep-workers
@@ -300,6 +307,7 @@ def sweep_workers(
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
     quiet: opt.Quiet = False,
+    system_metrics: opt.SystemMetrics = True,
 ) -> None:
     """C3, C4: data-loading time per DataLoader worker count, the best count, 1 vs best."""
     counts = None
@@ -308,12 +316,13 @@ def sweep_workers(
         if any(c < 0 for c in counts):
             raise ConfigError(f"counts must be >= 0, got {workers!r}", "workers")
     session = open_session(
-        "sweep-workers", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet
-    )
+        "sweep-workers", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet,
+        system_metrics=system_metrics,
+    )  # fmt: skip
     cfg = training_config(locals(), workers=D.workers)
     from analysis import report
     from cifarexp import experiments
-    from cifarexp.console import print_section
+    from cifarexp.console import print_section, print_where
 
     if gpu_loader is None:
         gpu_loader = experiments.resolve_device(cfg.device).type == "cuda"
@@ -327,6 +336,7 @@ def sweep_workers(
         progress=session.progress,
     )
     print_section(section)
+    print_where(section.run_id)
 
 
 # ---------------------------------------------------------------- C5: compare-device
@@ -395,16 +405,18 @@ def compare_device(
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
     quiet: opt.Quiet = False,
+    system_metrics: opt.SystemMetrics = True,
 ) -> None:
     """C5: average epoch time on each device (GPU vs CPU) and the GPU speedup; with --gpus,
     epoch time, images/s, speedup and scaling efficiency on 1, 2, 4 ... GPUs."""
     session = open_session(
-        "compare-device", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet
-    )
+        "compare-device", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet,
+        system_metrics=system_metrics,
+    )  # fmt: skip
     cfg = training_config(locals(), scaling=D.scaling)
     from analysis import report
     from cifarexp import experiments
-    from cifarexp.console import print_section
+    from cifarexp.console import print_section, print_where
 
     if gpus is not None:
         section = experiments.compare_gpus(
@@ -432,6 +444,7 @@ def compare_device(
             progress=session.progress,
         )
     print_section(section)
+    print_where(section.run_id)
 
 
 @app.command("launched-run", hidden=True)
@@ -444,7 +457,8 @@ def launched_run() -> None:
         spec = jobs.launched_run()
         console.show_notices()
         # the launcher's store, from MLFLOW_TRACKING_URI
-        tracking.use_store(None, world_from_environment(spec.config.device))
+        world = world_from_environment(spec.config.device)
+        tracking.use_store(None, world, system_metrics=spec.system_metrics)
         jobs.train_launched(spec, console.progress)
 
 
@@ -488,16 +502,18 @@ def compare_optim(
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
     quiet: opt.Quiet = False,
+    system_metrics: opt.SystemMetrics = True,
 ) -> None:
     """C6: SGD, Nesterov, Adagrad, Adadelta, Adam: training time, loss and accuracy."""
     names = parse_list("optimizers", optimizers, OPTIMIZERS)
     session = open_session(
-        "compare-optim", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet
-    )
+        "compare-optim", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet,
+        system_metrics=system_metrics,
+    )  # fmt: skip
     cfg = training_config(locals())
     from analysis import report
     from cifarexp import experiments
-    from cifarexp.console import print_section
+    from cifarexp.console import print_section, print_where
 
     section = experiments.compare_optim(
         cfg,
@@ -508,6 +524,7 @@ def compare_optim(
         progress=session.progress,
     )
     print_section(section)
+    print_where(section.run_id)
 
 
 @command("no-bn")
@@ -547,13 +564,17 @@ def no_bn(
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
     quiet: opt.Quiet = False,
+    system_metrics: opt.SystemMetrics = True,
 ) -> None:
     """C7: the model without BatchNorm against the BN model: loss and accuracy."""
-    session = open_session("no-bn", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet)
+    session = open_session(
+        "no-bn", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet,
+        system_metrics=system_metrics,
+    )  # fmt: skip
     cfg = training_config(locals())
     from analysis import report
     from cifarexp import experiments
-    from cifarexp.console import print_section
+    from cifarexp.console import print_section, print_where
 
     section = experiments.no_bn(
         cfg,
@@ -564,6 +585,7 @@ def no_bn(
         progress=session.progress,
     )
     print_section(section)
+    print_where(section.run_id)
 
 
 # ---------------------------------------------------------------- Q1-Q4: inspect
@@ -617,7 +639,7 @@ def inspect_(
     )
     session = open_session("inspect", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet)
     from cifarexp import inspection
-    from cifarexp.console import console, inspection_tables
+    from cifarexp.console import console, inspection_tables, print_where
 
     result = inspection.run_inspection(cfg, tuple(names), experiment=session.experiment)
     if as_json:
@@ -628,6 +650,7 @@ def inspect_(
     console.print(
         f"Logged as run {result.run_id} (model_summary.txt, tables as CSV, answers.json)."
     )
+    print_where(result.run_id)
 
 
 # ---------------------------------------------------------------- the report and the lab
@@ -649,11 +672,11 @@ def report_(
     quiet: opt.Quiet = False,
 ) -> None:
     """The study's tables and plots, from the tracking store, into a report folder."""
-    open_session("report", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet)
+    session = open_session("report", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet)
     from analysis import report
 
     run_ids = report.pick_runs(parse_list("runs", runs)) if runs is not None else {}
-    write_and_log_report(report.build_report(run_ids), out)
+    write_and_log_report(report.build_report(run_ids), out, session.experiment, quiet=quiet)
 
 
 def make_out_dir(out: Path) -> None:
@@ -669,27 +692,31 @@ def _unwritable(out: Path, exc: OSError) -> UserError:
     return CifarexpError(f"cannot write the report to {out} ({exc.strerror})", "out")
 
 
-def write_and_log_report(sections: list, out: Path) -> None:
-    """Write the report folder, print it, and log the folder on a `report` run."""
+def write_and_log_report(sections: list, out: Path, experiment: str, *, quiet: bool) -> None:
+    """Write the report folder, print it (unless `quiet`), and log the folder on a `report`
+    run in `experiment`."""
     from analysis import report
     from cifarexp import tracking
-    from cifarexp.console import console, print_section
-    from cifarexp.jobs import Labels
+    from cifarexp.console import console, print_section, print_where
+    from cifarexp.jobs import Labels, experiment_about
 
     try:
         path = report.write_report(sections, out, tracking.shown_uri())
     except OSError as exc:
         raise _unwritable(out, exc) from None
-    for section in sections:
+    for section in [] if quiet else sections:
         if section.missing:
             console.print(f"[bold]{section.heading}[/]: not run yet; run `{section.command}`.")
         else:
             print_section(section)
     labels = Labels("report", "report")
-    experiment = tracking.default_experiment("report")
-    with tracking.start_run(experiment, tags=labels.tags(), params={"out": str(out)}):
+    with tracking.start_run(
+        experiment, run_name="report", tags=labels.tags(), params={"out": str(out)},
+        about=experiment_about(labels),
+    ) as run_id:  # fmt: skip
         tracking.log_artifacts(out)
     console.print(f"Report written to {path}.")
+    print_where(run_id)
 
 
 Preset = Literal["full", "quick"]
@@ -713,24 +740,30 @@ def lab_(
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
     quiet: opt.Quiet = False,
+    system_metrics: opt.SystemMetrics = True,
 ) -> None:
     """The whole study, from nothing to every answer: inspect, time, sweep-workers,
     compare-device, compare-optim, no-bn (with the best worker count), then the report."""
     base = TrainConfig(dataset=dataset, data_dir=data_dir, device=device, profile=profile)
     make_out_dir(out)  # a bad --out fails now, not after the whole study
-    session = open_session("lab", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet)
+    session = open_session(
+        "lab", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet,
+        system_metrics=system_metrics,
+    )  # fmt: skip
     from analysis import report
-    from cifarexp import lab
+    from cifarexp import lab, tracking
     from cifarexp.console import console
 
     lab.run_lab(
         base,
         preset,
         summarize=report.summarize,
+        experiment=experiment,
         progress=session.progress,
         on_step=console.rule,
     )
-    write_and_log_report(report.build_report(), out)
+    report_experiment = experiment or tracking.default_experiment("report")
+    write_and_log_report(report.build_report(), out, report_experiment, quiet=quiet)
 
 
 def main() -> None:
@@ -738,6 +771,12 @@ def main() -> None:
     processes.handle_stops(under_torchrun=under_torchrun)
     try:
         app()
+    except SystemExit as exc:
+        if exc.code == 2 and "MLFLOW_RUN_ID" in os.environ:  # `mlflow run`'s run exists already
+            from cifarexp import tracking
+
+            tracking.fail_project_run(f"usage error: cifarexp {' '.join(sys.argv[1:])}")
+        raise
     finally:
         if under_torchrun:
             from cifarexp import distributed

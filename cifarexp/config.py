@@ -183,7 +183,13 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def as_params(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        """Every field as an MLflow param, resolved: split sizes in images, max_batches
+        "all" (never the string "None")."""
+        return dataclasses.asdict(self) | {
+            "train_size": self.images(train=True),
+            "test_size": self.images(train=False),
+            "max_batches": "all" if self.max_batches is None else self.max_batches,
+        }
 
 
 def check_device_name(device: str, field: str = "device") -> None:

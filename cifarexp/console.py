@@ -189,6 +189,16 @@ def render(frame: pd.DataFrame, title: str, *, footer: Sequence[Sequence[object]
     return table
 
 
+def print_where(run_id: str | None) -> None:
+    """Where the run is: its experiment, the MLflow UI links, how to start the UI."""
+    if run_id is None:  # a rank that does not write
+        return
+    from cifarexp import tracking
+
+    for line in tracking.where(run_id):
+        console.print(line, style="dim", highlight=False, soft_wrap=True)
+
+
 def print_section(section: Section) -> None:
     """A section's tables and text, and the run they are logged on."""
     from analysis.report import TITLES

@@ -271,7 +271,7 @@ def combine(result: EpochResult, world: World, execution: Execution) -> EpochRes
     accuracy over every rank's images (sums of loss * n, correct and n)."""
     device = _collective_device(world)
     times = [result.data_time_s, result.train_time_s, result.epoch_time_s]
-    times.append(result.est_epoch_time_s or 0.0)
+    times.append(result.estimated_epoch_s or 0.0)
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     n = result.images
@@ -287,7 +287,7 @@ def combine(result: EpochResult, world: World, execution: Execution) -> EpochRes
         data_time_s=data_time,
         train_time_s=train_time,
         epoch_time_s=epoch_time,
-        est_epoch_time_s=est if result.est_epoch_time_s is not None else None,
+        estimated_epoch_s=est if result.estimated_epoch_s is not None else None,
         train_loss=loss_sum / images,
         train_acc=correct / images,
         images=round(images),

@@ -37,7 +37,7 @@ class EpochResult:
     images: int
     test_loss: float | None = None
     test_acc: float | None = None
-    est_epoch_time_s: float | None = None  # a whole epoch, from the throughput of max_batches
+    estimated_epoch_s: float | None = None  # a whole epoch, from the throughput of max_batches
     mfu: float | None = None  # model FLOPs / epoch time / device peak; None where unknown
     comm_time_s: float | None = None  # DDP: gradient all-reduce not hidden by backward
 
@@ -46,9 +46,17 @@ class EpochResult:
         return self.images / self.epoch_time_s
 
     def metrics(self) -> dict[str, float]:
-        """The per-epoch metrics (test metrics only when evaluation ran)."""
+        """The per-epoch metrics (test metrics only when evaluation ran). A partial epoch
+        (max_batches) logs its own times as partial_*, and its whole-epoch estimate as
+        epoch_time_s: a metric named like an epoch's is an epoch's."""
         values = {k: v for k, v in asdict(self).items() if k not in ("epoch", "images")}
         values["images_per_s"] = self.images_per_s
+        estimate = values.pop("estimated_epoch_s")
+        if estimate is not None:
+            values["partial_data_s"] = values.pop("data_time_s")
+            values["partial_train_s"] = values.pop("train_time_s")
+            values["partial_total_s"] = values["epoch_time_s"]
+            values["epoch_time_s"] = estimate
         return {k: float(v) for k, v in values.items() if v is not None}
 
 
@@ -211,7 +219,7 @@ def train_one_epoch(
         train_loss=loss_sum / seen,
         train_acc=correct / seen,
         images=seen,
-        est_epoch_time_s=epoch_time * batches / (index + 1) if index + 1 < batches else None,
+        estimated_epoch_s=epoch_time * batches / (index + 1) if index + 1 < batches else None,
         mfu=execution.mfu(seen, epoch_time),
     )
 
@@ -276,7 +284,7 @@ def _train_one_epoch_events(
         train_loss=sum(loss * n for (loss, _), n in zip(per_batch, sizes, strict=True)) / seen,
         train_acc=sum(correct for _, correct in per_batch) / seen,
         images=seen,
-        est_epoch_time_s=epoch_time * batches / len(sizes) if len(sizes) < batches else None,
+        estimated_epoch_s=epoch_time * batches / len(sizes) if len(sizes) < batches else None,
         mfu=execution.mfu(seen, epoch_time),
     )
 

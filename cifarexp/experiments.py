@@ -22,7 +22,15 @@ from cifarexp import distributed, tracking
 from cifarexp.config import CifarexpError, ConfigError, TrainConfig
 from cifarexp.data import cpu_count
 from cifarexp.engine import resolve_device
-from cifarexp.jobs import Labels, Progress, environment_tags, run_processes, run_training
+from cifarexp.jobs import (
+    Labels,
+    Progress,
+    description,
+    environment_tags,
+    experiment_about,
+    run_processes,
+    run_training,
+)
 
 WORKERS_STEP = 4
 WORKERS_TOLERANCE = 0.03  # a count must cut data-loading time by more than this to go on
@@ -37,7 +45,12 @@ class Answer(Protocol):
     text: str
     notes: list[str]  # what makes it less than a result
 
+    @property
+    def answer(self) -> str: ...  # the answer in one or two sentences
+
     def metrics(self) -> dict[str, float]: ...
+
+    def tags(self) -> dict[str, str]: ...  # answers that are no numbers (a best optimizer)
 
 
 A = TypeVar("A", bound=Answer)
@@ -53,6 +66,7 @@ class Comparison:
     parent_id: str
     progress: Progress | None
     reused: dict[str, str]  # variant -> finished child of a resumed run
+    params: dict[str, object]  # the parent's: what the children share, what varies
     variants: list[str] = field(default_factory=list)  # those run (or reused), in order
 
     def run(self, variant: str, cfg: TrainConfig, nproc: int = 1) -> str:
@@ -83,17 +97,22 @@ class Comparison:
 
     def finish(self, summarize: Summarize[A]) -> A:
         """The answer, built from the store once every variant has run, logged on the
-        parent: its tables (CSV), plots, text and headline metrics. The parent records the
-        variants it ran, so that one whose run is missing later is seen."""
+        parent: its tables, plots, text, headline metrics and tags, and a description (the
+        question, the answer, the settings). The parent records the variants it ran, so
+        that one whose run is missing later is seen."""
         tracking.set_tags({tracking.VARIANTS: ",".join(self.variants)})
         answer = summarize(self.labels.exercise, self.parent_id)
         for name, table in answer.tables.items():
-            tracking.log_table(table, f"{name}.csv")
+            tracking.log_table(table, name)
         for name, figure in answer.figures.items():
             tracking.log_figure(figure, f"{name}.png")
         if answer.text or answer.notes:
             tracking.log_text("\n\n".join([*answer.notes, answer.text]).strip(), "notes.md")
         tracking.log_metrics(answer.metrics())
+        tracking.set_tags(answer.tags())
+        tracking.describe(
+            self.parent_id, description(self.labels.exercise, answer.answer, self.params)
+        )
         return answer
 
 
@@ -104,13 +123,17 @@ def comparison(
     options: dict[str, object],
     *,
     experiment: str,
+    varies: tuple[str, ...],
     resume: bool = False,
     progress: Progress | None = None,
 ) -> Iterator[Comparison]:
     """Open the parent run (or, with `resume`, reopen the unfinished one with the same
-    settings) and yield a Comparison to run the variants in and `finish`."""
+    settings) and yield a Comparison to run the variants in and `finish`. The parent's
+    params are `base`'s less the fields its variants vary, and `options` (which say over
+    what they vary)."""
     device = resolve_device(base.device)
-    params = {**base.as_params(), **options}
+    shared = {k: v for k, v in base.as_params().items() if k not in varies}
+    params = {**shared, **{k: "all" if v is None else v for k, v in options.items()}}
     previous = tracking.unfinished(labels.exercise, params) if resume else None
     if resume and previous is None:
         log.warning("Nothing to resume: no unfinished run with these settings.")
@@ -120,16 +143,18 @@ def comparison(
         tracking.DEVICE: str(options.get("devices", device.type)),
         tracking.SETTINGS: tracking.settings_digest(params), **tracking.owner_tag(),
     }  # fmt: skip
+    name = labels.run_name(base.dataset, str(options.get("devices", device.type)))
     with tracking.start_run(
-        experiment, run_name=labels.command, tags=tags, params=params, reopen=reopen
-    ) as parent_id:
+        experiment, run_name=name, tags=tags, params=params, reopen=reopen,
+        about=experiment_about(labels),
+    ) as parent_id:  # fmt: skip
         reused = {}
         if reopen is not None:
             children = tracking.finished_children(reopen)
             reused = dict(
                 zip(children[f"tags.{tracking.VARIANT}"], children["run_id"], strict=True)
             )
-        yield Comparison(labels, experiment, parent_id, progress, reused)
+        yield Comparison(labels, experiment, parent_id, progress, reused, params)
 
 
 # ---------------------------------------------------------------- C3, C4: sweep-workers
@@ -158,9 +183,11 @@ def sweep_workers(
         "gpu_loader": gpu_loader,
     }
     labels = Labels("sweep-workers", "C3")
+    varies = ("workers", "persistent_workers") + (("loader",) if gpu_loader else ())
     with comparison(
-        labels, base, options, experiment=experiment, resume=resume, progress=progress
-    ) as comp:
+        labels, base, options, experiment=experiment, varies=varies, resume=resume,
+        progress=progress,
+    ) as comp:  # fmt: skip
 
         def run_count(n: int) -> float:  # persistent workers mean nothing with 0 workers
             cfg = base.replace(workers=n, persistent_workers=base.persistent_workers and n > 0)
@@ -222,9 +249,16 @@ def _compare(
     resume: bool,
     progress: Progress | None,
 ) -> A:
+    """One child per variant; the parent's params leave out the fields they differ in."""
+    varies = tuple(
+        k
+        for k, v in base.as_params().items()
+        if any(cfg.as_params()[k] != v for cfg in variants.values())
+    )
     with comparison(
-        labels, base, options, experiment=experiment, resume=resume, progress=progress
-    ) as comp:
+        labels, base, options, experiment=experiment, varies=varies, resume=resume,
+        progress=progress,
+    ) as comp:  # fmt: skip
         for variant, cfg in variants.items():
             comp.run(variant, cfg)
         return comp.finish(summarize)
@@ -293,8 +327,9 @@ def compare_gpus(
     }
     labels = Labels("compare-device", "C5-scaling")
     with comparison(
-        labels, base, options, experiment=experiment, resume=resume, progress=progress
-    ) as comp:
+        labels, base, options, experiment=experiment, varies=("scaling",), resume=resume,
+        progress=progress,
+    ) as comp:  # fmt: skip
         comp.run("gpus=1", base)  # the baseline: one process, no DDP
         for scaling in scalings:
             for n in sorted(set(gpus) - {1}):
@@ -333,6 +368,7 @@ def no_bn(
     if baseline:
         variants["model=bn"] = base.replace(batch_norm=True)
     return _compare(
-        Labels("no-bn", "C7"), base, variants, {"baseline": baseline}, summarize=summarize,
+        Labels("no-bn", "C7"), base, variants,
+        {"models": ",".join(v.removeprefix("model=") for v in variants)}, summarize=summarize,
         experiment=experiment, resume=resume, progress=progress,
     )  # fmt: skip

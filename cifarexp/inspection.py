@@ -28,7 +28,7 @@ from cifarexp.anatomy import (
 )
 from cifarexp.config import TrainConfig
 from cifarexp.data import load_split, make_loader
-from cifarexp.jobs import Labels, environment_tags
+from cifarexp.jobs import Labels, environment_tags, experiment_about
 from cifarexp.models import build_model
 
 
@@ -153,7 +153,11 @@ def run_inspection(cfg: TrainConfig, optimizers: tuple[str, ...], *, experiment:
         "seed": cfg.seed,
         **hyper,
     }
-    with tracking.start_run(experiment, tags=tags, params=params) as run_id:
+    name = f"inspect {variant(cfg)} {','.join(optimizers)}"
+    about = experiment_about(labels)
+    with tracking.start_run(
+        experiment, run_name=name, tags=tags, params=params, about=about
+    ) as run_id:
         result = Inspection(
             run_id,
             cfg,
@@ -168,7 +172,7 @@ def run_inspection(cfg: TrainConfig, optimizers: tuple[str, ...], *, experiment:
         )
         tracking.log_text(str(summary), "model_summary.txt")
         tracking.log_metrics(result.metrics())
-        tracking.log_table(result.convs, "q1_conv_layers.csv")
-        tracking.log_table(optimizers_frame(anatomies), "q3_q4_optimizers.csv")
+        tracking.log_table(result.convs, "q1_conv_layers")
+        tracking.log_table(optimizers_frame(anatomies), "q3_q4_optimizers")
         tracking.log_text(result.json(), "answers.json")
     return result

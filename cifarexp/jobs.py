@@ -9,12 +9,13 @@ import logging
 import math
 import os
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torchinfo
 
@@ -40,6 +41,36 @@ class Labels:
             tracking.EXERCISE: self.exercise,
             tracking.VARIANT: self.variant,
         }
+
+    def run_name(self, *settings: str) -> str:
+        """What the UI lists: the variant (a child), else the command and its main settings
+        (e.g. `compare-optim synthetic cpu`)."""
+        return self.variant or " ".join([self.command, *settings])
+
+
+# The study's question per item (SPEC), on each experiment and in each parent's description.
+QUESTIONS = {
+    "C2": "Where does the time of an epoch go: waiting for data, computing, in all?",
+    "C3": "How many DataLoader workers load data fastest, and why does 1 worker lose (C4)?",
+    "C5": "How much faster than the CPU does the GPU train an epoch?",
+    "C5-scaling": "How does training scale over several GPUs (data-parallel)?",
+    "C6": "How do SGD, Nesterov, Adagrad, Adadelta and Adam train with lr 0.1?",
+    "C7": "What does BatchNorm change: the model with and without it?",
+    "Q1-Q4": "What does ResNet-18 contain: conv layers, the last layer's input, parameters, "
+    "gradients, optimizer state?",
+    "report": "The study's tables and plots, built from the store.",
+}
+
+
+def description(exercise: str, answer: str, settings: Mapping[str, object]) -> str:
+    """A run's description (markdown): the study's question, its answer, the settings."""
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return f"**{QUESTIONS[exercise]}**\n\n{answer}\n\nSettings: {shown}."
+
+
+def experiment_about(labels: Labels) -> str:
+    """A new experiment's description: the command and the question it answers."""
+    return f"`cifarexp {labels.command}` ({labels.exercise}): {QUESTIONS[labels.exercise]}"
 
 
 @dataclass(frozen=True)
@@ -77,15 +108,15 @@ def cpu_name() -> str:
 
 
 def environment_tags(device: torch.device) -> dict[str, str]:
-    """The environment beside the results: torch, CUDA, device name, CPU count."""
+    """The environment beside the results: torch (and the CUDA it was built for, if any),
+    device name, CPU count."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         tracking.DEVICE: device.type,
         tracking.TAG + "device_name": name,
         tracking.TAG + "torch_version": torch.__version__,
-        tracking.TAG + "cuda_version": torch.version.cuda or "none",
         tracking.TAG + "cpu_count": str(cpu_count()),
-    }
+    } | ({tracking.TAG + "torch_cuda_build": torch.version.cuda} if torch.version.cuda else {})
 
 
 @contextmanager
@@ -118,14 +149,20 @@ def run_training(
     """Train `cfg` inside an MLflow run, logging each epoch's metrics as soon as it ends.
 
     Everything that can fail on bad input (device, data) fails while the training is
-    built, before the run starts. `progress` shows it (on rank 0 only).
+    built, before the run starts. `progress` shows it (on rank 0 only). The run is named
+    `run_name`, else by `labels` and the dataset and device.
     """
     training = build_training(cfg, world)
     tags = {**labels.tags(), tracking.DATASET: cfg.dataset, **environment_tags(training.device)}
     params = {**cfg.as_params(), **world.params(cfg)}
-    run = tracking.start_run(experiment, run_name=run_name, tags=tags, params=params, parent=parent)
+    name = run_name or labels.run_name(cfg.dataset, training.device.type)
+    run = tracking.start_run(
+        experiment, run_name=name, tags=tags, params=params, parent=parent, training=True,
+        about=experiment_about(labels),
+    )  # fmt: skip
     with data_loader_errors(), run as run_id:
         log_summary(training)
+        log_train_set(training)
         warmup_s = warm_up_before_epoch_1(training)
         show = progress if progress is not None and world.writes else _no_progress
         with show(labels.variant, cfg.epochs, training.batches) as display:
@@ -180,7 +217,23 @@ def log_summary(training: Training) -> None:
             verbose=0,
         )
         tracking.log_text(str(summary), "model_summary.txt")
-    tracking.log_metrics({"flops_per_image": training.execution.flops_per_image})
+        tracking.log_params({"flops_per_image": training.execution.flops_per_image})
+
+
+def log_train_set(training: Training) -> None:
+    """The run's training set as its MLflow dataset input: `synthetic` (made from the seed)
+    or `cifar10` (read from the data folder), by its labels."""
+    cfg = training.cfg
+    source = {"dataset": cfg.dataset, "split": "train", "images": str(len(training.train_set))}
+    if cfg.dataset == "synthetic":
+        source["seed"] = str(cfg.seed)
+    else:
+        source["data_dir"] = str(Path(cfg.data_dir).resolve())
+    tracking.log_dataset(
+        np.asarray(training.train_set.targets, dtype=np.int64),
+        name=f"{cfg.dataset}-train-{len(training.train_set)}",
+        source=source,
+    )
 
 
 def warm_up_before_epoch_1(training: Training) -> float | None:
@@ -230,6 +283,7 @@ class LaunchedRun:
     labels: Labels
     parent: str
     quiet: bool
+    system_metrics: bool  # as the launcher's --system-metrics says
 
 
 def run_processes(
@@ -238,7 +292,10 @@ def run_processes(
     """Train `cfg` as `nproc` data-parallel processes on this machine (one per GPU, or
     CPU processes with gloo), launched through torchrun, as a child run of `parent`; waits.
     The processes run the hidden command `cifarexp launched-run`, which reads this spec."""
-    spec = {"config": cfg.as_params(), "labels": asdict(labels), "parent": parent, "quiet": quiet}
+    spec = {
+        "config": asdict(cfg), "labels": asdict(labels), "parent": parent, "quiet": quiet,
+        "system_metrics": tracking.logs_system_metrics(),
+    }  # fmt: skip
     env = {LAUNCHED_RUN: json.dumps(spec), "MLFLOW_TRACKING_URI": tracking.current_uri()}
     code = processes.launch(nproc, ["launched-run"], env)
     if code != 0:
@@ -256,7 +313,11 @@ def launched_run() -> LaunchedRun:
         )
     spec = json.loads(os.environ[LAUNCHED_RUN])
     return LaunchedRun(
-        TrainConfig(**spec["config"]), Labels(**spec["labels"]), spec["parent"], spec["quiet"]
+        TrainConfig(**spec["config"]),
+        Labels(**spec["labels"]),
+        spec["parent"],
+        spec["quiet"],
+        spec["system_metrics"],
     )
 
 
@@ -266,7 +327,6 @@ def train_launched(spec: LaunchedRun, progress: Progress | None) -> TrainingRun:
         spec.config,
         spec.labels,
         experiment="",  # a child goes into its parent's experiment
-        run_name=spec.labels.variant,
         parent=spec.parent,
         world=world_from_environment(spec.config.device),
         progress=None if spec.quiet else progress,

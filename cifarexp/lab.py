@@ -22,17 +22,22 @@ def run_lab(
     preset: str,
     *,
     summarize: Summarize,
+    experiment: str | None = None,
     progress: Progress | None = None,
     on_step: Callable[[str], None] = lambda title: None,
 ) -> None:
     """inspect, time, sweep-workers, then compare-device, compare-optim and no-bn with the
-    best worker count, each into its command's experiment; `on_step` is told each step's
-    title as it starts."""
+    best worker count, each into its command's experiment (or all into `experiment`);
+    `on_step` is told each step's title as it starts."""
     sizes = PRESETS[preset]
     cfg = base.replace(train_size=sizes["train_size"], epochs=sizes["epochs"])
     on_cuda = resolve_device(cfg.device).type == "cuda"
     devices = ["cpu", "cuda"] if on_cuda else ["cpu"]
-    experiment = tracking.default_experiment
+    named = experiment
+
+    def experiment(command: str) -> str:
+        return named or tracking.default_experiment(command)
+
     steps = [
         ("Q1-Q4: inspect", lambda: inspection.run_inspection(
             cfg.replace(batch_size=8), ("sgd", "adam"), experiment=experiment("inspect"))),

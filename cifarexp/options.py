@@ -177,6 +177,15 @@ TrackingUri = Annotated[
 ]
 Experiment = Annotated[str | None, _option("MLflow experiment (default: cifarexp-COMMAND).", RUN)]
 Quiet = Annotated[bool, _option("No progress: only the answer at the end.", RUN)]
+SystemMetrics = Annotated[
+    bool,
+    _option(
+        "Log MLflow's system metrics (CPU, memory, GPU use and memory, once a second) on "
+        "training runs.",
+        RUN,
+        envvar=_env("system_metrics"),
+    ),
+]
 RunName = Annotated[str | None, _option("MLflow run name.", RUN)]
 Resume = Annotated[
     bool,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -11,6 +12,7 @@ import os
 import re
 import socket
 import sqlite3
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -22,11 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
+import numpy as np
 import pandas as pd
 import psutil
 from mlflow.exceptions import MlflowException
 
-from cifarexp import processes
+from cifarexp import __version__, processes
 from cifarexp.config import CifarexpError, ConfigError
 from cifarexp.distributed import World
 
@@ -40,9 +43,14 @@ COMMAND, EXERCISE, VARIANT, DATASET, DEVICE = (
     TAG + name for name in ("command", "exercise", "variant", "dataset", "device")
 )
 ERROR = TAG + "error"
+VERSION, COMMIT = TAG + "version", "mlflow.source.git.commit"
+NOTE = "mlflow.note.content"  # the description the UI shows on a run or an experiment
+APPENDED = TAG + "description_appended"  # what a run added to its description as it ran
+# The UI opens an experiment of this kind on its runs (not on GenAI traces).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+SYSTEM_METRICS_INTERVAL_S = 1  # MLflow's sampler: CPU, memory, GPU, once a second
 DIVERGED = TAG + "diverged"  # the epoch from which the training loss is not finite
 VERDICT = TAG + "verdict"  # what bounds a profiled run's step (see profiling)
-DESCRIPTION = "mlflow.note.content"  # a run's description in the MLflow UI (markdown)
 # A comparison's parent: a digest of its settings (set as it is created, so that --resume
 # finds it even if it was killed at once), the process that runs it, the variants it ran.
 SETTINGS, OWNER, VARIANTS = TAG + "settings", TAG + "owner", TAG + "variants"
@@ -66,19 +74,25 @@ class StoreFailed(CifarexpError):
 _epochs_logged: dict[str, list[int]] = {}  # run id -> epochs whose metrics reached the store
 _ended: list[tuple[str, str]] = []  # (run id, status) of the runs this process ended, in order
 _world = World()  # this process's place in its run (see use_store)
+_system_metrics = True  # whether training runs log MLflow's system metrics (see use_store)
 
 
-def use_store(tracking_uri: str | None, world: World = World()) -> str:
+def use_store(
+    tracking_uri: str | None, world: World = World(), *, system_metrics: bool = True
+) -> str:
     """Point MLflow at `tracking_uri` (else MLFLOW_TRACKING_URI, else MLflow's default), as
     `world`'s process: only a process that writes (rank 0) opens the store.
 
     The store is checked up front, fast: a malformed URI is a ConfigError; a sqlite file that
     cannot be written, a store that cannot be opened or a server that cannot be reached one
     clear CifarexpError (not minutes of retries), each naming where the URI came from. A new
-    sqlite store is made whole or not at all (see `_prepare_sqlite`).
+    sqlite store is made whole or not at all (see `_prepare_sqlite`). Training runs log
+    MLflow's system metrics if `system_metrics`; cifarexp prints where a run is, not MLflow.
     """
-    global _world
-    _world = world
+    global _world, _system_metrics
+    _world, _system_metrics = world, system_metrics
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     # Their chatter, retries and tracebacks: a store error is cifarexp's one line, its cause
     # included (see root_cause).
     for name in ("mlflow", "alembic", "sqlalchemy", "urllib3"):
@@ -298,6 +312,11 @@ def is_writer() -> bool:
     return _world.writes
 
 
+def logs_system_metrics() -> bool:
+    """Whether this process's training runs log system metrics (see use_store)."""
+    return _system_metrics
+
+
 def current_uri() -> str:
     return mlflow.get_tracking_uri()
 
@@ -316,8 +335,13 @@ def start_run(
     params: Mapping[str, object] | None = None,
     parent: str | None = None,
     reopen: str | None = None,
+    about: str = "",
+    training: bool = False,
 ) -> Iterator[str | None]:
     """A run that ends FINISHED, FAILED (error recorded as a tag) or KILLED (Ctrl-C).
+
+    Every run is tagged with cifarexp's version and source commit; a `training` run logs
+    system metrics (see use_store); `about` describes a new experiment.
 
     A child of `parent` (a run id: the active run of this process, or one another process
     keeps open) goes into its parent's experiment. Under `mlflow run` (MLFLOW_RUN_ID set)
@@ -333,7 +357,8 @@ def start_run(
     run_id = None
     try:
         with processes.stops_deferred():  # a stop meanwhile waits until the run can end KILLED
-            run_id = _create_run(experiment, run_name, tags, parent, reopen)
+            tags = {**source_tags(), **(tags or {})}
+            run_id = _create_run(experiment, run_name, tags, parent, reopen, about, training)
         processes.raise_pending()
         _log_params(params or {})
         yield run_id
@@ -368,10 +393,12 @@ def _create_run(
     tags: Mapping[str, str] | None,
     parent: str | None,
     reopen: str | None,
+    about: str,
+    training: bool,
 ) -> str:
     """Start (or, with `reopen`, continue) the run as MLflow's active run; its id."""
     if parent is None and not os.environ.get("MLFLOW_RUN_ID"):
-        _set_experiment(experiment)
+        _set_experiment(experiment, about)
     if reopen is not None:
         _claim(reopen)
     run = mlflow.start_run(
@@ -380,7 +407,8 @@ def _create_run(
         nested=parent is not None,
         parent_run_id=parent,
         experiment_id=mlflow.get_run(parent).info.experiment_id if parent else None,
-        tags=dict(tags or {}),
+        tags={k: v for k, v in (tags or {}).items() if v != ""},  # no empty tags
+        log_system_metrics=training and _system_metrics,
     )
     if reopen is not None:
         kill_stale_children(reopen)
@@ -397,15 +425,41 @@ def _log_params(params: Mapping[str, object]) -> None:
     )
 
 
-def _set_experiment(name: str) -> None:
+def _set_experiment(name: str, about: str) -> None:
     """Make `name` the active experiment; with a local sqlite store its artifacts go into
-    `mlartifacts/` beside the database file (never the legacy ./mlruns)."""
+    `mlartifacts/` beside the database file (never the legacy ./mlruns). A new one is
+    described by `about` and opens on its runs in the UI."""
     uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
         root = Path(sqlite_path(uri)).resolve().parent / "mlartifacts"
         with contextlib.suppress(MlflowException):  # created meanwhile by another command
             mlflow.create_experiment(name, artifact_location=root.as_uri())
-    _check_artifacts(mlflow.set_experiment(name))
+    experiment = mlflow.set_experiment(name)
+    _check_artifacts(experiment)
+    client = mlflow.MlflowClient()
+    for key, value in {NOTE: about, **EXPERIMENT_KIND}.items():
+        if value and key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """cifarexp's version and, when the package lives in a git checkout, its commit (MLflow
+    records none for the console script of a git-ignored .venv)."""
+    tags = {VERSION: __version__}
+    try:
+        found = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return tags
+    if found.returncode == 0:
+        tags[COMMIT] = found.stdout.strip()
+    return tags
 
 
 def _check_artifacts(experiment: mlflow.entities.Experiment) -> None:
@@ -448,6 +502,16 @@ def _end_failed_run(run_id: str | None, status: str, error: BaseException | None
     processes.acknowledge()  # the stop behind the exception, if any, is being acted on
     _end_run(run_id, status, error)
     processes.raise_pending()
+
+
+def fail_project_run(message: str) -> None:
+    """End the run `mlflow run` opened (MLflow checks no integer parameter, so a bad value
+    reaches the command line after the run exists) FAILED, `message` as its error tag."""
+    client = mlflow.MlflowClient()
+    run_id = os.environ["MLFLOW_RUN_ID"]
+    with contextlib.suppress(*STORE_ERRORS):
+        client.set_tag(run_id, ERROR, message[:5000])
+        client.set_terminated(run_id, "FAILED")
 
 
 def last_ended() -> tuple[str, str] | None:
@@ -510,11 +574,22 @@ def set_tags(tags: Mapping[str, object]) -> None:
 
 
 def append_description(paragraph: str) -> None:
-    """Add a paragraph to the active run's description, after what it holds already."""
+    """Add a paragraph to the active run's description, after what it holds already; kept
+    (in APPENDED) when `describe` writes the description later."""
     if not is_writer():
         return
-    held = mlflow.get_run(mlflow.active_run().info.run_id).data.tags.get(DESCRIPTION, "")
-    set_tags({DESCRIPTION: f"{held}\n\n{paragraph}".strip()})
+    tags = mlflow.get_run(mlflow.active_run().info.run_id).data.tags
+    set_tags(
+        {
+            NOTE: f"{tags.get(NOTE, '')}\n\n{paragraph}".strip(),
+            APPENDED: f"{tags.get(APPENDED, '')}\n\n{paragraph}".strip(),
+        }
+    )
+
+
+def log_params(params: Mapping[str, object]) -> None:
+    if is_writer():
+        _log_params(params)
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -556,9 +631,56 @@ def log_artifacts(folder: Path) -> None:
         mlflow.log_artifacts(str(folder))
 
 
-def log_table(table: pd.DataFrame, artifact_file: str) -> None:
-    """A table as a CSV artifact (readable in the UI and by any tool)."""
-    log_text(table.to_csv(index=False), artifact_file)
+def log_table(table: pd.DataFrame, name: str) -> None:
+    """A table as `name`.csv (readable by any tool, 6 significant digits) and as an MLflow
+    table, `name`.json, which the UI shows and compares across runs."""
+    log_text(table.to_csv(index=False, float_format="%.6g"), f"{name}.csv")
+    if is_writer():
+        with _writing_artifact(f"{name}.json"):
+            mlflow.log_table(table.astype(object).where(table.notna(), None), f"{name}.json")
+
+
+def log_dataset(targets: np.ndarray, *, name: str, source: Mapping[str, str]) -> None:
+    """The training set as the run's dataset input (the UI's Dataset column): recorded by
+    its labels (a digest of them, their count), never its images; `source` says where the
+    images come from."""
+    if not is_writer():
+        return
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    dataset = mlflow.data.from_numpy(
+        targets, source=CodeDatasetSource(tags=dict(source)), name=name
+    )
+    _retry_locked(lambda: mlflow.log_input(dataset, context="training"))
+
+
+def describe(run_id: str, text: str) -> None:
+    """`text` (markdown) as the run's description in the UI, then the paragraphs appended to
+    it as it ran (`append_description`: its profile's)."""
+    if is_writer():
+        client = mlflow.MlflowClient()
+        appended = client.get_run(run_id).data.tags.get(APPENDED)
+        note = f"{text}\n\n{appended}" if appended else text
+        _retry_locked(lambda: client.set_tag(run_id, NOTE, note))
+
+
+def where(run_id: str) -> list[str]:
+    """Where to find `run_id`: its experiment and run, the UI links (runs view), and for a
+    local store the command that starts the UI (credentials masked)."""
+    run = mlflow.get_run(run_id)
+    experiment = mlflow.get_experiment(run.info.experiment_id)
+    uri = mlflow.get_tracking_uri()
+    local = not uri.startswith(("http://", "https://"))
+    base = "http://127.0.0.1:5000" if local else redact(uri).rstrip("/")
+    page = f"{base}/#/experiments/{experiment.experiment_id}"
+    lines = [
+        f"Experiment {experiment.name!r}, run {run.info.run_name!r} ({run_id}).",
+        f"In the MLflow UI: {page}?workflowType=machine_learning (the experiment's runs), "
+        f"{page}/runs/{run_id}?workflowType=machine_learning (this run).",
+    ]
+    if local:
+        lines.append(f"Start the UI with: mlflow ui --backend-store-uri {redact(uri)}")
+    return lines
 
 
 def log_figure(figure: Figure, artifact_file: str) -> None:

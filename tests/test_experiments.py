@@ -90,10 +90,11 @@ def test_compare_device_estimates_the_cpu_epoch_from_its_first_batches(cli, clie
     parent, [child] = parent_and_children(client)
     assert child.data.tags["cifarexp.variant"] == "device=cpu"
     assert child.data.params["max_batches"] == "1"
-    # 1 of the 2 batches ran: the estimate is about twice the measured time
-    assert child.data.metrics["est_epoch_time_s"] == pytest.approx(
-        2 * child.data.metrics["epoch_time_s"]
-    )
+    # 1 of the 2 batches ran: the partial epoch says so, the epoch is about twice as long
+    metrics = child.data.metrics
+    assert {"partial_data_s", "partial_train_s", "partial_total_s"} <= set(metrics)
+    assert "data_time_s" not in metrics and "est_epoch_time_s" not in metrics
+    assert metrics["epoch_time_s"] == pytest.approx(2 * metrics["partial_total_s"])
     c5 = csv(client, parent.info.run_id, "c5_devices.csv")
     assert list(c5["estimated"]) == ["estimated"]
     assert "c5_devices.png" in artifacts(client, parent.info.run_id)
@@ -156,7 +157,7 @@ def test_mlflow_run_entry_point_sweep_workers(client, tmp_path):
     # mlflow run runs the project in its own folder: keep the run's artifacts in tmp_path
     client.create_experiment("via-mlflow-run", artifact_location=(tmp_path / "art").as_uri())
     params = dict(
-        dataset="synthetic", train_size="32", batch_size="16", workers="0,1", device="cpu",
+        dataset="synthetic", train_size="32", batch_size="16", workers_list="0,1", device="cpu",
         epochs="1",
     )  # fmt: skip
     command = [sys.executable, "-m", "mlflow", "run", str(root), "-e", "sweep-workers",
@@ -168,6 +169,8 @@ def test_mlflow_run_entry_point_sweep_workers(client, tmp_path):
     assert "C3: epoch times per DataLoader worker count" in done.stdout
     parent, children = parent_and_children(client)
     assert parent.data.tags["cifarexp.command"] == "sweep-workers"
-    assert parent.data.params["workers"] == "0,1"  # logged by mlflow run, kept as given
+    # what mlflow run logged agrees with cifarexp: the counts, no base worker count
+    assert parent.data.params["workers_list"] == "0,1" and "workers" not in parent.data.params
+    assert not any(k.startswith("cifarexp.resolved.") for k in parent.data.tags)
     assert [c.data.tags["cifarexp.variant"] for c in children] == ["workers=0", "workers=1"]
     assert not (root / "mlruns").exists()

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cifarexp import jobs, tracking
+from cifarexp import __version__, jobs, tracking
 from tests.conftest import TINY_ARGS, all_runs, without
 from tests.processes import start_server
 
+VARIANT = tracking.VARIANT
 ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
 COMMANDS = [
     ["time", *ONE_EPOCH],
@@ -42,14 +43,15 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
 
 def contents(uri: str) -> list[tuple]:
     """What a user finds in a store, less what differs between any two runs (ids, generated
-    names, times, values): per run its experiment, status, params, cifarexp tags, whether it
-    has a parent, each metric's steps and the artifact paths."""
+    names, times, values, system metrics): per run its experiment, status, params, cifarexp
+    tags, whether it has a parent, each metric's steps and the artifact paths."""
     client = MlflowClient(uri)
     found = []
     for run in all_runs(client):
         metrics = {
             key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
             for key in run.data.metrics
+            if not key.startswith("system/")  # sampled each second: how many, when, varies
         }
         tags = {k: v for k, v in run.data.tags.items() if k.startswith(tracking.TAG)}
         found.append(
@@ -77,6 +79,42 @@ def test_the_commands_log_the_same_to_a_tracking_server_as_to_the_local_store(
     local, remote = contents(store), contents(server.url)
     assert len(local) == 1 + 3 + 1 + 1  # time, compare-optim and its children, inspect, report
     assert remote == local
+    readable_in_the_ui(MlflowClient(server.url))
+
+
+def readable_in_the_ui(client: MlflowClient) -> None:
+    """What the MLflow UI shows of the study, as its REST API returns it."""
+    runs = all_runs(client)
+    by_id = {run.info.run_id: run for run in runs}
+    for run in runs:
+        tags, metrics = run.data.tags, run.data.metrics
+        # a name that says what it is; version and commit (run from this git checkout)
+        assert run.info.run_name.startswith((tags["cifarexp.command"], tags.get(VARIANT, "-")))
+        assert tags[tracking.VERSION] == __version__ and len(tags[tracking.COMMIT]) == 40
+        assert "None" not in run.data.params.values() and tags.get(VARIANT) != ""
+        assert "flops_per_image" not in metrics and "cifarexp.cuda_version" not in tags
+        parent = by_id.get(tags.get("mlflow.parentRunId", ""))
+        if parent is not None:  # no parent param contradicts its children
+            shared = parent.data.params.keys() & run.data.params.keys()
+            assert {k: parent.data.params[k] for k in shared} == {
+                k: run.data.params[k] for k in shared
+            }
+        if "epoch_time_s" in metrics:  # a training run: system metrics and its dataset
+            assert {
+                "system/cpu_utilization_percentage",
+                "system/system_memory_usage_megabytes",
+            } <= set(metrics)
+            assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic-train-32"]
+    [parent] = [r for r in runs if r.data.tags["cifarexp.command"] == "compare-optim"
+                and "mlflow.parentRunId" not in r.data.tags]  # fmt: skip
+    assert parent.data.params["optimizers"] == "sgd,adam" and "optimizer" not in parent.data.params
+    assert {"final_acc_sgd", "final_acc_adam", "final_loss_sgd"} <= set(parent.data.metrics)
+    assert parent.data.tags["cifarexp.best_optimizer"] in ("sgd", "adam")
+    note = parent.data.tags[tracking.NOTE]
+    assert "How do SGD" in note and "Final training accuracy" in note and "optimizers=" in note
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "compare-optim" in experiment.tags[tracking.NOTE]
 
 
 def test_a_server_going_away_mid_run_fails_the_command_saying_what_was_logged(
