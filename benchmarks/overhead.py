@@ -83,7 +83,8 @@ def main() -> None:
 
     tracking.use_store(f"sqlite:///{tempfile.mkdtemp()}/mlflow.db")
     rows = []
-    with tracking.start_run("overhead-benchmark", params=cfg.as_params()):
+    # As a training run: with MLflow's system-metrics sampler on, as cifarexp runs train.
+    with tracking.start_run("overhead-benchmark", params=cfg.as_params(), training=True):
         for epoch in range(1, args.rounds + 1):
             t_bare, _ = bare_epoch(bare)
             t_ours = ours_epoch(ours, epoch)
