@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The study's GPU measurements, as run on the lent GPU machine (see ../shared/device/README.md):
-#   bash benchmarks/gpu_study.sh PART...   with PART = core | study | fast | scaling |
-#                                        scaling-events | scaling-fast
+#   bash benchmarks/gpu_study.sh PART...   with PART = core | study | fast | warmup | profile |
+#                                        scaling | scaling-events | scaling-fast
 # Each part writes its printed tables under $OUT (default ./gpu-out) and leaves mlflow.db
 # in the working directory (copied to $OUT after each step), so parts share one store.
 set -uo pipefail
@@ -23,7 +23,7 @@ for part in "${@:-core}"; do case "$part" in
     run c2_time python3 -m cifarexp time "${FULL[@]}" --epochs 5 --workers 8
     run overhead python3 benchmarks/overhead.py --train-size 50000 --workers 8 --pairs 3
     run c3_sweep python3 -m cifarexp sweep-workers "${FULL[@]}"
-    run epoch_time python3 benchmarks/epoch_time.py --workers 16 --compile reduce-overhead
+    run epoch_time python3 benchmarks/epoch_time.py --workers 16
     run gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
     ;;
   study)  # C5-C7 with the best count of the sweep above, C2 again, the report
@@ -37,10 +37,29 @@ for part in "${@:-core}"; do case "$part" in
     python3 -m cifarexp report --out report > "$OUT/report.txt" 2>&1
     tar czf "$OUT/report.tgz" report
     ;;
-  fast)  # the three paths, then the fast path with max-autotune, and the GPU tests
-    run epoch_time python3 benchmarks/epoch_time.py --workers 4 --compile reduce-overhead
-    run epoch_time_autotune python3 benchmarks/epoch_time.py --paths c --compile max-autotune
+  fast)  # the GPU tests; bare loop, standard path, fast path (CUDA graph), the floor and
+    # the fast path with reduce-overhead, alternated in rounds; the harness's overhead
     run gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
+    run epoch_time python3 benchmarks/epoch_time.py --workers 8 --paths abcde --rounds 3
+    run overhead python3 benchmarks/overhead.py --train-size 50000 --workers 8 --rounds 5
+    ;;
+  warmup)  # C2 with and without the warm-up, on the GPU and on the CPU
+    run c2_warm python3 -m cifarexp time "${FULL[@]}" --epochs 3 --workers 8
+    run c2_cold python3 -m cifarexp time "${FULL[@]}" --epochs 3 --workers 8 --no-warmup
+    run c2_cpu python3 -m cifarexp time --dataset synthetic --train-size 2048 --quiet \
+      --device cpu --epochs 3 --workers 0
+    ;;
+  profile)  # C3 (one epoch a count), then a profile of the study path at 0 workers, at the
+    # best count and of the fast path; the report's Profiles section
+    run c3_sweep python3 -m cifarexp sweep-workers "${FULL[@]}" --epochs 1 --workers 0,1,2,4,8,16
+    for w in 0 best; do
+      run "profile_$w" python3 -m cifarexp time "${FULL[@]}" --epochs 1 --workers "$w" --profile
+    done
+    run profile_fast python3 -m cifarexp time "${FULL[@]}" --epochs 1 --loader gpu \
+      --precision bf16 --channels-last --cuda-graph --timing events --profile
+    python3 -m cifarexp report --out report > "$OUT/report.txt" 2>&1
+    ls -la mlartifacts/*/*/artifacts/profile_trace.json.gz > "$OUT/traces.txt" 2>&1
+    tar czf "$OUT/report.tgz" report
     ;;
   scaling)  # on a 4-GPU machine: what DDP adds to a step, then C5 over 1, 2, 4 GPUs
     { nvidia-smi topo -m; lscpu | grep -E '^(CPU\(s\)|Thread|Core|Socket|Model name|NUMA)'; } \

@@ -378,9 +378,12 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         optimizer.zero_grad(set_to_none=True)  # backward makes the grads in the graph's pool
         with torch.cuda.graph(self.graph):
-            self.outputs = train_step(
+            loss, logits = train_step(
                 model, criterion, optimizer, *self.inputs, execution, autocast_cache=False
             )
+        # Detached (the same memory): the captured autograd graph is freed, so the eager
+        # steps do not find its gradient accumulators alive on the capture's stream.
+        self.outputs = loss.detach(), logits.detach()
 
     def __call__(
         self,

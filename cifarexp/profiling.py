@@ -278,8 +278,12 @@ def _more_data(cfg: TrainConfig, device_type: str, best: tuple[int, str] | None)
 
 
 def _fewer_launches(cfg: TrainConfig) -> str:
-    if cfg.compile in ("none", "default"):
-        return "try --compile reduce-overhead (CUDA graphs launch a whole step at once)"
+    events = " with --timing events" if cfg.timing == "sync" else ""
+    if not cfg.cuda_graph and cfg.compile in ("none", "default"):
+        return (
+            f"try --cuda-graph{events} (the whole step launched at once; or --compile "
+            "reduce-overhead)"
+        )
     if cfg.timing == "sync":
         return "try --timing events (no wait for the device after each step)"
     return "try a larger --batch-size (more work per launch)"
@@ -290,8 +294,8 @@ def _faster_compute(cfg: TrainConfig, device_type: str) -> str:
         return "try a GPU (`cifarexp compare-device` measures how much faster it is)"
     if cfg.precision != "bf16" or not cfg.channels_last:
         return "try --precision bf16 --channels-last (tensor cores)"
-    if cfg.compile == "none":
-        return "try --compile reduce-overhead (fused kernels, CUDA graphs)"
+    if cfg.compile == "none" and not cfg.cuda_graph:
+        return "try --cuda-graph or --compile reduce-overhead (fewer launches, fused kernels)"
     return "the kernels bound the step: only a larger --batch-size or a faster GPU shortens it"
 
 
