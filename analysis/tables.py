@@ -243,19 +243,22 @@ def q1_q4_answers(answers: dict) -> pd.DataFrame:
 
 
 def profile_label(run: pd.Series) -> str:
-    """A profiled run as the study names it: its command and variant, then how it trained
-    where that differs from the study's defaults."""
+    """A profiled run as the study names it, short: its command and variant (but `time`),
+    then how it trained where that differs from the study's defaults."""
     p = {k.removeprefix("params."): v for k, v in run.items()
          if str(k).startswith("params.") and isinstance(v, str)}  # fmt: skip
     name = " ".join(str(run.get(f"tags.{t}") or "") for t in (tracking.COMMAND, tracking.VARIANT))
+    name = name.strip().removeprefix("time").strip()
     settings = ["loader=gpu"] if p.get("loader") == "gpu" else [f"workers={p.get('workers')}"]
-    settings += [f"{k}={p[k]}" for k, study in (("precision", "fp32"), ("compile", "none"),
-                 ("timing", "sync")) if p.get(k, study) != study]  # fmt: skip
-    settings += [k.replace("_", "-") for k in ("channels_last", "persistent_workers", "pin_memory")
-                 if p.get(k) == "True"]  # fmt: skip
+    settings += [p[k] for k, study in (("precision", "fp32"), ("timing", "sync"))
+                 if p.get(k, study) != study]  # fmt: skip
+    if p.get("compile", "none") != "none":
+        settings.append(f"compile {p['compile']}")
+    settings += [k.replace("_", "-") for k in ("channels_last", "cuda_graph", "persistent_workers",
+                 "pin_memory") if p.get(k) == "True"]  # fmt: skip
     if int(p.get("world_size") or 1) > 1:
         settings.append(f"{p['world_size']} processes")
-    return f"{name.strip()}: {', '.join(settings)}"
+    return f"{name}: {', '.join(settings)}" if name else ", ".join(settings)
 
 
 def profiles(runs: pd.DataFrame) -> pd.DataFrame:
