@@ -44,6 +44,7 @@ DIVERGED = TAG + "diverged"  # the epoch from which the training loss is not fin
 # A comparison's parent: a digest of its settings (set as it is created, so that --resume
 # finds it even if it was killed at once), the process that runs it, the variants it ran.
 SETTINGS, OWNER, VARIANTS = TAG + "settings", TAG + "owner", TAG + "variants"
+WORKERS_FROM = TAG + "workers_from"  # the sweep run whose best count `--workers best` took
 STORE_ERRORS: tuple[type[Exception], ...] = (MlflowException,)  # failures of the store itself
 # Tracking URI schemes MLflow can keep runs in (+driver allowed); never the legacy file store.
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -64,6 +65,7 @@ class StoreFailed(CifarexpError):
 _epochs_logged: dict[str, list[int]] = {}  # run id -> epochs whose metrics reached the store
 _ended: list[tuple[str, str]] = []  # (run id, status) of the runs this process ended, in order
 _world = World()  # this process's place in its run (see use_store)
+_later_run_tags: dict[str, str] = {}  # set on every run started from now on (tag_later_runs)
 
 
 def use_store(tracking_uri: str | None, world: World = World()) -> str:
@@ -77,6 +79,7 @@ def use_store(tracking_uri: str | None, world: World = World()) -> str:
     """
     global _world
     _world = world
+    _later_run_tags.clear()
     # Their chatter, retries and tracebacks: a store error is cifarexp's one line, its cause
     # included (see root_cause).
     for name in ("mlflow", "alembic", "sqlalchemy", "urllib3"):
@@ -378,11 +381,17 @@ def _create_run(
         nested=parent is not None,
         parent_run_id=parent,
         experiment_id=mlflow.get_run(parent).info.experiment_id if parent else None,
-        tags=dict(tags or {}),
+        tags={**(tags or {}), **_later_run_tags},
     )
     if reopen is not None:
         kill_stale_children(reopen)
     return run.info.run_id
+
+
+def tag_later_runs(tags: Mapping[str, str]) -> None:
+    """Set `tags` on every run this process starts from now on (until the next use_store),
+    e.g. the sweep a `--workers best` count came from."""
+    _later_run_tags.update(tags)
 
 
 def _log_params(params: Mapping[str, object]) -> None:
