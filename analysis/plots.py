@@ -47,16 +47,25 @@ def per_epoch_curves(epochs: pd.DataFrame, labels: dict[str, str], title: str) -
 
 
 def device_breakdown(c5: pd.DataFrame, subtitle: str = "") -> Figure:
-    """C5: each device's epoch split into data-loading, training and the rest."""
-    fig = Figure(figsize=(7, 4), layout="constrained")
+    """C5: each device's average epoch on a log axis (a CPU epoch is tens of times a GPU's),
+    each bar labelled with its total, data-loading and training times and the speedup."""
+    fig = Figure(figsize=(7, 1.6 + 0.9 * len(c5)), layout="constrained")
     ax = fig.add_subplot()
     names = [f"{d}\n{e}" for d, e in zip(c5["device"], c5["estimated"], strict=True)]
-    rest = (c5["avg epoch s"] - c5[DATA] - c5[TRAIN]).clip(lower=0)
-    ax.bar(names, c5[DATA], label="data-loading")
-    ax.bar(names, c5[TRAIN], bottom=c5[DATA], label="training")
-    ax.bar(names, rest, bottom=c5[DATA] + c5[TRAIN], label="other")
-    ax.set(ylabel="seconds per epoch", title=f"C5: epoch time per device {subtitle}".strip())
-    ax.legend()
+    bars = ax.barh(names, c5["avg epoch s"], color=[f"C{i}" for i in range(len(c5))])
+    speedups = c5["speedup vs cpu"].fillna(1.0)
+    labels = [
+        f" {row['avg epoch s']:.2f} s"
+        + (f", {speedup:.1f}x faster" if speedup > 1 else "")
+        + f"\n data-loading {row[DATA]:.2f} s, training {row[TRAIN]:.2f} s"
+        for (_, row), speedup in zip(c5.iterrows(), speedups, strict=True)
+    ]
+    ax.bar_label(bars, labels, fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlim(c5["avg epoch s"].min() / 4, c5["avg epoch s"].max() * 60)  # room for labels
+    ax.invert_yaxis()
+    ax.set(xlabel="average seconds per epoch (log scale)")
+    ax.set_title(f"C5: epoch time per device {subtitle}".strip())
     return fig
 
 

@@ -40,13 +40,15 @@ class Exercise:
     @property
     def settings(self) -> str:
         """The parent's main settings (those it has), e.g. 'workers=4, loader=torch'."""
-        keys = ("workers", "batch_size", "epochs", "loader", "precision", "compile", "timing")
+        keys = ("train_size", "workers", "batch_size", "epochs", "loader", "precision")
+        keys += ("compile", "timing")
         if isinstance(self.parent.get("params.gpus"), str):  # compare-device --gpus
             keys += ("gpus", "scaling")
         values = {k: self.parent.get(f"params.{k}") for k in keys}
         if isinstance(self.parent.get("params.workers_list"), str):  # a sweep: its counts
             values["workers"] = self.parent["params.workers_list"]
-        return ", ".join(f"{k}={v}" for k, v in values.items() if isinstance(v, str))
+        shown = {k: v for k, v in values.items() if isinstance(v, str) and v != "None"}
+        return ", ".join(f"{k}={v}" for k, v in shown.items())  # train_size None: all
 
     @property
     def missing_variants(self) -> list[str]:

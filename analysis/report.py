@@ -18,7 +18,7 @@ from cifarexp.config import ConfigError
 TITLES = {
     "c2_epochs": "C2: time of each epoch (data-loading, training, total), loss and accuracy",
     "c3_workers": "C3: epoch times per DataLoader worker count",
-    "c4_one_vs_best": "C4: 1 worker vs the best count",
+    "c4_one_vs_best": "C4: 1 worker vs the best count (and the shortest epoch's)",
     "c5_devices": "C5: average epoch time per device",
     "c5_scaling": "C5: data-parallel scaling over GPUs (steady epochs: 2 on)",
     "c6_optimizers": "C6: optimizers, average training time per epoch and the final epoch",
@@ -87,7 +87,7 @@ def _c3(ex: queries.Exercise) -> tuple[dict, dict, str]:
     return (
         {"c3_workers": c3, "c4_one_vs_best": c4},
         {"c3_workers": figure},
-        (tables.c4_explanation(c4, cpus)),
+        tables.c4_explanation(c3, cpus),
     )
 
 
@@ -151,9 +151,14 @@ def section(item: str, ex: queries.Exercise | None) -> Section:
         result.tables, result.figures, result.text = build(ex)
         result.notes = warnings(ex)
         result.dataset, result.run_id = ex.dataset, ex.parent_id
+        runs = (
+            f"run {ex.parent_id}"
+            if ex.run_ids == [ex.parent_id]
+            else f"runs {', '.join(ex.run_ids)} (parent {ex.parent_id})"
+        )
         result.source = (
-            f"runs {', '.join(ex.run_ids)} (parent {ex.parent_id}); dataset {ex.dataset}; "
-            f"device {ex.device_name}; {ex.settings or 'settings not recorded'}"
+            f"{runs}; dataset {ex.dataset}; device {ex.device_name}; "
+            f"{ex.settings or 'settings not recorded'}"
         )
     return result
 

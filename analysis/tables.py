@@ -6,8 +6,10 @@ import pandas as pd
 
 from analysis.queries import Exercise
 from cifarexp import profiling, tracking
+from cifarexp.experiments import WORKERS_TOLERANCE
 
 DATA, TRAIN, TOTAL = "data-loading s", "training s", "total s"
+EPOCH_NOISE = 0.01  # a difference under 1% of the epoch is noise, however small the wait
 TIMES = {"data_time_s": DATA, "train_time_s": TRAIN, "epoch_time_s": TOTAL}
 
 
@@ -54,61 +56,107 @@ def c3_workers(ex: Exercise) -> pd.DataFrame:
     counts = table[~is_gpu_loader].sort_values("workers")
     table["best"] = ""
     if not counts.empty:
-        table.loc[counts[DATA].idxmin(), "best"] = "yes"
+        table.loc[smallest_within_noise(counts, DATA).name, "best"] = "yes"
     return pd.concat([table.loc[counts.index], table[is_gpu_loader]]).reset_index(drop=True)
 
 
+def smallest_within_noise(counts: pd.DataFrame, column: str) -> pd.Series:
+    """The row of the smallest worker count whose `column` (seconds) is within noise of the
+    lowest: less than WORKERS_TOLERANCE of it, or EPOCH_NOISE of that run's epoch, above it.
+    For data-loading time: where it stops falling (C3), ties going to the smaller count."""
+    counts = counts[counts["workers"] != "gpu loader"].sort_values("workers")
+    lowest = counts.loc[counts[column].idxmin()]
+    noise = max(WORKERS_TOLERANCE * lowest[column], EPOCH_NOISE * lowest[TOTAL])
+    return counts[counts[column] <= lowest[column] + noise].iloc[0]
+
+
+def shortest_epoch(c3: pd.DataFrame) -> int:
+    """The worker count of the shortest epoch: the best count unless its epoch is longer
+    beyond noise (the workers then cost the epoch more than they save of its wait)."""
+    counts = c3[c3["workers"] != "gpu loader"]
+    best = best_workers(c3)
+    best_epoch = counts.loc[counts["workers"] == best, TOTAL].iloc[0]
+    if best_epoch <= counts[TOTAL].min() * (1 + WORKERS_TOLERANCE):
+        return best
+    return int(smallest_within_noise(counts, TOTAL)["workers"])
+
+
 def best_workers(c3: pd.DataFrame) -> int:
-    """The worker count with the lowest data-loading time."""
+    """The worker count marked best: where data-loading time stops falling."""
     return int(c3.loc[c3["best"] == "yes", "workers"].iloc[0])
 
 
 def c4_one_vs_best(c3: pd.DataFrame) -> pd.DataFrame:
-    """C4: 1 worker vs the best count (rows in that order), data-loading vs computing time,
-    and the fraction of the epoch spent waiting for data; empty without a 1-worker run."""
-    best = best_workers(c3)
-    rows = c3[c3["workers"] == 1]
-    if rows.empty:
+    """C4: 1 worker vs the best count, and the count of the shortest epoch where it is
+    another one (rows in that order): data-loading vs computing time and the fraction of the
+    epoch spent waiting for data; empty without a 1-worker run."""
+    if not (c3["workers"] == 1).any():
         return pd.DataFrame()
-    if best != 1:
-        rows = pd.concat([rows, c3[c3["workers"] == best]])
+    roles = {1: [], best_workers(c3): ["best"]}
+    roles.setdefault(shortest_epoch(c3), []).append("shortest epoch")
+    rows = c3.set_index("workers").loc[list(roles)].reset_index()
     table = rows[["workers", DATA, TRAIN, TOTAL]].rename(columns={TRAIN: "computing s"})
     table["waiting %"] = table[DATA] / table[TOTAL]
-    table["workers"] = [f"{w} (best)" if w == best else str(w) for w in table["workers"]]
-    return table.reset_index(drop=True)
+    table["workers"] = [f"{w} ({', '.join(r)})" if r else str(w) for w, r in roles.items()]
+    return table
 
 
-def c4_explanation(c4: pd.DataFrame, cpus: str = "?") -> str:
-    """Why more workers help, then stop helping, in the measured numbers."""
-    if c4.empty:
+def c4_explanation(c3: pd.DataFrame, cpus: str = "?") -> str:
+    """Why the best count is what it is, in the measured numbers: 1 worker against it, and
+    the workers' cost to training when the shortest epoch is at another count."""
+    counts = c3[c3["workers"] != "gpu loader"].set_index("workers")
+    if 1 not in counts.index:
         return "C4 needs a 1-worker run: run sweep-workers without --workers, or include 1."
-    one, best = c4.iloc[0], c4.iloc[-1]
+    one, best = counts.loc[1], counts.loc[best_workers(c3)]
+    fastest = counts.loc[shortest_epoch(c3)]
     text = (
         f"With 1 worker the device waited {one[DATA]:.2f} s per epoch for data "
-        f"({one['waiting %']:.0%} of the {one[TOTAL]:.2f} s epoch) and computed for "
-        f"{one['computing s']:.2f} s. "
+        f"({one[DATA] / one[TOTAL]:.0%} of the {one[TOTAL]:.2f} s epoch) and computed for "
+        f"{one[TRAIN]:.2f} s. "
     )
-    if len(c4) == 1:
-        return text + (
-            "1 worker is already the best count: one worker prepares the next batch while "
-            "the device computes the current one, so more workers cannot shorten the epoch."
+    if best.name == 0:
+        text += (
+            f"0 workers is the best count: loading each batch in the main process waited "
+            f"{best[DATA]:.2f} s, no longer than any count of workers beyond noise. A batch is "
+            f"cheap to prepare here against its computation, so worker processes have little "
+            f"to hide and cost their start-up. "
         )
-    text += (
-        f"With {best['workers']} workers the wait is {best[DATA]:.2f} s "
-        f"({best['waiting %']:.0%} of {best[TOTAL]:.2f} s). "
-        "Workers decode and augment batches in parallel while the device computes; "
-    )
-    if best[DATA] < best["computing s"]:
-        return text + (
+    elif best.name == 1:
+        text += "1 worker is the best count: more workers did not cut the wait beyond noise. " + (
+            "One worker already prepares the next batch while the device computes the "
+            "current one, so more workers cannot shorten the wait. "
+            if one[DATA] < one[TRAIN]
+            else f"Even so the device waits longer than it computes: the {cpus} CPUs are the "
+            "bottleneck, and keeping the data on the GPU (--loader gpu) removes it. "
+        )
+    else:
+        text += (
+            f"With {best.name} workers the wait is {best[DATA]:.2f} s "
+            f"({best[DATA] / best[TOTAL]:.0%} of {best[TOTAL]:.2f} s). Workers decode and "
+            "augment batches in parallel while the device computes; "
+        ) + (
             f"once they deliver batches faster than the device consumes them (here "
-            f"{best[DATA]:.2f} s of waiting against {best['computing s']:.2f} s of computing), "
-            f"the loader stops being the bottleneck, so further workers only add start-up "
-            f"time and compete for the {cpus} CPUs."
+            f"{best[DATA]:.2f} s of waiting against {best[TRAIN]:.2f} s of computing), the "
+            f"loader stops being the bottleneck, so further workers only add start-up time and "
+            f"compete for the {cpus} CPUs. "
+            if best[DATA] < best[TRAIN]
+            else f"even the best count leaves the device waiting longer than it computes, so "
+            f"the {cpus} CPUs are the bottleneck: keeping the data on the GPU (--loader gpu) "
+            "removes it. "
         )
-    return text + (
-        f"even the best count leaves the device waiting longer than it computes, so the "
-        f"{cpus} CPUs are the bottleneck: keeping the data on the GPU (--loader gpu) removes it."
-    )
+    if fastest.name != best.name:
+        more, fewer = (fastest, best) if fastest.name > best.name else (best, fastest)
+        text += (
+            f"Yet the shortest epoch was with {fastest.name} workers ({fastest[TOTAL]:.2f} s "
+            f"against {best[TOTAL]:.2f} s with {best.name}): "
+        ) + (
+            f"the workers compete with training for the {cpus} CPUs, and computing took "
+            f"{more[TRAIN]:.2f} s with {more.name} workers against {fewer[TRAIN]:.2f} s with "
+            f"{fewer.name}. To train on these CPUs, the epoch's count is the one to use."
+            if more[TRAIN] > fewer[TRAIN]
+            else "the data wait is not all a loader costs an epoch."
+        )
+    return text.strip()
 
 
 def c5_devices(ex: Exercise) -> pd.DataFrame:

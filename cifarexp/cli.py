@@ -728,7 +728,7 @@ def lab_(
         Preset,
         typer.Option(
             help="full: the study's sizes (50,000 images, 5 epochs); quick: a few minutes on a "
-            "2-core CPU (512 images, 2 epochs).",
+            "2-core CPU (256 images, batch 8, 3 epochs).",
             rich_help_panel=opt.TRAINING,
         ),
     ] = "full",

@@ -107,6 +107,7 @@ class EpochProgress:
             f"total {result.epoch_time_s:.2f} s  loss {result.train_loss:.3f}  "
             f"acc {result.train_acc:.1%}",
             highlight=False,
+            soft_wrap=True,  # one line per epoch, however narrow the log
         )
 
     def on_profile(self, profile: Profile) -> None:
@@ -129,6 +130,7 @@ class EpochProgress:
                 f"{self.last.train_loss:.3f}, accuracy {self.last.train_acc:.1%}",
                 style="bold",
                 highlight=False,
+                soft_wrap=True,
             )
 
 

@@ -221,7 +221,8 @@ def _data_time(run_id: str) -> float:
 
 def resolve_best_workers(device: str, dataset: str) -> int:
     """workers "best": best_workers of the newest finished sweep for this device type and
-    dataset; a clear error when there is none."""
+    dataset, that sweep's run id tagged on the runs started from now on; a clear error
+    when there is none."""
     device_type = resolve_device(device).type
     sweep = tracking.latest_sweep(device_type, dataset)
     if sweep is None:
@@ -232,6 +233,7 @@ def resolve_best_workers(device: str, dataset: str) -> int:
         )
     best = int(sweep["metrics.best_workers"])
     log.info(f"workers best = {best}, from sweep-workers run {sweep['run_id']}")
+    tracking.tag_later_runs({tracking.WORKERS_FROM: sweep["run_id"]})
     return best
 
 

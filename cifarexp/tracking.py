@@ -54,6 +54,7 @@ VERDICT = TAG + "verdict"  # what bounds a profiled run's step (see profiling)
 # A comparison's parent: a digest of its settings (set as it is created, so that --resume
 # finds it even if it was killed at once), the process that runs it, the variants it ran.
 SETTINGS, OWNER, VARIANTS = TAG + "settings", TAG + "owner", TAG + "variants"
+WORKERS_FROM = TAG + "workers_from"  # the sweep run whose best count `--workers best` took
 STORE_ERRORS: tuple[type[Exception], ...] = (MlflowException,)  # failures of the store itself
 # Tracking URI schemes MLflow can keep runs in (+driver allowed); never the legacy file store.
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -75,6 +76,7 @@ _epochs_logged: dict[str, list[int]] = {}  # run id -> epochs whose metrics reac
 _ended: list[tuple[str, str]] = []  # (run id, status) of the runs this process ended, in order
 _world = World()  # this process's place in its run (see use_store)
 _system_metrics = True  # whether training runs log MLflow's system metrics (see use_store)
+_later_run_tags: dict[str, str] = {}  # set on every run started from now on (tag_later_runs)
 
 
 def use_store(
@@ -91,6 +93,7 @@ def use_store(
     """
     global _world, _system_metrics
     _world, _system_metrics = world, system_metrics
+    _later_run_tags.clear()
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     # Their chatter, retries and tracebacks: a store error is cifarexp's one line, its cause
@@ -407,12 +410,18 @@ def _create_run(
         nested=parent is not None,
         parent_run_id=parent,
         experiment_id=mlflow.get_run(parent).info.experiment_id if parent else None,
-        tags={k: v for k, v in (tags or {}).items() if v != ""},  # no empty tags
+        tags={k: v for k, v in {**(tags or {}), **_later_run_tags}.items() if v != ""},
         log_system_metrics=training and _system_metrics,
     )
     if reopen is not None:
         kill_stale_children(reopen)
     return run.info.run_id
+
+
+def tag_later_runs(tags: Mapping[str, str]) -> None:
+    """Set `tags` on every run this process starts from now on (until the next use_store),
+    e.g. the sweep a `--workers best` count came from."""
+    _later_run_tags.update(tags)
 
 
 def _log_params(params: Mapping[str, object]) -> None:

@@ -32,10 +32,10 @@ def test_c3_sorts_counts_marks_the_best_and_c4_compares_one_worker_with_it(study
     assert list(c3["data-loading s"]) == pytest.approx([11.6, 5.9, 0.97, 0.90])
     assert list(c3["best"]) == ["", "", "", "yes"] and tables.best_workers(c3) == 8
     c4 = tables.c4_one_vs_best(c3)
-    assert list(c4["workers"]) == ["1", "8 (best)"]
+    assert list(c4["workers"]) == ["1", "8 (best, shortest epoch)"]
     assert list(c4["computing s"]) == pytest.approx([4.0, 4.0])
     assert list(c4["waiting %"]) == pytest.approx([5.9 / 10.4, 0.90 / 5.4])
-    text = tables.c4_explanation(c4, "16")
+    text = tables.c4_explanation(c3, "16")
     assert "5.90 s" in text and "57%" in text and "0.90 s" in text and "16 CPUs" in text
     assert "stops being the bottleneck" in text
 
@@ -229,3 +229,65 @@ def test_the_report_escapes_what_users_and_the_store_wrote(study, tmp_path):
     text = report.write_report(report.build_report(), tmp_path / "out", uri).read_text()
     assert not any(line.startswith("## INJECTED") for line in text.splitlines())
     assert "\\#\\# INJECTED \\[link\\](http://evil) \\| cell" in text
+
+
+def sweep_table(times: dict[int, tuple[float, float, float]]) -> pd.DataFrame:
+    """C3 of a hand-made sweep: workers -> (data-loading, training, total) seconds."""
+    runs = pd.DataFrame(
+        {"run_id": [f"r{w}" for w in times], "params.workers": [str(w) for w in times],
+         "params.loader": "torch"}
+    )  # fmt: skip
+    epochs = pd.DataFrame(
+        [
+            {"run_id": f"r{w}", "variant": f"workers={w}", "epoch": 1, "data_time_s": d,
+             "train_time_s": t, "epoch_time_s": total}
+            for w, (d, t, total) in times.items()
+        ]
+    )  # fmt: skip
+    return tables.c3_workers(queries.Exercise("C3", pd.Series(dtype=object), runs, epochs))
+
+
+def test_c3_ties_within_noise_go_to_the_smaller_count_and_c4_says_why_0_is_best():
+    # this 2-CPU machine: 1 worker waits 7 ms less than 0 (noise), its epoch is 1.6 s longer
+    c3 = sweep_table({1: (0.055, 8.7, 8.85), 0: (0.062, 7.1, 7.24), 4: (0.060, 9.0, 9.2)})
+    assert tables.best_workers(c3) == 0
+    c4 = tables.c4_one_vs_best(c3)
+    assert list(c4["workers"]) == ["1", "0 (best, shortest epoch)"]
+    text = tables.c4_explanation(c3, "2")
+    assert "0 workers is the best count" in text and "0.06 s" in text
+    assert "one worker already prepares" not in text.lower() and "Yet" not in text
+
+
+def test_c4_explains_1_best_as_the_next_batch_prepared_during_the_step():
+    c3 = sweep_table({1: (0.20, 4.0, 4.3), 0: (3.0, 4.0, 7.1), 4: (0.199, 4.0, 4.3)})
+    assert tables.best_workers(c3) == 1
+    assert list(tables.c4_one_vs_best(c3)["workers"]) == ["1 (best, shortest epoch)"]
+    text = tables.c4_explanation(c3, "16")
+    assert "1 worker is the best count" in text and "prepares the next batch" in text
+
+
+def test_c4_explains_a_plateau_and_a_cpu_bottleneck():
+    plateau = sweep_table({1: (5.9, 4.0, 10.4), 0: (11.6, 4.0, 16.0), 4: (0.97, 4.0, 5.4),
+                           8: (0.95, 4.0, 5.4)})  # fmt: skip
+    assert tables.best_workers(plateau) == 4  # 8 is 2% better: noise
+    text = tables.c4_explanation(plateau, "16")
+    assert "With 4 workers the wait is 0.97 s" in text and "stops being the bottleneck" in text
+    starved = sweep_table({1: (9.0, 4.0, 13.5), 0: (12.0, 4.0, 16.5), 4: (6.0, 4.0, 10.5)})
+    text = tables.c4_explanation(starved, "4")
+    assert "the 4 CPUs are the bottleneck" in text and "--loader gpu" in text
+
+
+def test_c4_says_workers_compete_with_training_when_the_shortest_epoch_has_fewer():
+    # the wait falls to 4 workers, but on 2 CPUs they slow the computation more
+    c3 = sweep_table({1: (1.0, 8.0, 9.2), 0: (2.0, 7.0, 9.1), 4: (0.1, 10.0, 10.3)})
+    assert tables.best_workers(c3) == 4
+    c4 = tables.c4_one_vs_best(c3)
+    assert list(c4["workers"]) == ["1", "4 (best)", "0 (shortest epoch)"]
+    text = tables.c4_explanation(c3, "2")
+    assert "shortest epoch was with 0 workers (9.10 s against 10.30 s with 4)" in text
+    assert "compete with training for the 2 CPUs" in text and "10.00 s with 4 workers" in text
+
+
+def test_a_section_of_one_run_names_it_as_one_run(study):
+    source = report.section("C2", queries.exercise("C2")).source
+    assert source.startswith(f"run {study['C2']};") and "parent" not in source

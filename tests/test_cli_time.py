@@ -77,3 +77,16 @@ def test_a_crash_ends_failed_with_the_error_recorded(cli, client, monkeypatch):
     [run] = all_runs(client)
     assert run.info.status == "FAILED"
     assert "worker died" in run.data.tags["cifarexp.error"]
+
+
+def test_off_a_terminal_each_epoch_and_each_variant_is_one_line(cli, store):
+    args = [a for a in TINY_ARGS if a != "--quiet"]
+    result = cli("time", *args)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2  data ")
+    assert all(word in lines[1] for word in ("train ", "total ", "loss ", "acc ")), lines
+    result = cli("compare-optim", *args, "--optimizers", "sgd")
+    assert result.exit_code == 0, result.output
+    assert "optimizer=sgd  epoch 2/2  data " in result.output
+    assert "optimizer=sgd: 2 epochs in " in result.output

@@ -35,8 +35,9 @@ def test_synthetic_is_learnable_but_not_trivially():
     means = np.stack([flat[train][labels[train] == c].mean(0) for c in range(10)])
     distances = ((flat[held_out, None, :] - means[None]) ** 2).sum(-1)
     accuracy = (distances.argmin(1) == labels[held_out]).mean()
-    # nearest class mean on held-out images: far above chance (10%), far below 100%
-    assert 0.3 < accuracy < 0.8
+    # nearest class mean on held-out images: far above chance (10%), below 100% (the 20%
+    # of random labels cap it near 82%)
+    assert 0.3 < accuracy < 0.85
 
 
 def test_train_split_is_transformed_like_cifar10():

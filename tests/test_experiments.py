@@ -80,6 +80,8 @@ def test_workers_best_uses_the_latest_sweep_and_fails_clearly_without_one(cli, c
     assert sweep.info.run_id in result.output
     [run] = [r for r in all_runs(client) if r.data.tags["cifarexp.command"] == "time"]
     assert run.data.params["workers"] == str(best)
+    assert run.data.tags["cifarexp.workers_from"] == sweep.info.run_id
+    assert "cifarexp.workers_from" not in sweep.data.tags
 
 
 def test_compare_device_estimates_the_cpu_epoch_from_its_first_batches(cli, client):
