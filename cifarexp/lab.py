@@ -11,10 +11,12 @@ from cifarexp.experiments import Summarize
 from cifarexp.jobs import Labels, Progress, run_training
 
 # preset -> the study's sizes (full) or a demo that finishes in minutes on a 2-core CPU:
-# small batches, so that its 96 steps (at lr 0.1) get past the first steps' jump in loss
+# batches of 16, so that its 80 steps (at the study's lr 0.1) get past the first steps'
+# jump in loss and show the study's shapes (measured: SGD 63% after 5 epochs, no-BN at
+# chance, Adam behind SGD)
 PRESETS: dict[str, dict[str, int | None]] = {
     "full": {"train_size": None, "epochs": 5, "batch_size": 128, "cpu_batches": 20},
-    "quick": {"train_size": 256, "epochs": 3, "batch_size": 8, "cpu_batches": 1},
+    "quick": {"train_size": 256, "epochs": 5, "batch_size": 16, "cpu_batches": 1},
 }
 
 

@@ -102,7 +102,7 @@ def profile_training(training: Training) -> Profile | None:
     best = None if sweep is None else (int(sweep["metrics.best_workers"]), str(sweep["run_id"]))
     text = verdict(split, training.cfg, device_type, best)
     step_ms = window_us / ACTIVE_STEPS / 1000
-    tracking.log_table(summary, SUMMARY)
+    tracking.log_table(summary, SUMMARY.removesuffix(".csv"))
     tracking.set_tags({tracking.VERDICT: text})
     tracking.append_description(description(split, text, step_ms))
     profile_s = time.perf_counter() - start

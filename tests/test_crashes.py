@@ -50,13 +50,13 @@ def test_a_worker_dying_in_the_second_child_fails_it_and_the_parent(cli, client,
     assert "--workers" in error and "killed by signal" in error
     by_name = {run.info.run_name: run for run in all_runs(client)}
     assert {name: run.info.status for name, run in by_name.items()} == {
-        "compare-optim": "FAILED",
+        "compare-optim synthetic cpu": "FAILED",
         "optimizer=sgd": "FINISHED",
         "optimizer=adam": "FAILED",
     }
     adam, sgd = by_name["optimizer=adam"], by_name["optimizer=sgd"]
     assert adam.data.tags[tracking.ERROR] == f"RuntimeError: {WORKER_DIED}"
-    assert "killed by signal" in by_name["compare-optim"].data.tags[tracking.ERROR]
+    assert "killed by signal" in by_name["compare-optim synthetic cpu"].data.tags[tracking.ERROR]
     assert [m.step for m in client.get_metric_history(adam.info.run_id, "train_loss")] == [1]
     assert [m.step for m in client.get_metric_history(sgd.info.run_id, "train_loss")] == [1, 2]
     assert tracking.ERROR not in sgd.data.tags

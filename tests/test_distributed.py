@@ -141,7 +141,7 @@ def test_compare_device_gpus_runs_each_count_as_a_child_and_tabulates_scaling(cl
     result = cli("compare-device", *args)
     assert result.exit_code == 0, result.output
     assert "data-parallel scaling" in result.output and "gpus=1,2" in result.output
-    runs = {r.data.tags["cifarexp.variant"]: r for r in all_runs(client)}
+    runs = {r.data.tags.get("cifarexp.variant", ""): r for r in all_runs(client)}
     parent = runs.pop("")
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["cifarexp.exercise"] == "C5-scaling"
@@ -198,7 +198,7 @@ def test_stopping_compare_device_gpus_stops_its_torchrun_job_and_its_run(
         for pid in processes_in(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
-    status = {r.data.tags["cifarexp.variant"]: r.info.status for r in all_runs(client)}
+    status = {r.data.tags.get("cifarexp.variant", ""): r.info.status for r in all_runs(client)}
     assert status == {"": parent, "gpus=1": "FINISHED", "gpus=2,scaling=weak": "KILLED"}
 
 

@@ -16,6 +16,7 @@ from tests.conftest import TINY_ARGS, all_runs, without
 from tests.processes import start_cifarexp, wait_for_epoch
 
 COMPARE_OPTIM = ["compare-optim", *TINY_ARGS, "--optimizers", "sgd,adam"]
+PARENT_NAME = "compare-optim synthetic cpu"  # the parent's run name: command, dataset, device
 ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
 PARENT = "mlflow.parentRunId"
 
@@ -66,7 +67,7 @@ def test_ctrl_c_in_compare_optim_then_resume_gives_one_complete_comparison(
     assert result.exit_code == 130
     assert runs_by_status(client) == {
         "FINISHED": ["optimizer=sgd"],
-        "KILLED": ["compare-optim", "optimizer=adam"],
+        "KILLED": [PARENT_NAME, "optimizer=adam"],
     }
     [adam] = [run for run in all_runs(client) if run.info.run_name == "optimizer=adam"]
     assert [m.step for m in client.get_metric_history(adam.info.run_id, "train_loss")] == [1]
@@ -97,7 +98,7 @@ def test_a_comparison_killed_outright_is_unfinished_until_resume_completes_it(
     finally:
         process.stop()
     assert first.info.run_name == "optimizer=sgd"
-    assert runs_by_status(client) == {"RUNNING": ["compare-optim", "optimizer=sgd"]}
+    assert runs_by_status(client) == {"RUNNING": [PARENT_NAME, "optimizer=sgd"]}
     assert queries.exercise("C6") is None  # a RUNNING run is not a result
     assert c6_section().missing
     [parent] = [run for run in all_runs(client) if PARENT not in run.data.tags]
@@ -114,7 +115,7 @@ def test_a_comparison_killed_outright_is_unfinished_until_resume_completes_it(
     assert list(c6_section().tables["c6_optimizers"]["optimizer"]) == ["sgd", "adam"]
     assert client.get_run(first.info.run_id).info.status == "KILLED"
     assert runs_by_status(client) == {
-        "FINISHED": ["compare-optim", "optimizer=adam", "optimizer=sgd"],
+        "FINISHED": [PARENT_NAME, "optimizer=adam", "optimizer=sgd"],
         "KILLED": ["optimizer=sgd"],
     }
 
@@ -239,7 +240,7 @@ def test_two_resumes_at_once_run_each_missing_variant_once(cli, client, monkeypa
     [parent] = [run for run in all_runs(client) if PARENT not in run.data.tags]
     assert_one_complete_comparison(client, parent.info.run_id)
     assert runs_by_status(client) == {
-        "FINISHED": ["compare-optim", "optimizer=adam", "optimizer=sgd"],
+        "FINISHED": [PARENT_NAME, "optimizer=adam", "optimizer=sgd"],
         "KILLED": ["optimizer=adam"],
     }
 
