@@ -48,7 +48,9 @@ class Exercise:
         if isinstance(self.parent.get("params.workers_list"), str):  # a sweep: its counts
             values["workers"] = self.parent["params.workers_list"]
         shown = {k: v for k, v in values.items() if isinstance(v, str) and v != "None"}
-        return ", ".join(f"{k}={v}" for k, v in shown.items())  # train_size None: all
+        settings = ", ".join(f"{k}={v}" for k, v in shown.items())  # train_size None: all
+        preset = self.parent.get(f"tags.{tracking.PRESET}")
+        return f"lab preset {preset}, {settings}" if isinstance(preset, str) else settings
 
     @property
     def missing_variants(self) -> list[str]:

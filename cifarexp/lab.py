@@ -33,6 +33,7 @@ def run_lab(
     best worker count, each into its command's experiment (or all into `experiment`);
     `on_step` is told each step's title as it starts."""
     sizes = PRESETS[preset]
+    tracking.tag_later_runs({tracking.PRESET: preset})  # every report says which preset ran
     cfg = base.replace(
         train_size=sizes["train_size"], epochs=sizes["epochs"], batch_size=sizes["batch_size"]
     )

@@ -55,6 +55,7 @@ VERDICT = TAG + "verdict"  # what bounds a profiled run's step (see profiling)
 # finds it even if it was killed at once), the process that runs it, the variants it ran.
 SETTINGS, OWNER, VARIANTS = TAG + "settings", TAG + "owner", TAG + "variants"
 WORKERS_FROM = TAG + "workers_from"  # the sweep run whose best count `--workers best` took
+PRESET = TAG + "preset"  # the lab preset (full, quick) a run was made by
 STORE_ERRORS: tuple[type[Exception], ...] = (MlflowException,)  # failures of the store itself
 # Tracking URI schemes MLflow can keep runs in (+driver allowed); never the legacy file store.
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")

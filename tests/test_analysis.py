@@ -5,7 +5,7 @@ import pytest
 
 from analysis import queries, report, tables
 from tests.conftest import one_message
-from tests.fake_runs import log_run, log_study
+from tests.fake_runs import epoch, log_run, log_study
 
 
 @pytest.fixture
@@ -291,3 +291,15 @@ def test_c4_says_workers_compete_with_training_when_the_shortest_epoch_has_fewer
 def test_a_section_of_one_run_names_it_as_one_run(study):
     source = report.section("C2", queries.exercise("C2")).source
     assert source.startswith(f"run {study['C2']};") and "parent" not in source
+
+
+def test_a_run_made_by_the_lab_says_its_preset_beside_its_sizes(client):
+    e = client.create_experiment("time-preset")
+    run_id = log_run(
+        client, e, command="time", exercise="C2", tags={"cifarexp.preset": "quick"},
+        params={"train_size": 256, "batch_size": 16, "epochs": 5},
+        epochs=[epoch(0.1, 1.0, 1.2, 2.0, 0.3)],
+    )  # fmt: skip
+    section = report.summarize("C2", run_id)
+    assert "lab preset quick, train_size=256" in section.source
+    assert "batch_size=16, epochs=5" in section.source
