@@ -28,8 +28,8 @@ COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 TIMINGS: tuple[str, ...] = get_args(Timing)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
 MODELS = ("resnet18",)
-# What a captured step can train: optimizers whose state starts as zeros and has no
-# host-side step count (see fastpath.GraphedStep).
+# What a captured step can train: optimizers whose state, once made by a warm step and
+# zeroed, trains as a fresh one does, with no host-side step count (see engine.GraphedStep).
 GRAPHED_OPTIMIZERS = ("sgd", "nesterov")
 CHOICES = {  # the fields with a fixed set of values
     "dataset": DATASETS,
@@ -159,13 +159,6 @@ class TrainConfig:
         """How many images of a split the run uses."""
         size = self.train_size if train else self.test_size
         return size if size is not None else CIFAR10_SIZES[train]
-
-    @property
-    def fast_path(self) -> bool:
-        """Whether any fast-path setting differs from the study's."""
-        study = TrainConfig()
-        fields = ("loader", "precision", "channels_last", "compile", "cuda_graph", "timing")
-        return any(getattr(self, f) != getattr(study, f) for f in fields)
 
     def check_device(self, device_type: str) -> None:
         """The settings that need CUDA, checked once the device is known (off CUDA they

@@ -19,7 +19,7 @@ from cifarexp.config import ConfigError, check_device_name
 Batch = tuple[torch.Tensor, torch.Tensor]
 OnBatch = Callable[[int, float, float], None]  # (batch index, batch loss, batch accuracy)
 # One training step: (model, criterion, optimizer, images, labels, execution) -> (loss, logits);
-# `train_step`, or the fast path's captured one (fastpath.GraphedStep).
+# `train_step`, or the fast path's captured one (GraphedStep).
 Step = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -336,6 +336,8 @@ def warm_up(
                 for _ in range(steps):
                     train_step(model, criterion, optimizer, images, labels, execution)
             if graphed and i == 0:
+                # The warm steps made the optimizer's state: the graph captures its update.
+                assert steps >= 1 and optimizer.state, "capture needs a warm step first"
                 step.capture(model, criterion, optimizer, images, labels, execution)
     synchronize(device)
     seconds = time.perf_counter() - start
@@ -354,9 +356,10 @@ class GraphedStep:
     graph's input tensors: one launch a step instead of hundreds of kernels. Any other
     shape (an epoch's smaller last batch) steps eagerly, on the same parameters and state.
 
-    Only for optimizers whose fresh state is zeros with no host-side step count (SGD with
-    or without Nesterov momentum: config.GRAPHED_OPTIMIZERS): the state is made by the
-    warm-up, captured, then zeroed in place, which trains as a fresh optimizer does.
+    Only for SGD with or without Nesterov momentum (config.GRAPHED_OPTIMIZERS): its state
+    (the momentum buffers) is made by the warm-up's eager steps, captured, then zeroed in
+    place; with no dampening a zero buffer's first update is the gradient, as a fresh
+    buffer's is, so it trains as a fresh optimizer does.
     """
 
     def __init__(self) -> None:
@@ -394,7 +397,9 @@ class GraphedStep:
         labels: torch.Tensor,
         execution: Execution,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.graph is None or self.inputs is None or images.shape != self.inputs[0].shape:
+        if self.graph is None or self.inputs is None:
+            raise RuntimeError("a GraphedStep trains only once warm_up has captured it")
+        if images.shape != self.inputs[0].shape:
             return train_step(model, criterion, optimizer, images, labels, execution)
         self.inputs[0].copy_(images)
         self.inputs[1].copy_(labels)

@@ -317,6 +317,8 @@ def compare_gpus(
             "(devices cpu runs CPU processes instead)",
             "gpus",
         )
+    if base.cuda_graph:  # fails now, not in every torchrun child after the baseline
+        raise ConfigError("captures one process's step; not under torchrun", "cuda_graph")
     for scaling in scalings:  # a batch that does not split fails now, not in a child
         for n in gpus:
             distributed.per_process_batch(base.replace(scaling=scaling), n)

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, record_function
 
 from cifarexp import tracking
 from cifarexp.build import Training
-from cifarexp.config import TrainConfig
+from cifarexp.config import GRAPHED_OPTIMIZERS, TrainConfig
 from cifarexp.engine import Batch, compiled_shapes_only, train_one_epoch
 
 WARMUP_STEPS = 2  # run, not recorded: the loader's workers start again, the step settles
@@ -100,7 +100,7 @@ def profile_training(training: Training) -> Profile | None:
     summary = top_operators(averages, window_us)
     sweep = tracking.latest_sweep(device_type, training.cfg.dataset)
     best = None if sweep is None else (int(sweep["metrics.best_workers"]), str(sweep["run_id"]))
-    text = verdict(split, training.cfg, device_type, best)
+    text = verdict(split, training.cfg, device_type, best, training.world.world_size)
     step_ms = window_us / ACTIVE_STEPS / 1000
     tracking.log_table(summary, SUMMARY.removesuffix(".csv"))
     tracking.set_tags({tracking.VERDICT: text})
@@ -236,10 +236,12 @@ def verdict(
     cfg: TrainConfig,
     device_type: str,
     best: tuple[int, str] | None = None,
+    world_size: int = 1,
 ) -> str:
     """What bounds the step, as one sentence: the kind (KINDS), the numbers behind it and
-    the next thing to try, from the run's settings and what the study measured (`best`: the
-    latest C3 sweep's best worker count on this device type, and its run id)."""
+    the next thing to try, from the run's settings (and its processes) and what the study
+    measured (`best`: the latest C3 sweep's best worker count on this device type, and its
+    run id)."""
     over = {part: split.get(part, 0.0) for part in BOUNDS}
     over = {part: share for part, share in over.items() if share >= BOUNDS[part]}
     part = max(over, key=over.__getitem__) if over else "compute"
@@ -250,7 +252,7 @@ def verdict(
         found, advice = f"{found} ({cfg.workers} workers)", _more_data(cfg, device_type, best)
     elif part == "host":
         found = f"the GPU waited {share:.0%} of each step for the host's launches"
-        found, advice = f"{found} (it computed {compute:.0%})", _fewer_launches(cfg)
+        found, advice = f"{found} (it computed {compute:.0%})", _fewer_launches(cfg, world_size)
     elif part == "comm":
         found = f"the GPUs waited {share:.0%} of each step for gradients all-reduced after backward"
         advice = (
@@ -260,7 +262,7 @@ def verdict(
     else:
         waited = split.get("data_wait", 0.0)
         found = f"the {device} computed {compute:.0%} of each step (data wait {waited:.0%})"
-        advice = _faster_compute(cfg, device_type)
+        advice = _faster_compute(cfg, device_type, world_size)
     return f"{KINDS[part]}: {found}; {advice}"
 
 
@@ -277,9 +279,16 @@ def _more_data(cfg: TrainConfig, device_type: str, best: tuple[int, str] | None)
     return f"{count} workers is the C3 sweep's best: try --persistent-workers --pin-memory{gpu}"
 
 
-def _fewer_launches(cfg: TrainConfig) -> str:
+def _graphable(cfg: TrainConfig, world_size: int) -> bool:
+    """Whether --cuda-graph could run this run (see config.GRAPHED_OPTIMIZERS)."""
+    return cfg.optimizer in GRAPHED_OPTIMIZERS and world_size == 1
+
+
+def _fewer_launches(cfg: TrainConfig, world_size: int) -> str:
     events = " with --timing events" if cfg.timing == "sync" else ""
     if not cfg.cuda_graph and cfg.compile in ("none", "default"):
+        if not _graphable(cfg, world_size):
+            return f"try --compile reduce-overhead{events} (CUDA graphs launch a step at once)"
         return (
             f"try --cuda-graph{events} (the whole step launched at once; or --compile "
             "reduce-overhead)"
@@ -289,13 +298,14 @@ def _fewer_launches(cfg: TrainConfig) -> str:
     return "try a larger --batch-size (more work per launch)"
 
 
-def _faster_compute(cfg: TrainConfig, device_type: str) -> str:
+def _faster_compute(cfg: TrainConfig, device_type: str, world_size: int) -> str:
     if device_type != "cuda":
         return "try a GPU (`cifarexp compare-device` measures how much faster it is)"
     if cfg.precision != "bf16" or not cfg.channels_last:
         return "try --precision bf16 --channels-last (tensor cores)"
     if cfg.compile == "none" and not cfg.cuda_graph:
-        return "try --cuda-graph or --compile reduce-overhead (fewer launches, fused kernels)"
+        graph = "--cuda-graph or " if _graphable(cfg, world_size) else ""
+        return f"try {graph}--compile reduce-overhead (fewer launches, fused kernels)"
     return "the kernels bound the step: only a larger --batch-size or a faster GPU shortens it"
 
 

@@ -287,13 +287,12 @@ def test_warm_up_covers_the_batch_sizes_an_epoch_will_see(images, batch_size, ma
 # ----------------------------------------------------------------- options
 
 
-def test_fast_path_options_default_to_the_study():
-    assert not TINY.fast_path
-    assert TINY.replace(loader="gpu").fast_path and TINY.replace(channels_last=True).fast_path
+def test_cuda_only_options_fail_off_cuda_naming_their_field():
     with pytest.raises(ConfigError, match="events needs a CUDA device") as error:
         TrainConfig(timing="events").check_device("cpu")
     assert error.value.field == "timing"  # the CLI names it --timing
     TrainConfig(timing="events", compile="max-autotune", precision="tf32").check_device("cuda")
+    TrainConfig(cuda_graph=True, timing="events").check_device("cuda")
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,10 @@ def test_the_split_of_a_gpu_trace_follows_the_device_timeline():
          TINY.replace(loader="gpu", precision="bf16", channels_last=True, cuda_graph=True),
          "compute-bound: the GPU computed 90% of each step (data wait 0%); the kernels bound "
          "the step"),
+        ({"data_wait": 0.05, "host": 0.5, "copy": 0.05, "compute": 0.4}, "cuda",
+         TINY.replace(optimizer="adam"), "host-launch-bound: the GPU waited 50% of each step "
+         "for the host's launches (it computed 40%); try --compile reduce-overhead with "
+         "--timing events"),  # --cuda-graph captures sgd and nesterov only
         ({"data_wait": 0.25, "host": 0.35, "copy": 0.0, "compute": 0.4}, "cuda", TINY,
          "host-launch-bound: the GPU waited 35% of each step"),  # the largest bound wins
         ({"data_wait": 0.0, "host": 0.1, "copy": 0.0, "comm": 0.3, "compute": 0.6}, "cuda", TINY,
