@@ -284,6 +284,7 @@ class LaunchedRun:
     parent: str
     quiet: bool
     system_metrics: bool  # as the launcher's --system-metrics says
+    tags: dict[str, str]  # the launcher's tags for every run it starts (tag_later_runs)
 
 
 def run_processes(
@@ -294,7 +295,7 @@ def run_processes(
     The processes run the hidden command `cifarexp launched-run`, which reads this spec."""
     spec = {
         "config": asdict(cfg), "labels": asdict(labels), "parent": parent, "quiet": quiet,
-        "system_metrics": tracking.logs_system_metrics(),
+        "system_metrics": tracking.logs_system_metrics(), "tags": tracking.later_run_tags(),
     }  # fmt: skip
     env = {LAUNCHED_RUN: json.dumps(spec), "MLFLOW_TRACKING_URI": tracking.current_uri()}
     code = processes.launch(nproc, ["launched-run"], env)
@@ -318,11 +319,14 @@ def launched_run() -> LaunchedRun:
         spec["parent"],
         spec["quiet"],
         spec["system_metrics"],
+        spec["tags"],
     )
 
 
 def train_launched(spec: LaunchedRun, progress: Progress | None) -> TrainingRun:
-    """One rank of a launched run: a child of the comparison that launched it."""
+    """One rank of a launched run: a child of the comparison that launched it, tagged as
+    the launcher tags its runs (the sweep of --workers best, the lab's preset)."""
+    tracking.tag_later_runs(spec.tags)
     return run_training(
         spec.config,
         spec.labels,

@@ -425,6 +425,11 @@ def tag_later_runs(tags: Mapping[str, str]) -> None:
     _later_run_tags.update(tags)
 
 
+def later_run_tags() -> dict[str, str]:
+    """The tags `tag_later_runs` set (passed on to the processes a run launches)."""
+    return dict(_later_run_tags)
+
+
 def _log_params(params: Mapping[str, object]) -> None:
     """Log params; one that `mlflow run` already logged differently (e.g. workers=best)
     keeps its value and the resolved one goes into a tag."""
