@@ -42,9 +42,9 @@ from overhead import bare_epoch, ratios_line  # the same bare loop as benchmarks
 from torch import nn
 
 from cifarexp import tracking
-from cifarexp.build import Training, build_training
+from cifarexp.build import build_training
 from cifarexp.config import TrainConfig
-from cifarexp.engine import synchronize, train, warm_up
+from cifarexp.engine import synchronize, train
 
 Epoch = Callable[[], tuple[float, float | None]]  # one epoch: (seconds, train accuracy)
 
@@ -70,7 +70,7 @@ def bare_path(cfg: TrainConfig) -> Path:
 def cifarexp_path(name: str, cfg: TrainConfig) -> Path:
     """(b), (c), (e): cifarexp's engine with its warm-up, each epoch logged to the store."""
     training = build_training(cfg)
-    warmup_s = warmed_up(training)
+    warmup_s = training.warm_up()
 
     def epoch() -> tuple[float, float]:
         start = time.perf_counter()
@@ -93,7 +93,7 @@ def floor_path(cfg: TrainConfig) -> Path:
     """(d): the captured step replayed on one batch that never changes; no loader, no timing
     of its own, one wait at the end."""
     training = build_training(cfg)
-    warmup_s = warmed_up(training)
+    warmup_s = training.warm_up()
     images, labels = next(iter(training.loader))
     criterion, steps = nn.CrossEntropyLoss(), len(training.loader)
     model, optimizer, execution = training.train_model, training.optimizer, training.execution
@@ -106,20 +106,6 @@ def floor_path(cfg: TrainConfig) -> Path:
         return time.perf_counter() - start, None
 
     return Path("(d) floor: one batch, whole step as one CUDA graph", epoch, warmup_s)
-
-
-def warmed_up(training: Training) -> float | None:
-    """The run's own warm-up (see jobs.warm_up_before_epoch_1), where it has one."""
-    if training.device.type != "cuda":
-        return None
-    return warm_up(
-        training.train_model,
-        training.optimizer,
-        training.device,
-        batch_sizes=training.warmup_batch_sizes(),
-        execution=training.execution,
-        step=training.step,
-    )
 
 
 def fast_settings(device: torch.device, compile: str = "none") -> dict[str, object]:

@@ -19,7 +19,15 @@ from cifarexp import distributed, fastpath
 from cifarexp.config import ConfigError, TrainConfig
 from cifarexp.data import ImageArrayDataset, load_split, make_loader
 from cifarexp.distributed import Combiner, World
-from cifarexp.engine import Batch, Execution, GraphedStep, Step, batches_per_epoch, train_step
+from cifarexp.engine import (
+    Batch,
+    Execution,
+    GraphedStep,
+    Step,
+    batches_per_epoch,
+    train_step,
+    warm_up,
+)
 from cifarexp.gpu_loader import GpuLoader
 from cifarexp.models import build_model
 from cifarexp.optim import build_optimizer
@@ -56,6 +64,20 @@ class Training:
         """The batch sizes an epoch of this process will see (see fastpath)."""
         images = self.world.images(self.cfg)
         return fastpath.warmup_batch_sizes(images, self.batch_size, self.cfg.max_batches)
+
+    def warm_up(self) -> float | None:
+        """On CUDA (unless cfg.warmup is off), `engine.warm_up` of what this run trains, for
+        the batch sizes its epochs will see: the seconds it took; None where none runs."""
+        if self.device.type != "cuda" or not self.cfg.warmup:
+            return None
+        return warm_up(
+            self.train_model,
+            self.optimizer,
+            self.device,
+            batch_sizes=self.warmup_batch_sizes(),
+            execution=self.execution,
+            step=self.step,
+        )
 
 
 def build_training(cfg: TrainConfig, world: World = World()) -> Training:

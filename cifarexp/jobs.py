@@ -24,7 +24,7 @@ from cifarexp.build import Training, build_training
 from cifarexp.config import CifarexpError, TrainConfig
 from cifarexp.data import cpu_count
 from cifarexp.distributed import World, world_from_environment
-from cifarexp.engine import EpochResult, train, warm_up
+from cifarexp.engine import EpochResult, train
 
 
 @dataclass(frozen=True)
@@ -237,20 +237,12 @@ def log_train_set(training: Training) -> None:
 
 
 def warm_up_before_epoch_1(training: Training) -> float | None:
-    """On CUDA (unless --no-warmup), the untimed warm-up before epoch 1, logged as
-    warmup_s: CUDA's lazy start-up, cuDNN autotuning, compilation and graph capture, which
-    would otherwise land in epoch 1's times (README: "Warm-up")."""
-    if training.device.type != "cuda" or not training.cfg.warmup:
-        return None
-    warmup_s = warm_up(
-        training.train_model,
-        training.optimizer,
-        training.device,
-        batch_sizes=training.warmup_batch_sizes(),
-        execution=training.execution,
-        step=training.step,
-    )
-    tracking.log_metrics({"warmup_s": warmup_s})
+    """The untimed warm-up before epoch 1 (`Training.warm_up`), logged as warmup_s: CUDA's
+    lazy start-up, cuDNN autotuning, compilation and graph capture, which would otherwise
+    land in epoch 1's times (README: "Warm-up")."""
+    warmup_s = training.warm_up()
+    if warmup_s is not None:
+        tracking.log_metrics({"warmup_s": warmup_s})
     return warmup_s
 
 
