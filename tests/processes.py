@@ -21,9 +21,31 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import all_runs
 
 
+class Started:
+    """A process in its own process group (session), its output in `log_path`: what the
+    two ways of starting one below share."""
+
+    log_path: Path
+    pid: int
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float = 300) -> int: ...
+
+    def stop(self) -> None:
+        """Kill the process and everything it started (its own process group)."""
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # it may have just ended
+                os.killpg(self.pid, signal.SIGKILL)
+        self.wait(timeout=30)
+
+
 @dataclass
-class Process:
-    """A process started by `start`: in its own process group, its output in a log file."""
+class Process(Started):
+    """A process started by `start`."""
 
     popen: subprocess.Popen
     log_path: Path
@@ -32,20 +54,11 @@ class Process:
     def pid(self) -> int:
         return self.popen.pid
 
-    def log(self) -> str:
-        return self.log_path.read_text()
-
     def poll(self) -> int | None:
         return self.popen.poll()
 
     def wait(self, timeout: float = 300) -> int:
         return self.popen.wait(timeout=timeout)
-
-    def stop(self) -> None:
-        """Kill the process and everything it started (its own process group)."""
-        if self.poll() is None:
-            os.killpg(self.pid, signal.SIGKILL)
-        self.wait(timeout=30)
 
 
 def start(command: list[str], cwd: Path, name: str, env: dict[str, str] | None = None) -> Process:
@@ -74,7 +87,7 @@ _forkserver.set_forkserver_preload(PRELOAD)
 
 
 @dataclass
-class ForkedProcess:
+class ForkedProcess(Started):
     """`cifarexp ARGS` forked from the preloaded server (see `start_cifarexp`)."""
 
     process: multiprocessing.process.BaseProcess
@@ -84,9 +97,6 @@ class ForkedProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def log(self) -> str:
-        return self.log_path.read_text()
-
     def poll(self) -> int | None:
         return self.process.exitcode
 
@@ -95,13 +105,6 @@ class ForkedProcess:
         if self.process.exitcode is None:
             raise subprocess.TimeoutExpired(f"cifarexp (pid {self.pid})", timeout)
         return self.process.exitcode
-
-    def stop(self) -> None:
-        """Kill the process and everything it started (its own process group)."""
-        if self.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
-        self.wait(timeout=30)
 
 
 def _run_cifarexp(args: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> None:

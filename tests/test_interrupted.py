@@ -21,6 +21,21 @@ ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
 PARENT = "mlflow.parentRunId"
 
 
+def interrupt_at_the_third_epoch(monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) as soon as the third epoch of the process is logged; returns
+    the real tracking.log_epoch, to be put back."""
+    log_epoch, logged = tracking.log_epoch, []
+
+    def log_then_interrupt(result):
+        log_epoch(result)
+        logged.append(result.epoch)
+        if len(logged) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs.tracking, "log_epoch", log_then_interrupt)
+    return log_epoch
+
+
 def runs_by_status(client) -> dict[str, list[str]]:
     """Run names (a child's is its variant) per status."""
     found: dict[str, list[str]] = {}
@@ -54,15 +69,7 @@ def test_ctrl_c_in_compare_optim_then_resume_gives_one_complete_comparison(
     cli, client, monkeypatch
 ):
     # given: Ctrl-C after adam's first epoch (sgd has finished)
-    log_epoch, logged = tracking.log_epoch, []
-
-    def log_then_interrupt_at_the_third_epoch(result):
-        log_epoch(result)
-        logged.append(result.epoch)
-        if len(logged) == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(jobs.tracking, "log_epoch", log_then_interrupt_at_the_third_epoch)
+    log_epoch = interrupt_at_the_third_epoch(monkeypatch)
     result = cli(*COMPARE_OPTIM)
     assert result.exit_code == 130
     assert runs_by_status(client) == {
@@ -211,15 +218,7 @@ def test_a_stop_swallowed_by_python_still_ends_the_run_killed(
 
 def test_two_resumes_at_once_run_each_missing_variant_once(cli, client, monkeypatch, tmp_path):
     # Given a comparison stopped after its first variant,
-    log_epoch, logged = tracking.log_epoch, []
-
-    def interrupt_at_the_third_epoch(result):
-        log_epoch(result)
-        logged.append(result.epoch)
-        if len(logged) == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(jobs.tracking, "log_epoch", interrupt_at_the_third_epoch)
+    log_epoch = interrupt_at_the_third_epoch(monkeypatch)
     assert cli(*COMPARE_OPTIM).exit_code == 130
     monkeypatch.setattr(jobs.tracking, "log_epoch", log_epoch)
 
