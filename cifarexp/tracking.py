@@ -27,6 +27,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import psutil
+from mlflow.entities import RunData
 from mlflow.exceptions import MlflowException
 
 from cifarexp import __version__, processes
@@ -430,10 +431,15 @@ def later_run_tags() -> dict[str, str]:
     return dict(_later_run_tags)
 
 
+def _active_run_data() -> RunData:
+    """What the store holds of the active run: its params, tags and latest metrics."""
+    return mlflow.get_run(mlflow.active_run().info.run_id).data
+
+
 def _log_params(params: Mapping[str, object]) -> None:
     """Log params; one that `mlflow run` already logged differently (e.g. workers=best)
     keeps its value and the resolved one goes into a tag."""
-    given = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    given = _active_run_data().params
     _retry_locked(lambda: mlflow.log_params({k: v for k, v in params.items() if k not in given}))
     set_tags(
         {TAG + "resolved." + k: v for k, v in params.items() if given.get(k, str(v)) != str(v)}
@@ -579,7 +585,7 @@ def has_tag(key: str) -> bool:
     """Whether the active run has the tag `key` (False on a process that does not write)."""
     if not is_writer():
         return False
-    return key in mlflow.get_run(mlflow.active_run().info.run_id).data.tags
+    return key in _active_run_data().tags
 
 
 def set_tags(tags: Mapping[str, object]) -> None:
@@ -593,7 +599,7 @@ def append_description(paragraph: str) -> None:
     (in APPENDED) when `describe` writes the description later."""
     if not is_writer():
         return
-    tags = mlflow.get_run(mlflow.active_run().info.run_id).data.tags
+    tags = _active_run_data().tags
     set_tags(
         {
             NOTE: f"{tags.get(NOTE, '')}\n\n{paragraph}".strip(),
