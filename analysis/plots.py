@@ -7,19 +7,19 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from analysis.tables import DATA, TOTAL, TRAIN
+from analysis.tables import DATA, GPU_LOADER, TOTAL, TRAIN, worker_counts
 
 
 def workers_curve(c3: pd.DataFrame, subtitle: str = "") -> Figure:
     """C3: data-loading and total epoch time against DataLoader workers, best count marked."""
-    counts = c3[c3["workers"] != "gpu loader"]
+    counts = worker_counts(c3)
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(counts["workers"], counts[DATA], "o-", label="data-loading")
     ax.plot(counts["workers"], counts[TOTAL], "s-", label="epoch total")
     best = counts[counts["best"] == "yes"]
     ax.plot(best["workers"], best[DATA], "r*", markersize=16, label="best count")
-    gpu = c3[c3["workers"] == "gpu loader"]
+    gpu = c3[c3["workers"] == GPU_LOADER]
     if not gpu.empty:
         ax.axhline(gpu[TOTAL].iloc[0], color="green", ls="--", label="epoch total, gpu loader")
     ax.set(xlabel="DataLoader workers", ylabel="seconds per epoch", ylim=(0, None))

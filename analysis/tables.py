@@ -9,6 +9,7 @@ from cifarexp import profiling, tracking
 from cifarexp.experiments import WORKERS_TOLERANCE
 
 DATA, TRAIN, TOTAL = "data-loading s", "training s", "total s"
+GPU_LOADER = "gpu loader"  # C3's row of a --loader gpu run
 EPOCH_NOISE = 0.01  # a difference under 1% of the epoch is noise, however small the wait
 TIMES = {"data_time_s": DATA, "train_time_s": TRAIN, "epoch_time_s": TOTAL}
 
@@ -45,7 +46,7 @@ def c3_workers(ex: Exercise) -> pd.DataFrame:
     table = pd.DataFrame(
         {
             "workers": [
-                "gpu loader" if gpu else int(w)
+                GPU_LOADER if gpu else int(w)
                 for gpu, w in zip(is_gpu_loader, runs["params.workers"], strict=True)
             ],
             DATA: runs["data_time_s"],
@@ -60,11 +61,16 @@ def c3_workers(ex: Exercise) -> pd.DataFrame:
     return pd.concat([table.loc[counts.index], table[is_gpu_loader]]).reset_index(drop=True)
 
 
+def worker_counts(c3: pd.DataFrame) -> pd.DataFrame:
+    """C3's rows of DataLoader worker counts (without the `--loader gpu` row)."""
+    return c3[c3["workers"] != GPU_LOADER]
+
+
 def smallest_within_noise(counts: pd.DataFrame, column: str) -> pd.Series:
     """The row of the smallest worker count whose `column` (seconds) is within noise of the
     lowest: less than WORKERS_TOLERANCE of it, or EPOCH_NOISE of that run's epoch, above it.
     For data-loading time: where it stops falling (C3), ties going to the smaller count."""
-    counts = counts[counts["workers"] != "gpu loader"].sort_values("workers")
+    counts = worker_counts(counts).sort_values("workers")
     lowest = counts.loc[counts[column].idxmin()]
     noise = max(WORKERS_TOLERANCE * lowest[column], EPOCH_NOISE * lowest[TOTAL])
     return counts[counts[column] <= lowest[column] + noise].iloc[0]
@@ -73,7 +79,7 @@ def smallest_within_noise(counts: pd.DataFrame, column: str) -> pd.Series:
 def shortest_epoch(c3: pd.DataFrame) -> int:
     """The worker count of the shortest epoch: the best count unless its epoch is longer
     beyond noise (the workers then cost the epoch more than they save of its wait)."""
-    counts = c3[c3["workers"] != "gpu loader"]
+    counts = worker_counts(c3)
     best = best_workers(c3)
     best_epoch = counts.loc[counts["workers"] == best, TOTAL].iloc[0]
     if best_epoch <= counts[TOTAL].min() * (1 + WORKERS_TOLERANCE):
@@ -104,7 +110,7 @@ def c4_one_vs_best(c3: pd.DataFrame) -> pd.DataFrame:
 def c4_explanation(c3: pd.DataFrame, cpus: str = "?") -> str:
     """Why the best count is what it is, in the measured numbers: 1 worker against it, and
     the workers' cost to training when the shortest epoch is at another count."""
-    counts = c3[c3["workers"] != "gpu loader"].set_index("workers")
+    counts = worker_counts(c3).set_index("workers")
     if 1 not in counts.index:
         return "C4 needs a 1-worker run: run sweep-workers without --workers, or include 1."
     one, best = counts.loc[1], counts.loc[best_workers(c3)]
