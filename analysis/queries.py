@@ -83,8 +83,7 @@ class Exercise:
 
 def latest_finished(exercise: str) -> pd.Series | None:
     """The newest FINISHED top-level run of `exercise`, else None."""
-    where = tracking.tag_filter({tracking.EXERCISE: exercise})
-    found = tracking.top_level(tracking.search_runs(where + " and attributes.status = 'FINISHED'"))
+    found = tracking.finished_top_level({tracking.EXERCISE: exercise})
     return None if found.empty else found.iloc[0]
 
 

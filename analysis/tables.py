@@ -6,7 +6,7 @@ import pandas as pd
 
 from analysis.queries import Exercise
 from cifarexp import profiling, tracking
-from cifarexp.experiments import WORKERS_TOLERANCE
+from cifarexp.config import WORKERS_TOLERANCE
 
 DATA, TRAIN, TOTAL = "data-loading s", "training s", "total s"
 GPU_LOADER = "gpu loader"  # C3's row of a --loader gpu run

@@ -1,5 +1,5 @@
 """How fast can an epoch be? The bare loop, cifarexp's standard path, its fast path and the
-card's floor, alternated in rounds in one process (issues 6 and 18).
+card's floor, alternated in rounds in one process (README: "How fast is an epoch?").
 
 One card, synthetic CIFAR-shaped images (the same for every path), batch 128:
 
@@ -44,7 +44,7 @@ from torch import nn
 from cifarexp import tracking
 from cifarexp.build import build_training
 from cifarexp.config import TrainConfig
-from cifarexp.engine import synchronize, train
+from cifarexp.engine import synchronize
 
 Epoch = Callable[[], tuple[float, float | None]]  # one epoch: (seconds, train accuracy)
 
@@ -74,16 +74,7 @@ def cifarexp_path(name: str, cfg: TrainConfig) -> Path:
 
     def epoch() -> tuple[float, float]:
         start = time.perf_counter()
-        (result,) = train(
-            training.train_model,
-            training.loader,
-            training.optimizer,
-            training.device,
-            epochs=1,
-            on_epoch=tracking.log_epoch,
-            execution=training.execution,
-            step=training.step,
-        )
+        (result,) = training.train(tracking.log_epoch, epochs=1)
         return time.perf_counter() - start, result.train_acc
 
     return Path(name, epoch, warmup_s)

@@ -133,6 +133,16 @@ class OptimizerAnatomy:
     def state_total(self) -> Count:
         return sum(self.state.values(), Count())
 
+    def quantities(self) -> dict[str, Count]:
+        """Every count by its name in the Q3/Q4 tables, in their order."""
+        return {
+            "trainable parameters": self.trainable,
+            "gradients before backward": self.grads_before_backward,
+            "gradients after backward": self.grads,
+            **{f"state: {key}": count for key, count in self.state.items()},
+            "state: total": self.state_total,
+        }
+
 
 def optimizer_anatomy(
     model: nn.Module, optimizer: str, batch: tuple[Tensor, Tensor], **options: float
@@ -159,13 +169,6 @@ def optimizers_frame(anatomies: Iterable[OptimizerAnatomy]) -> pd.DataFrame:
     """Q3/Q4 as one long table: a row per optimizer and quantity (tensors, elements, MiB)."""
     rows = []
     for a in anatomies:
-        quantities = {
-            "trainable parameters": a.trainable,
-            "gradients before backward": a.grads_before_backward,
-            "gradients after backward": a.grads,
-            **{f"state: {key}": count for key, count in a.state.items()},
-            "state: total": a.state_total,
-        }
         rows += [
             {
                 "optimizer": a.optimizer,
@@ -174,6 +177,6 @@ def optimizers_frame(anatomies: Iterable[OptimizerAnatomy]) -> pd.DataFrame:
                 "elements": c.elements,
                 "MiB": c.mib,
             }
-            for quantity, c in quantities.items()
+            for quantity, c in a.quantities().items()
         ]
     return pd.DataFrame(rows)

@@ -2,13 +2,13 @@
 
 `build_training` is the one place where a config becomes data, a loader, a model, an
 optimizer and the settings of its steps. It writes nothing to the store and nothing to the
-terminal; `jobs.run_training` tracks what it builds, the tests and benchmarks train it
+terminal; `runs.run_training` tracks what it builds, the tests and benchmarks train it
 directly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -16,15 +16,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cifarexp import distributed, fastpath
-from cifarexp.config import ConfigError, TrainConfig
+from cifarexp.config import TrainConfig
 from cifarexp.data import ImageArrayDataset, load_split, make_loader
 from cifarexp.distributed import Combiner, World
 from cifarexp.engine import (
     Batch,
+    EpochResult,
     Execution,
     GraphedStep,
+    OnBatch,
     Step,
     batches_per_epoch,
+    train,
     train_step,
     warm_up,
 )
@@ -35,7 +38,7 @@ from cifarexp.optim import build_optimizer
 
 @dataclass(frozen=True)
 class Training:
-    """What a run trains with: built by `build_training`, trained by `engine.train`."""
+    """What a run trains with: built by `build_training`, trained by `train`."""
 
     cfg: TrainConfig
     world: World
@@ -79,14 +82,37 @@ class Training:
             step=self.step,
         )
 
+    def train(
+        self,
+        on_epoch: Callable[[EpochResult], None],
+        *,
+        epochs: int | None = None,
+        on_batch: OnBatch | None = None,
+    ) -> list[EpochResult]:
+        """`engine.train` of this run: cfg.epochs epochs (or `epochs`), each evaluated (with
+        cfg.eval) and made the run's (`combine`) before `on_epoch` gets it."""
+        return train(
+            self.train_model,
+            self.loader,
+            self.optimizer,
+            self.device,
+            epochs=epochs or self.cfg.epochs,
+            on_epoch=on_epoch,
+            test_loader=self.test_loader,
+            max_batches=self.cfg.max_batches,
+            on_batch=on_batch,
+            execution=self.execution,
+            step=self.step,
+            combine=self.combine,
+        )
+
 
 def build_training(cfg: TrainConfig, world: World = World()) -> Training:
     """Device, data, loader, model (under DDP, compiled), optimizer and step settings for
     `cfg` in `world`. Everything that can fail on bad input fails here, before a run starts."""
     device = distributed.join(world, cfg.device)
     cfg.check_device(device.type)
-    if cfg.cuda_graph and world.joined:
-        raise ConfigError("captures one process's step; not under torchrun", "cuda_graph")
+    cfg.check_processes(several=world.joined)
     batch_size = world.batch_size(cfg)  # may not split: fails before the data is made
     train_set = load_split(cfg, train=True)
     test_set = load_split(cfg, train=False) if cfg.eval else None

@@ -13,17 +13,17 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cifarexp import __version__, processes
 from cifarexp import options as opt
-from cifarexp.config import OPTIMIZERS, SCALINGS, ConfigError, TrainConfig, UserError
+from cifarexp.config import OPTIMIZERS, SCALINGS, ConfigError, TrainConfig, UserError, flag
 
 if TYPE_CHECKING:
     from cifarexp.distributed import World
-    from cifarexp.jobs import Progress
+    from cifarexp.runs import Progress
 
 app = typer.Typer(
     help="Where the time of a ResNet-18 / CIFAR-10 training run goes, tracked with MLflow.",
@@ -33,6 +33,7 @@ app = typer.Typer(
 )
 D = TrainConfig()  # the study's defaults, shown by --help
 CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
+ALL_OPTIMIZERS, ALL_SCALINGS = ",".join(OPTIMIZERS), ",".join(SCALINGS)
 
 
 def _show_version(value: bool) -> None:
@@ -119,7 +120,7 @@ def training_config(values: dict[str, Any], **overrides: Any) -> TrainConfig:
     given = {k: v for k, v in values.items() if k in CONFIG_FIELDS} | overrides
     workers = given.get("workers")
     if workers == "best":
-        from cifarexp.experiments import resolve_best_workers
+        from cifarexp.comparisons import resolve_best_workers
 
         given["workers"] = resolve_best_workers(given.get("device", "auto"), given["dataset"])
     elif isinstance(workers, str):
@@ -149,7 +150,7 @@ def parse_list(field: str, text: str, choices: Iterable[str] | None = None) -> l
 
 
 def _message(exc: UserError) -> str:
-    return f"{opt.flag(exc.field)}: {exc.message}" if exc.field else exc.message
+    return f"{flag(exc.field)}: {exc.message}" if exc.field else exc.message
 
 
 @contextmanager
@@ -239,23 +240,20 @@ def time_(
     )  # fmt: skip
     cfg = training_config(locals())
     from analysis import report
-    from cifarexp import tracking
+    from cifarexp import runs
     from cifarexp.console import print_section, print_where
-    from cifarexp.jobs import Labels, description, run_training
 
-    run = run_training(
+    section = runs.time_run(
         cfg,
-        Labels("time", "C2"),
+        summarize=report.summarize,
         experiment=session.experiment,
         run_name=run_name,
         world=session.world,
         progress=session.progress,
     )
-    if run.run_id is not None:  # None on the ranks other than 0 of a torchrun job
-        section = report.summarize("C2", run.run_id)
+    if section is not None:  # None on the ranks other than 0 of a torchrun job
         print_section(section)
-        tracking.describe(run.run_id, description("C2", section.answer, cfg.as_params()))
-        print_where(run.run_id)
+        print_where(section.run_id)
 
 
 # ---------------------------------------------------------------- C3, C4: sweep-workers
@@ -263,22 +261,8 @@ def time_(
 
 @command("sweep-workers")
 def sweep_workers(
-    workers: Annotated[
-        str,
-        typer.Option(
-            help="Worker counts to run, e.g. 0,4,8,12; auto: 1 (for C4), then 0, 4, 8, ... "
-            "until data-loading time stops falling by more than 3%.",
-            rich_help_panel=opt.DATA,
-        ),
-    ] = "auto",
-    gpu_loader: Annotated[
-        bool | None,
-        typer.Option(
-            help="Add a row with the data kept on the device (--loader gpu), to compare with "
-            "every worker count. Default: on when training on CUDA.",
-            rich_help_panel=opt.DATA,
-        ),
-    ] = None,
+    worker_counts: opt.WorkerCounts = "auto",
+    gpu_loader: opt.GpuLoaderRow = None,
     epochs: opt.Epochs = 1,
     optimizer: opt.OptimizerName = D.optimizer,
     device: opt.Device = D.device,
@@ -311,22 +295,22 @@ def sweep_workers(
 ) -> None:
     """C3, C4: data-loading time per DataLoader worker count, the best count, 1 vs best."""
     counts = None
-    if workers != "auto":
-        counts = [parse_int("workers", w) for w in parse_list("workers", workers)]
+    if worker_counts != "auto":
+        counts = [parse_int("workers", w) for w in parse_list("workers", worker_counts)]
         if any(c < 0 for c in counts):
-            raise ConfigError(f"counts must be >= 0, got {workers!r}", "workers")
+            raise ConfigError(f"counts must be >= 0, got {worker_counts!r}", "workers")
     session = open_session(
         "sweep-workers", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet,
         system_metrics=system_metrics,
     )  # fmt: skip
-    cfg = training_config(locals(), workers=D.workers)
+    cfg = training_config(locals())
     from analysis import report
-    from cifarexp import experiments
+    from cifarexp import comparisons
     from cifarexp.console import print_section, print_where
 
     if gpu_loader is None:
-        gpu_loader = experiments.resolve_device(cfg.device).type == "cuda"
-    section = experiments.sweep_workers(
+        gpu_loader = comparisons.resolve_device(cfg.device).type == "cuda"
+    section = comparisons.sweep_workers(
         cfg,
         counts,
         summarize=report.summarize,
@@ -344,39 +328,10 @@ def sweep_workers(
 
 @command("compare-device")
 def compare_device(
-    devices: Annotated[
-        str | None,
-        typer.Option(
-            help="Devices to compare, e.g. cpu,cuda (default: cpu, plus cuda when present).",
-            rich_help_panel=opt.TRAINING,
-        ),
-    ] = None,
-    cpu_batches: Annotated[
-        int | None,
-        typer.Option(
-            help="On CPU time only the first N batches of each epoch and estimate "
-            "the epoch from their throughput (marked estimated).",
-            rich_help_panel=opt.TRAINING,
-        ),
-    ] = None,
-    gpus: Annotated[
-        str | None,
-        typer.Option(
-            help="Compare GPU counts instead, e.g. 1,2,4 (must include 1, the baseline): "
-            "data-parallel training, one torchrun process per GPU. With --devices cpu: CPU "
-            "processes (gloo). Add --persistent-workers --pin-memory to measure DDP, not the "
-            "workers' start-up that every epoch of every process pays.",
-            rich_help_panel=opt.SCALE,
-        ),
-    ] = None,
-    scaling: Annotated[
-        str,
-        typer.Option(
-            help="With --gpus: weak (--batch-size per GPU), strong (--batch-size in total, "
-            "split), or both.",
-            rich_help_panel=opt.SCALE,
-        ),
-    ] = ",".join(SCALINGS),
+    devices: opt.Devices = None,
+    cpu_batches: opt.CpuBatches = None,
+    gpus: opt.Gpus = None,
+    scalings: opt.Scalings = ALL_SCALINGS,
     epochs: opt.Epochs = D.epochs,
     workers: opt.Workers = str(D.workers),
     optimizer: opt.OptimizerName = D.optimizer,
@@ -413,16 +368,16 @@ def compare_device(
         "compare-device", tracking_uri=tracking_uri, experiment=experiment, quiet=quiet,
         system_metrics=system_metrics,
     )  # fmt: skip
-    cfg = training_config(locals(), scaling=D.scaling)
+    cfg = training_config(locals())
     from analysis import report
-    from cifarexp import experiments
+    from cifarexp import comparisons
     from cifarexp.console import print_section, print_where
 
     if gpus is not None:
-        section = experiments.compare_gpus(
+        section = comparisons.compare_gpus(
             cfg,
             [parse_int("gpus", g) for g in parse_list("gpus", gpus)],
-            parse_list("scaling", scaling, SCALINGS),
+            parse_list("scaling", scalings, SCALINGS),
             summarize=report.summarize,
             device=devices or "cuda",
             cpu_batches=cpu_batches,
@@ -434,7 +389,7 @@ def compare_device(
         import torch
 
         default = "cpu,cuda" if torch.cuda.is_available() else "cpu"
-        section = experiments.compare_device(
+        section = comparisons.compare_device(
             cfg,
             parse_list("devices", default if devices is None else devices),
             summarize=report.summarize,
@@ -451,15 +406,18 @@ def compare_device(
 def launched_run() -> None:
     """One process of a variant that a comparison launched through torchrun."""
     with user_errors():
-        from cifarexp import console, jobs, tracking
-        from cifarexp.distributed import world_from_environment
+        from cifarexp import runs
 
-        spec = jobs.launched_run()
-        console.show_notices()
-        # the launcher's store, from MLFLOW_TRACKING_URI
-        world = world_from_environment(spec.config.device)
-        tracking.use_store(None, world, system_metrics=spec.system_metrics)
-        jobs.train_launched(spec, console.progress)
+        spec = runs.launched_run()
+        session = open_session(
+            "launched-run",
+            tracking_uri=None,  # the launcher's store, from MLFLOW_TRACKING_URI
+            experiment=None,
+            quiet=spec.quiet,
+            device=spec.config.device,
+            system_metrics=spec.system_metrics,
+        )
+        runs.train_launched(spec, session.world, session.progress)
 
 
 # ---------------------------------------------------------------- C6, C7
@@ -467,13 +425,7 @@ def launched_run() -> None:
 
 @command("compare-optim")
 def compare_optim(
-    optimizers: Annotated[
-        str,
-        typer.Option(
-            help=f"Optimizers to compare, any of {', '.join(OPTIMIZERS)}.",
-            rich_help_panel=opt.TRAINING,
-        ),
-    ] = ",".join(OPTIMIZERS),
+    optimizers: opt.Optimizers = ALL_OPTIMIZERS,
     epochs: opt.Epochs = D.epochs,
     workers: opt.Workers = str(D.workers),
     device: opt.Device = D.device,
@@ -512,10 +464,10 @@ def compare_optim(
     )  # fmt: skip
     cfg = training_config(locals())
     from analysis import report
-    from cifarexp import experiments
+    from cifarexp import comparisons
     from cifarexp.console import print_section, print_where
 
-    section = experiments.compare_optim(
+    section = comparisons.compare_optim(
         cfg,
         names,
         summarize=report.summarize,
@@ -529,12 +481,7 @@ def compare_optim(
 
 @command("no-bn")
 def no_bn(
-    baseline: Annotated[
-        bool,
-        typer.Option(
-            help="Also train the BN model with the same settings.", rich_help_panel=opt.TRAINING
-        ),
-    ] = True,
+    baseline: opt.Baseline = True,
     epochs: opt.Epochs = D.epochs,
     workers: opt.Workers = str(D.workers),
     optimizer: opt.OptimizerName = D.optimizer,
@@ -573,10 +520,10 @@ def no_bn(
     )  # fmt: skip
     cfg = training_config(locals())
     from analysis import report
-    from cifarexp import experiments
+    from cifarexp import comparisons
     from cifarexp.console import print_section, print_where
 
-    section = experiments.no_bn(
+    section = comparisons.no_bn(
         cfg,
         summarize=report.summarize,
         baseline=baseline,
@@ -593,35 +540,11 @@ def no_bn(
 
 @command("inspect")
 def inspect_(
-    optimizers: Annotated[
-        str,
-        typer.Option(
-            help=f"Optimizers to take one step with (Q3, Q4); any of {', '.join(OPTIMIZERS)}.",
-            rich_help_panel=opt.TRAINING,
-        ),
-    ] = "sgd,adam",
-    batch_norm: Annotated[
-        bool,
-        typer.Option(
-            "--bn/--no-bn",
-            help="The BN model or the BN-free one.",
-            rich_help_panel=opt.TRAINING,
-            envvar="CIFAREXP_BATCH_NORM",
-        ),
-    ] = True,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            help="Synthetic images in the one training step and the summary's input "
-            "(the counts do not depend on it).",
-            rich_help_panel=opt.TRAINING,
-        ),
-    ] = 8,
+    optimizers: opt.Optimizers = "sgd,adam",
+    batch_norm: opt.BatchNorm = True,
+    batch_size: opt.BatchSize = 8,
     seed: opt.Seed = D.seed,
-    as_json: Annotated[
-        bool,
-        typer.Option("--json", help="Print only the answers, as JSON.", rich_help_panel=opt.RUN),
-    ] = False,
+    as_json: opt.Json = False,
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
     quiet: opt.Quiet = False,
@@ -659,14 +582,7 @@ def inspect_(
 @command("report")
 def report_(
     out: opt.Out = Path("report"),
-    runs: Annotated[
-        str | None,
-        typer.Option(
-            help="Use these runs instead of the latest finished ones, e.g. C3=<run id>,C6=<run id> "
-            "(items: C2, C3, C5, C5-scaling, C6, C7, Q1-Q4).",
-            rich_help_panel=opt.RUN,
-        ),
-    ] = None,
+    runs: opt.Runs = None,
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
     quiet: opt.Quiet = False,
@@ -698,7 +614,7 @@ def write_and_log_report(sections: list, out: Path, experiment: str, *, quiet: b
     from analysis import report
     from cifarexp import tracking
     from cifarexp.console import console, print_section, print_where
-    from cifarexp.jobs import Labels, experiment_about
+    from cifarexp.runs import Labels, experiment_about
 
     try:
         path = report.write_report(sections, out, tracking.shown_uri())
@@ -719,19 +635,9 @@ def write_and_log_report(sections: list, out: Path, experiment: str, *, quiet: b
     print_where(run_id)
 
 
-Preset = Literal["full", "quick"]
-
-
 @command("lab")
 def lab_(
-    preset: Annotated[
-        Preset,
-        typer.Option(
-            help="full: the study's sizes (50,000 images, 5 epochs); quick: a few minutes on a "
-            "2-core CPU (256 images, batch 8, 3 epochs).",
-            rich_help_panel=opt.TRAINING,
-        ),
-    ] = "full",
+    preset: opt.PresetName = "full",
     dataset: opt.DatasetName = D.dataset,
     data_dir: opt.DataDir = D.data_dir,
     device: opt.Device = D.device,

@@ -1,7 +1,8 @@
 """The configuration of one training run: a frozen dataclass, validated once at the edge.
 
 Nothing here imports torch: the command line reads the choices below before any heavy
-library is loaded. Errors name config fields (`batch_size`), never command-line flags.
+library is loaded. Errors name config fields (`batch_size`), never command-line flags;
+`flag` is the one table from a field to its flag (for the CLI's error line and for advice).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ Precision = Literal["fp32", "tf32", "bf16"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune"]
 Timing = Literal["sync", "events"]  # sync: per-step synchronised (C2); events: CUDA events
 Scaling = Literal["weak", "strong"]  # under torchrun: batch_size per process, or in total
+Preset = Literal["full", "quick"]  # the lab's sizes
 
 DATASETS: tuple[str, ...] = get_args(Dataset)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -40,6 +42,22 @@ CHOICES = {  # the fields with a fixed set of values
     "timing": TIMINGS,
     "scaling": SCALINGS,
     "model": MODELS,
+}
+
+# The lab's presets: the study's sizes (full), or a demo that finishes in minutes on a 2-core
+# CPU (quick): batches of 16, so that its 80 steps (at the study's lr 0.1) get past the
+# first steps' jump in loss and show the study's shapes (no-BN at chance, Adam behind SGD).
+PRESETS: dict[str, dict[str, int | None]] = {
+    "full": {"train_size": None, "epochs": 5, "batch_size": 128, "cpu_batches": 20},
+    "quick": {"train_size": 256, "epochs": 5, "batch_size": 16, "cpu_batches": 1},
+}
+WORKERS_TOLERANCE = 0.03  # C3: a worker count must cut data-loading time by more than this
+
+# A config field shown to the user as its flag: --field-name, except for these.
+FLAGS = {
+    "max_batches": "--cpu-batches",
+    "batch_norm": "--bn/--no-bn",
+    "world": "torchrun's environment",
 }
 
 CIFAR10_SIZES = {True: 50_000, False: 10_000}  # images in the train (True) and test split
@@ -171,6 +189,15 @@ class TrainConfig:
         _check(not self.cuda_graph, "cuda_graph", on)
         _check(self.precision != "tf32", "precision", f"tf32 {on}; use fp32 or bf16")
 
+    def check_processes(self, *, several: bool) -> None:
+        """The settings that only one process can train with, checked when `several` train
+        together (under torchrun)."""
+        _check(
+            not (several and self.cuda_graph),
+            "cuda_graph",
+            "captures one process's step; not under torchrun",
+        )
+
     def replace(self, **changes: object) -> TrainConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -183,6 +210,11 @@ class TrainConfig:
             "test_size": self.images(train=False),
             "max_batches": "all" if self.max_batches is None else self.max_batches,
         }
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a config field (or of a command's own option)."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def check_device_name(device: str, field: str = "device") -> None:

@@ -252,23 +252,13 @@ def _q3_q4_frame(result: Inspection) -> pd.DataFrame:
     """One row per quantity, one column per optimizer, and (for several) whether they agree."""
     import pandas as pd
 
-    keys = dict.fromkeys(key for a in result.optimizers for key in a.state)
-    rows = [
-        "trainable parameters",
-        "gradients before backward",
-        "gradients after backward",
-        *(f"state: {key}" for key in keys),
-        "state total",
-        "state MiB",
-    ]
+    total = ["state: total", "state: MiB"]  # last, after every optimizer's state keys
+    names = dict.fromkeys(name for a in result.optimizers for name in a.quantities())
+    rows = [name for name in names if name not in total] + total
     columns = {
         a.optimizer: {
-            "trainable parameters": _cell(a.trainable),
-            "gradients before backward": _cell(a.grads_before_backward),
-            "gradients after backward": _cell(a.grads),
-            **{f"state: {key}": _cell(count) for key, count in a.state.items()},
-            "state total": _cell(a.state_total),
-            "state MiB": f"{a.state_total.mib:.2f}",
+            **{name: _cell(count) for name, count in a.quantities().items()},
+            "state: MiB": f"{a.state_total.mib:.2f}",
         }
         for a in result.optimizers
     }

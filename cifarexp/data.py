@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import signal
 import threading
 import time
 import warnings
@@ -200,7 +198,7 @@ class WatchedLoader:
                 except BaseException:
                     if watch.fired:
                         processes.withdraw_interrupt()
-                        _kill_workers()
+                        processes.kill_children()  # the DataLoader's workers
                         raise LoaderTimeout(self.timeout) from None
                     raise
                 finally:
@@ -208,20 +206,6 @@ class WatchedLoader:
                 yield batch
         finally:
             watch.stopped.set()
-
-
-def _kill_workers() -> None:
-    """SIGKILL the DataLoader's workers. From the main thread, with PyTorch's SIGCHLD check
-    off meanwhile: it would raise their death wherever the main thread is then."""
-    in_main = threading.current_thread() is threading.main_thread()
-    check = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if in_main else None
-    try:
-        for worker in multiprocessing.active_children():  # the DataLoader's workers
-            worker.kill()
-            worker.join()
-    finally:
-        if in_main:
-            signal.signal(signal.SIGCHLD, check)
 
 
 class _Watchdog(threading.Thread):
@@ -240,5 +224,5 @@ class _Watchdog(threading.Thread):
                 if self.can_interrupt:
                     processes.interrupt_main(LoaderTimeout(self.timeout))
                 else:  # only the workers' death can end the main thread's wait
-                    _kill_workers()
+                    processes.kill_children()  # the DataLoader's workers
                 return

@@ -28,7 +28,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from cifarexp.config import ConfigError, TrainConfig
-from cifarexp.engine import Batch, EpochResult, Execution, resolve_device, synchronize
+from cifarexp.engine import (
+    Batch,
+    EpochResult,
+    Execution,
+    random_batch,
+    resolve_device,
+    synchronize,
+)
 from cifarexp.processes import LAUNCH_VARIABLES, launched
 
 # A collective that waits longer than this fails the run instead of hanging it (a crashed or
@@ -133,8 +140,7 @@ def join(world: World, device_name: str) -> torch.device:
     if world.backend == "gloo":
         device = torch.device("cpu")
     elif device_name in ("auto", "cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("cuda was asked for but no CUDA device is available", "device")
+        resolve_device("cuda")  # fails if there is none
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     else:
@@ -313,9 +319,7 @@ def measure_pairs(
     saved = copy.deepcopy(model.state_dict())
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator(device).manual_seed(0)
-    images = torch.randn(batch_size, 3, 32, 32, device=device, generator=generator)
-    images = execution.to_device(images, device)
-    labels = torch.zeros(batch_size, dtype=torch.long, device=device)
+    images, labels = random_batch(batch_size, device, execution, generator)
     model.train()
 
     def timed(sync: bool) -> float:

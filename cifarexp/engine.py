@@ -95,6 +95,17 @@ class Execution:
         return self.flops_per_image * images / seconds / self.peak_flops
 
 
+def random_batch(
+    size: int, device: torch.device, execution: Execution, generator: torch.Generator
+) -> Batch:
+    """`size` random CIFAR-shaped images, in the memory order batches will have, all of
+    class 0: a batch for untimed steps (warm-up, probes) that draws nothing from the global
+    RNG."""
+    images = torch.randn(size, 3, 32, 32, device=device, generator=generator)
+    labels = torch.zeros(size, dtype=torch.long, device=device)
+    return execution.to_device(images, device), labels
+
+
 def resolve_device(name: str, field: str = "device") -> torch.device:
     """auto -> CUDA when available, else CPU; asking for an absent CUDA device is an error
     (naming `field`)."""
@@ -328,9 +339,7 @@ def warm_up(
     start = time.perf_counter()
     with _side_stream(device) if graphed else contextlib.nullcontext():
         for i, size in enumerate(batch_sizes):
-            images = torch.randn(size, 3, 32, 32, device=device, generator=generator)
-            images = execution.to_device(images, device)  # the memory order batches will have
-            labels = torch.zeros(size, dtype=torch.long, device=device)
+            images, labels = random_batch(size, device, execution, generator)
             # The first size compiles; the others run as the epochs will run them.
             with compiled_shapes_only(execution) if i else contextlib.nullcontext():
                 for _ in range(steps):

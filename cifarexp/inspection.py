@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-import torchinfo
 from torch import Tensor
 
-from cifarexp import tracking
+from cifarexp import models, tracking
 from cifarexp.anatomy import (
     ConvCount,
     Count,
@@ -28,8 +27,8 @@ from cifarexp.anatomy import (
 )
 from cifarexp.config import TrainConfig
 from cifarexp.data import load_split, make_loader
-from cifarexp.jobs import Labels, environment_tags, experiment_about
 from cifarexp.models import build_model
+from cifarexp.runs import Labels, environment_tags, experiment_about
 
 
 def variant(cfg: TrainConfig) -> str:
@@ -167,10 +166,7 @@ def run_inspection(cfg: TrainConfig, optimizers: tuple[str, ...], *, experiment:
             parameter_counts(model),
             anatomies,
         )
-        summary = torchinfo.summary(
-            model, input_size=(cfg.batch_size, 3, 32, 32), device=cpu, verbose=0
-        )
-        tracking.log_text(str(summary), "model_summary.txt")
+        tracking.log_text(models.summary(model, cfg.batch_size, cpu), "model_summary.txt")
         tracking.log_metrics(result.metrics())
         tracking.log_table(result.convs, "q1_conv_layers")
         tracking.log_table(optimizers_frame(anatomies), "q3_q4_optimizers")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+import torchinfo
 from torch import Tensor, nn
 
 
@@ -77,3 +79,10 @@ def build_model(name: str = "resnet18", *, batch_norm: bool = True) -> nn.Module
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
     return factory(batch_norm=batch_norm)
+
+
+def summary(model: nn.Module, batch_size: int, device: torch.device) -> str:
+    """torchinfo's summary of `model` for a batch of `batch_size` CIFAR images."""
+    return str(
+        torchinfo.summary(model, input_size=(batch_size, 3, 32, 32), device=device, verbose=0)
+    )

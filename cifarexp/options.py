@@ -1,5 +1,5 @@
 """The command line's options, declared once: each an `Annotated` alias that the commands of
-`cli` list in their own signatures, and the table that turns a config field into its flag.
+`cli` list in their own signatures (`config.flag` turns a config field into its flag).
 
 Importing this module loads typer and the config's choices only, so that `--help` answers
 at once.
@@ -12,23 +12,22 @@ from typing import Annotated
 
 import typer
 
-from cifarexp.config import CompileMode, Dataset, Loader, Optimizer, Precision, Scaling, Timing
+from cifarexp.config import (
+    OPTIMIZERS,
+    PRESETS,
+    CompileMode,
+    Dataset,
+    Loader,
+    Optimizer,
+    Precision,
+    Preset,
+    Scaling,
+    Timing,
+)
 
 DATA, TRAINING, RUN = "Data", "Training", "Tracking and output"
 FAST = "Fast path (GPU)"
 SCALE = "Several processes (torchrun)"
-
-# A config field shown to the user as its flag: --field-name, except for these.
-FLAGS = {
-    "max_batches": "--cpu-batches",
-    "batch_norm": "--bn/--no-bn",
-    "world": "torchrun's environment",
-}
-
-
-def flag(field: str) -> str:
-    """The command-line flag of a config field (or of a command's own option)."""
-    return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def _option(help: str, panel: str, *names: str, **settings: object) -> typer.models.OptionInfo:
@@ -206,3 +205,89 @@ Profile = Annotated[
     ),
 ]
 Out = Annotated[Path, _option("Folder for report.md, the CSVs and the PNGs.", RUN)]
+Runs = Annotated[
+    str | None,
+    _option(
+        "Use these runs instead of the latest finished ones, e.g. C3=<run id>,C6=<run id> "
+        "(items: C2, C3, C5, C5-scaling, C6, C7, Q1-Q4).",
+        RUN,
+    ),
+]
+Json = Annotated[bool, _option("Print only the answers, as JSON.", RUN, "--json")]
+
+# ---------------------------------------------------------------- what a command varies
+
+WorkerCounts = Annotated[
+    str,
+    _option(
+        "Worker counts to run, e.g. 0,4,8,12; auto: 1 (for C4), then 0, 4, 8, ... until "
+        "data-loading time stops falling by more than 3%.",
+        DATA,
+        "--workers",
+    ),
+]
+GpuLoaderRow = Annotated[
+    bool | None,
+    _option(
+        "Add a row with the data kept on the device (--loader gpu), to compare with every "
+        "worker count. Default: on when training on CUDA.",
+        DATA,
+    ),
+]
+Devices = Annotated[
+    str | None,
+    _option("Devices to compare, e.g. cpu,cuda (default: cpu, plus cuda when present).", TRAINING),
+]
+CpuBatches = Annotated[
+    int | None,
+    _option(
+        "On CPU time only the first N batches of each epoch and estimate the epoch from their "
+        "throughput (marked estimated).",
+        TRAINING,
+    ),
+]
+Gpus = Annotated[
+    str | None,
+    _option(
+        "Compare GPU counts instead, e.g. 1,2,4 (must include 1, the baseline): data-parallel "
+        "training, one torchrun process per GPU. With --devices cpu: CPU processes (gloo). Add "
+        "--persistent-workers --pin-memory to measure DDP, not the workers' start-up that "
+        "every epoch of every process pays.",
+        SCALE,
+    ),
+]
+Scalings = Annotated[
+    str,
+    _option(
+        "With --gpus: weak (--batch-size per GPU), strong (--batch-size in total, split), or both.",
+        SCALE,
+        "--scaling",
+    ),
+]
+Optimizers = Annotated[
+    str, _option(f"Optimizers, comma-separated: any of {', '.join(OPTIMIZERS)}.", TRAINING)
+]
+Baseline = Annotated[bool, _option("Also train the BN model with the same settings.", TRAINING)]
+BatchNorm = Annotated[
+    bool,
+    _option(
+        "The BN model or the BN-free one.", TRAINING, "--bn/--no-bn", envvar=_env("batch_norm")
+    ),
+]
+
+
+def _preset_text(name: str) -> str:
+    sizes = PRESETS[name]
+    images = f"{sizes['train_size']:,} images" if sizes["train_size"] else "all 50,000 images"
+    return f"{images}, batch {sizes['batch_size']}, {sizes['epochs']} epochs"
+
+
+PresetName = Annotated[
+    Preset,
+    _option(
+        f"full: the study's sizes ({_preset_text('full')}); quick: a few minutes on a 2-core "
+        f"CPU ({_preset_text('quick')}).",
+        TRAINING,
+        "--preset",
+    ),
+]

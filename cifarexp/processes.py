@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -89,6 +90,15 @@ def stops_deferred() -> Iterator[None]:
         _stops.deferring -= 1
 
 
+@contextmanager
+def uninterruptible() -> Iterator[None]:
+    """`stops_deferred`, then the stop received meanwhile raised (unless an error is leaving
+    already: the stop stays pending)."""
+    with stops_deferred():
+        yield
+    raise_pending()
+
+
 def pending() -> bool:
     """Whether a stop was received and not acted upon yet."""
     return bool(_stops.pending)
@@ -135,6 +145,21 @@ def interrupt_main(error: BaseException) -> None:
 def withdraw_interrupt() -> None:
     """The main thread has acted on its own: a late interrupt raises nothing."""
     _for_main.clear()
+
+
+def kill_children() -> None:
+    """SIGKILL this process's multiprocessing children (a DataLoader's workers) and reap
+    them. From the main thread, with PyTorch's SIGCHLD check off meanwhile: it would raise
+    their death wherever the main thread is then."""
+    in_main = threading.current_thread() is threading.main_thread()
+    check = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if in_main else None
+    try:
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGCHLD, check)
 
 
 # ---------------------------------------------------------------- several processes

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, record_function
 
 from cifarexp import tracking
 from cifarexp.build import Training
-from cifarexp.config import GRAPHED_OPTIMIZERS, TrainConfig
+from cifarexp.config import GRAPHED_OPTIMIZERS, TrainConfig, flag
 from cifarexp.engine import Batch, compiled_shapes_only, train_one_epoch
 
 WARMUP_STEPS = 2  # run, not recorded: the loader's workers start again, the step settles
@@ -87,8 +87,9 @@ def profile_training(training: Training) -> Profile | None:
     device_type = training.device.type
     with tempfile.TemporaryDirectory() as folder:
         trace = Path(folder) / TRACE
-        averages = _record(training, trace if tracking.is_writer() else None)
-        if not tracking.is_writer():
+        writes = training.world.writes
+        averages = _record(training, trace if writes else None)
+        if not writes:
             return None
         with gzip.open(trace, "rt") as file:
             events = json.load(file)["traceEvents"]
@@ -256,8 +257,8 @@ def verdict(
     elif part == "comm":
         found = f"the GPUs waited {share:.0%} of each step for gradients all-reduced after backward"
         advice = (
-            "try more images per GPU (--scaling weak, a larger --batch-size): more compute to "
-            "hide the all-reduce behind"
+            f"try more images per GPU ({_try(scaling='weak')}, a larger {flag('batch_size')}): "
+            "more compute to hide the all-reduce behind"
         )
     else:
         waited = split.get("data_wait", 0.0)
@@ -268,45 +269,56 @@ def verdict(
 
 def _more_data(cfg: TrainConfig, device_type: str, best: tuple[int, str] | None) -> str:
     if cfg.loader == "gpu":
-        return "the batches are made on the device already: try a larger --batch-size"
+        return f"the batches are made on the device already: try a larger {flag('batch_size')}"
     if best is None:
         return f"no C3 sweep on {device_type} in this store yet: run `cifarexp sweep-workers`"
     count, run_id = best
     if count != cfg.workers:
         sweep = f"the C3 sweep on this machine (run {run_id}) found {count} workers best"
-        return f"{sweep}: try --workers {count}"
-    gpu = ", or --loader gpu (the data kept on the device)" if device_type == "cuda" else ""
-    return f"{count} workers is the C3 sweep's best: try --persistent-workers --pin-memory{gpu}"
+        return f"{sweep}: try {_try(workers=count)}"
+    gpu = (
+        f", or {_try(loader='gpu')} (the data kept on the device)" if device_type == "cuda" else ""
+    )
+    best_now = f"{count} workers is the C3 sweep's best"
+    return f"{best_now}: try {_try(persistent_workers=True, pin_memory=True)}{gpu}"
 
 
 def _graphable(cfg: TrainConfig, world_size: int) -> bool:
-    """Whether --cuda-graph could run this run (see config.GRAPHED_OPTIMIZERS)."""
+    """Whether cuda_graph could run this run (see config.GRAPHED_OPTIMIZERS)."""
     return cfg.optimizer in GRAPHED_OPTIMIZERS and world_size == 1
 
 
 def _fewer_launches(cfg: TrainConfig, world_size: int) -> str:
-    events = " with --timing events" if cfg.timing == "sync" else ""
+    events = f" with {_try(timing='events')}" if cfg.timing == "sync" else ""
+    reduce_overhead = _try(compile="reduce-overhead")
     if not cfg.cuda_graph and cfg.compile in ("none", "default"):
         if not _graphable(cfg, world_size):
-            return f"try --compile reduce-overhead{events} (CUDA graphs launch a step at once)"
+            return f"try {reduce_overhead}{events} (CUDA graphs launch a step at once)"
         return (
-            f"try --cuda-graph{events} (the whole step launched at once; or --compile "
-            "reduce-overhead)"
+            f"try {_try(cuda_graph=True)}{events} (the whole step launched at once; or "
+            f"{reduce_overhead})"
         )
     if cfg.timing == "sync":
-        return "try --timing events (no wait for the device after each step)"
-    return "try a larger --batch-size (more work per launch)"
+        return f"try {_try(timing='events')} (no wait for the device after each step)"
+    return f"try a larger {flag('batch_size')} (more work per launch)"
 
 
 def _faster_compute(cfg: TrainConfig, device_type: str, world_size: int) -> str:
     if device_type != "cuda":
         return "try a GPU (`cifarexp compare-device` measures how much faster it is)"
     if cfg.precision != "bf16" or not cfg.channels_last:
-        return "try --precision bf16 --channels-last (tensor cores)"
+        return f"try {_try(precision='bf16', channels_last=True)} (tensor cores)"
     if cfg.compile == "none" and not cfg.cuda_graph:
-        graph = "--cuda-graph or " if _graphable(cfg, world_size) else ""
-        return f"try {graph}--compile reduce-overhead (fewer launches, fused kernels)"
-    return "the kernels bound the step: only a larger --batch-size or a faster GPU shortens it"
+        graph = f"{_try(cuda_graph=True)} or " if _graphable(cfg, world_size) else ""
+        return f"try {graph}{_try(compile='reduce-overhead')} (fewer launches, fused kernels)"
+    larger = f"a larger {flag('batch_size')}"
+    return f"the kernels bound the step: only {larger} or a faster GPU shortens it"
+
+
+def _try(**settings: object) -> str:
+    """Settings as the flags that set them: workers=8, pin_memory=True -> "--workers 8
+    --pin-memory"."""
+    return " ".join(flag(f) if v is True else f"{flag(f)} {v}" for f, v in settings.items())
 
 
 def split_text(split: Mapping[str, float]) -> str:

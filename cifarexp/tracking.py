@@ -295,8 +295,8 @@ def _build(path: Path, shown: str, source: _Source) -> None:
         stale.unlink(missing_ok=True)
     building = path.with_name(f".{path.name}.new-{os.getpid()}")
     artifacts = (path.parent.resolve() / "mlartifacts").as_uri()
-    try:
-        with processes.stops_deferred():  # a few seconds; a stop waits, then comes
+    with processes.uninterruptible():  # a few seconds; a stop waits, then comes
+        try:
             with open(building, "xb"):  # the folder takes files: else fail now, not in retries
                 pass
             from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
@@ -304,11 +304,11 @@ def _build(path: Path, shown: str, source: _Source) -> None:
             store = SqlAlchemyStore(f"sqlite:///{building}", artifacts)
             store.engine.dispose()
             os.replace(building, path)
-    except Exception as exc:  # the folder, the disk, MLflow's migrations: one line
-        raise source.error(CifarexpError, f"cannot make {shown} ({root_cause(exc)})") from None
-    finally:
-        building.unlink(missing_ok=True)
-    processes.raise_pending()
+        except Exception as exc:  # the folder, the disk, MLflow's migrations: one line
+            message = f"cannot make {shown} ({root_cause(exc)})"
+            raise source.error(CifarexpError, message) from None
+        finally:
+            building.unlink(missing_ok=True)
 
 
 def is_writer() -> bool:
@@ -361,16 +361,14 @@ def start_run(
         return
     run_id = None
     try:
-        with processes.stops_deferred():  # a stop meanwhile waits until the run can end KILLED
+        with processes.uninterruptible():  # a stop meanwhile waits until the run can end KILLED
             tags = {**source_tags(), **(tags or {})}
             run_id = _create_run(experiment, run_name, tags, parent, reopen, about, training)
-        processes.raise_pending()
         _log_params(params or {})
         yield run_id
-        with processes.stops_deferred():
+        with processes.uninterruptible():  # then raises the one deferred while FINISHED was written
             if not processes.pending():  # a stop whose exception Python swallowed ends it KILLED
                 _end_run(run_id, "FINISHED")
-        processes.raise_pending()  # the one deferred while FINISHED was written, say
     except KeyboardInterrupt:
         _end_failed_run(run_id, "KILLED")
         raise
@@ -503,26 +501,26 @@ def _check_artifacts(experiment: mlflow.entities.Experiment) -> None:
 
 def _end_run(run_id: str | None, status: str, error: BaseException | None = None) -> None:
     """End `run_id` (if it is still the active run) with `status`, recording `error` as a
-    tag; a store that fails meanwhile must not hide the error being raised. A stop that
-    arrives meanwhile waits: MLflow forgets the active run before it writes its status."""
+    tag; a store that fails meanwhile must not hide the error being raised. Called while
+    stops wait (`processes.uninterruptible`): MLflow forgets the active run before it
+    writes its status."""
     active = mlflow.active_run()
     if run_id is None or active is None or active.info.run_id != run_id:
         return  # never started, or ended already
-    with processes.stops_deferred():
-        with contextlib.suppress(*STORE_ERRORS):
-            if error is not None:
-                mlflow.set_tag(ERROR, f"{type(error).__name__}: {error}"[:5000])
-        with contextlib.suppress(*STORE_ERRORS):
-            mlflow.end_run(status)
-            _ended.append((run_id, status))
+    with contextlib.suppress(*STORE_ERRORS):
+        if error is not None:
+            mlflow.set_tag(ERROR, f"{type(error).__name__}: {error}"[:5000])
+    with contextlib.suppress(*STORE_ERRORS):
+        mlflow.end_run(status)
+        _ended.append((run_id, status))
 
 
 def _end_failed_run(run_id: str | None, status: str, error: BaseException | None = None) -> None:
     """End a run that an exception stopped (a stop's, or a failure); a new stop that came
     while it was ended is raised once it is."""
     processes.acknowledge()  # the stop behind the exception, if any, is being acted on
-    _end_run(run_id, status, error)
-    processes.raise_pending()
+    with processes.uninterruptible():
+        _end_run(run_id, status, error)
 
 
 def fail_project_run(message: str) -> None:
@@ -557,9 +555,10 @@ def _store_failed(run_id: str, exc: BaseException) -> str:
 def kill_stale_children(parent_id: str) -> list[str]:
     """Mark KILLED the children of `parent_id` still RUNNING (their process was killed
     outright, so nothing ended them); their ids. Only for a parent being resumed."""
-    where = f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'"
     stale = mlflow.search_runs(
-        filter_string=where, search_all_experiments=True, output_format="list"
+        filter_string=_children(parent_id, "RUNNING"),
+        search_all_experiments=True,
+        output_format="list",
     )
     client = mlflow.MlflowClient()
     for run in stale:
@@ -767,19 +766,26 @@ def top_level(runs: pd.DataFrame) -> pd.DataFrame:
 
 def finished_children(parent_id: str) -> pd.DataFrame:
     """The FINISHED children of a run, the newest one per variant, in the order they ran."""
-    children = search_runs(
-        f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'"
-    )
+    children = search_runs(_children(parent_id, "FINISHED"))
     if children.empty:  # no columns at all: give callers the ones they index
         return pd.DataFrame(columns=["run_id", f"tags.{VARIANT}"])
     children = children.drop_duplicates(f"tags.{VARIANT}", keep="first")
     return children.sort_values("start_time").reset_index(drop=True)
 
 
+def _children(parent_id: str, status: str) -> str:
+    """The filter of the children of `parent_id` with `status`."""
+    return f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = '{status}'"
+
+
+def finished_top_level(tags: Mapping[str, str]) -> pd.DataFrame:
+    """The FINISHED runs without a parent whose tags have these values, newest first."""
+    return top_level(search_runs(tag_filter(tags) + " and attributes.status = 'FINISHED'"))
+
+
 def latest_sweep(device_type: str, dataset: str) -> pd.Series | None:
     """The newest finished workers sweep (C3) for this device type and dataset."""
-    where = {EXERCISE: "C3", DEVICE: device_type, DATASET: dataset}
-    found = top_level(search_runs(tag_filter(where) + " and attributes.status = 'FINISHED'"))
+    found = finished_top_level({EXERCISE: "C3", DEVICE: device_type, DATASET: dataset})
     found = found[found["metrics.best_workers"].notna()] if not found.empty else found
     return None if found.empty else found.iloc[0]
 

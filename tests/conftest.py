@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from cifarexp import processes
+from cifarexp import processes, tracking
 from cifarexp.cli import app
 from cifarexp.config import TrainConfig
 
@@ -90,6 +90,22 @@ def stop_handlers():
     processes.handle_stops(under_torchrun=False)  # resets cifarexp's record of stops
     for stop, handler in previous.items():
         signal.signal(stop, handler)
+
+
+@pytest.fixture
+def after_each_epoch(monkeypatch):
+    """`after_each_epoch(action)`: from then on `action(result)` runs right after each epoch
+    has reached the store (tracking.log_epoch); `after_each_epoch(None)` stops it."""
+    log_epoch = tracking.log_epoch
+
+    def install(action):
+        def log_then_act(result):
+            log_epoch(result)
+            action(result)
+
+        monkeypatch.setattr(tracking, "log_epoch", log_epoch if action is None else log_then_act)
+
+    return install
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cifarexp import engine, jobs, processes, tracking
+from cifarexp import engine, processes, runs, tracking
 from cifarexp.build import build_training
 from cifarexp.distributed import world_from_environment
 from tests.conftest import TINY
@@ -58,7 +58,7 @@ def main(mode: str) -> None:
         engine.train_one_epoch = crash_in_epoch_2(engine.train_one_epoch)
     tracking.use_store(None, world)
     cfg = STRONG if mode == "strong" else CRASH
-    jobs.run_training(cfg, jobs.Labels("time", "C2"), experiment="ddp", world=world)
+    runs.run_training(cfg, runs.Labels("time", "C2"), experiment="ddp", world=world)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import torch
 
-from cifarexp import jobs, tracking
+from cifarexp.build import Training
 from tests.conftest import TINY_ARGS, all_runs
 
 METRICS = {"data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc", "images_per_s"}
@@ -53,14 +53,11 @@ def test_experiment_option_and_env_tracking_uri(cli, client, store):
     assert client.get_experiment(run.info.experiment_id).name == "mine"
 
 
-def test_interrupt_after_epoch_one_ends_killed_with_epoch_one_kept(cli, client, monkeypatch):
-    log_epoch = tracking.log_epoch
-
-    def log_then_interrupt(result):
-        log_epoch(result)
+def test_interrupt_after_epoch_one_ends_killed_with_epoch_one_kept(cli, client, after_each_epoch):
+    def interrupt(result):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(jobs.tracking, "log_epoch", log_then_interrupt)
+    after_each_epoch(interrupt)
     result = cli("time", *TINY_ARGS, "--epochs", "3")
     assert result.exit_code == 130
     [run] = all_runs(client)
@@ -73,7 +70,7 @@ def test_a_crash_ends_failed_with_the_error_recorded(cli, client, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("worker died")
 
-    monkeypatch.setattr(jobs, "train", crash)
+    monkeypatch.setattr(Training, "train", crash)
     result = cli("time", *TINY_ARGS)
     assert result.exit_code != 0
     [run] = all_runs(client)

@@ -12,7 +12,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from analysis import report
-from cifarexp import data, jobs, processes, tracking
+from cifarexp import data, processes, tracking
+from cifarexp.build import Training
 from cifarexp.config import CifarexpError
 from tests.conftest import TINY_ARGS, all_runs, without
 from tests.processes import start_cifarexp
@@ -26,20 +27,20 @@ def error_lines(output: str) -> list[str]:
 
 def test_a_worker_dying_in_the_second_child_fails_it_and_the_parent(cli, client, monkeypatch):
     # given: the second child's DataLoader worker dies after its first epoch
-    train, calls = jobs.train, []
+    train, calls = Training.train, []
 
-    def die_in_the_second_child(*args, on_epoch, **kwargs):
+    def die_in_the_second_child(self, on_epoch, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            return train(*args, on_epoch=on_epoch, **kwargs)
+            return train(self, on_epoch, **kwargs)
 
         def log_then_die(result):
             on_epoch(result)
             raise RuntimeError(WORKER_DIED)
 
-        return train(*args, on_epoch=log_then_die, **kwargs)
+        return train(self, log_then_die, **kwargs)
 
-    monkeypatch.setattr(jobs, "train", die_in_the_second_child)
+    monkeypatch.setattr(Training, "train", die_in_the_second_child)
 
     # when
     result = cli("compare-optim", *TINY_ARGS, "--optimizers", "sgd,adam")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cifarexp import jobs, processes
+from cifarexp import processes, runs
 from cifarexp.distributed import COMM_BUDGET, Combiner, World
 from cifarexp.engine import EpochResult, Execution
 from tests import ddp_entry
@@ -87,7 +87,7 @@ def test_strong_scaling_on_two_ranks_matches_one_process_with_the_global_batch(c
     assert ddp.data.params["world_size"] == "2"
     assert ddp.data.params["scaling"] == "strong"
 
-    single = jobs.run_training(ddp_entry.STRONG, jobs.Labels("time", "C2"), experiment="one")
+    single = runs.run_training(ddp_entry.STRONG, runs.Labels("time", "C2"), experiment="one")
 
     # Epoch 1: the same weights on the same 8 augmented images. Epoch 2: after one step
     # whose gradient DDP averaged over the two halves, i.e. the mean over all 8.

@@ -11,7 +11,7 @@ import sqlite3
 import time
 
 from analysis import queries, report, tables
-from cifarexp import jobs, processes, tracking
+from cifarexp import processes, tracking
 from tests.conftest import TINY_ARGS, all_runs, without
 from tests.processes import start_cifarexp, wait_for_epoch
 
@@ -21,19 +21,16 @@ ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
 PARENT = "mlflow.parentRunId"
 
 
-def interrupt_at_the_third_epoch(monkeypatch):
-    """Ctrl-C (KeyboardInterrupt) as soon as the third epoch of the process is logged; returns
-    the real tracking.log_epoch, to be put back."""
-    log_epoch, logged = tracking.log_epoch, []
+def interrupt_at_the_third_epoch(after_each_epoch) -> None:
+    """Ctrl-C (KeyboardInterrupt) as soon as the third epoch of the process is logged."""
+    logged = []
 
-    def log_then_interrupt(result):
-        log_epoch(result)
+    def interrupt_at_three(result):
         logged.append(result.epoch)
         if len(logged) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(jobs.tracking, "log_epoch", log_then_interrupt)
-    return log_epoch
+    after_each_epoch(interrupt_at_three)
 
 
 def runs_by_status(client) -> dict[str, list[str]]:
@@ -66,10 +63,10 @@ def assert_one_complete_comparison(client, parent_id: str) -> None:
 
 
 def test_ctrl_c_in_compare_optim_then_resume_gives_one_complete_comparison(
-    cli, client, monkeypatch
+    cli, client, after_each_epoch
 ):
     # given: Ctrl-C after adam's first epoch (sgd has finished)
-    log_epoch = interrupt_at_the_third_epoch(monkeypatch)
+    interrupt_at_the_third_epoch(after_each_epoch)
     result = cli(*COMPARE_OPTIM)
     assert result.exit_code == 130
     assert runs_by_status(client) == {
@@ -81,7 +78,7 @@ def test_ctrl_c_in_compare_optim_then_resume_gives_one_complete_comparison(
     assert queries.exercise("C6") is None  # nothing finished to show
 
     # when
-    monkeypatch.setattr(jobs.tracking, "log_epoch", log_epoch)
+    after_each_epoch(None)
     result = cli(*COMPARE_OPTIM, "--resume")
 
     # then: sgd reused, adam run again, the killed adam kept but not counted
@@ -187,24 +184,22 @@ def logged_epoch(store: str, run_name: str) -> bool:
 
 
 def test_a_stop_swallowed_by_python_still_ends_the_run_killed(
-    cli, client, monkeypatch, stop_handlers
+    cli, client, after_each_epoch, stop_handlers
 ):
     # Given a SIGTERM that lands in a garbage-collector callback, where Python prints
     # "Exception ignored" and drops the KeyboardInterrupt it raised,
     processes.handle_stops(under_torchrun=False)
-    log_epoch = tracking.log_epoch
 
     def sigterm_in_a_gc_callback(phase, info):
         gc.callbacks.remove(sigterm_in_a_gc_callback)
         signal.raise_signal(signal.SIGTERM)
 
-    def log_then_collect(result):
-        log_epoch(result)
+    def collect(result):
         if result.epoch == 1:
             gc.callbacks.append(sigterm_in_a_gc_callback)
             gc.collect()
 
-    monkeypatch.setattr(jobs.tracking, "log_epoch", log_then_collect)
+    after_each_epoch(collect)
 
     # when
     result = cli("time", *without("--epochs"), "--epochs", "3")
@@ -216,11 +211,11 @@ def test_a_stop_swallowed_by_python_still_ends_the_run_killed(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
 
 
-def test_two_resumes_at_once_run_each_missing_variant_once(cli, client, monkeypatch, tmp_path):
+def test_two_resumes_at_once_run_each_missing_variant_once(cli, client, after_each_epoch, tmp_path):
     # Given a comparison stopped after its first variant,
-    log_epoch = interrupt_at_the_third_epoch(monkeypatch)
+    interrupt_at_the_third_epoch(after_each_epoch)
     assert cli(*COMPARE_OPTIM).exit_code == 130
-    monkeypatch.setattr(jobs.tracking, "log_epoch", log_epoch)
+    after_each_epoch(None)
 
     # when two --resume start at the same moment,
     both = [start_cifarexp(*COMPARE_OPTIM, "--resume", cwd=tmp_path, name=name) for name in "ab"]

@@ -17,7 +17,6 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cifarexp import jobs
 from tests.conftest import TINY_ARGS, all_runs, without
 from tests.processes import start_cifarexp
 
@@ -201,19 +200,17 @@ def test_a_read_only_store_and_a_read_only_artifact_folder_are_one_line(cli, sto
 
 
 def test_a_store_that_fails_mid_run_names_the_real_cause_and_the_epochs_logged(
-    cli, tmp_path, monkeypatch
+    cli, tmp_path, after_each_epoch
 ):
     # Given a store whose folder goes away once epoch 1 has reached it,
     folder = tmp_path / "store"
     folder.mkdir()
-    log_epoch = jobs.tracking.log_epoch
 
-    def log_then_lose_the_folder(result):
-        log_epoch(result)
+    def lose_the_folder(result):
         if result.epoch == 1:
             folder.rename(tmp_path / "gone")
 
-    monkeypatch.setattr(jobs.tracking, "log_epoch", log_then_lose_the_folder)
+    after_each_epoch(lose_the_folder)
 
     # when
     args = [*without("--epochs"), "--epochs", "3", "--tracking-uri", store_uri(folder)]

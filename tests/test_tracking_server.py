@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cifarexp import __version__, jobs, tracking
+from cifarexp import __version__, tracking
 from tests.conftest import TINY_ARGS, all_runs, without
 from tests.processes import start_server
 
@@ -118,17 +118,15 @@ def readable_in_the_ui(client: MlflowClient) -> None:
 
 
 def test_a_server_going_away_mid_run_fails_the_command_saying_what_was_logged(
-    cli, store, server, fail_fast, monkeypatch
+    cli, store, server, fail_fast, after_each_epoch
 ):
     # given: the server is killed once epoch 1 has reached it
-    log_epoch = tracking.log_epoch
 
-    def log_then_kill_the_server(result):
-        log_epoch(result)
+    def kill_the_server(result):
         if result.epoch == 1:
             server.process.stop()
 
-    monkeypatch.setattr(jobs.tracking, "log_epoch", log_then_kill_the_server)
+    after_each_epoch(kill_the_server)
 
     # when
     args = [*without("--epochs", TINY_ARGS), "--epochs", "3", "--tracking-uri", server.url]

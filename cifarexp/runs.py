@@ -1,6 +1,6 @@
 """One tracked training run: build it (`build.build_training`), start its MLflow run, log
-its summary, warm up, train; and a run trained by several processes, launched through
-torchrun as the child of a comparison."""
+its summary, warm up, train; the `time` command's run (C2), described by its answer; and a
+run trained by several processes, launched through torchrun as the child of a comparison."""
 
 from __future__ import annotations
 
@@ -13,18 +13,19 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
+import pandas as pd
 import torch
-import torchinfo
+from matplotlib.figure import Figure
 
-from cifarexp import processes, profiling, tracking
+from cifarexp import models, processes, profiling, tracking
 from cifarexp.build import Training, build_training
-from cifarexp.config import CifarexpError, TrainConfig
+from cifarexp.config import CifarexpError, TrainConfig, flag
 from cifarexp.data import cpu_count
-from cifarexp.distributed import World, world_from_environment
-from cifarexp.engine import EpochResult, train
+from cifarexp.distributed import World
+from cifarexp.engine import EpochResult
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Labels:
         return self.variant or " ".join([self.command, *settings])
 
 
-# The study's question per item (SPEC), on each experiment and in each parent's description.
+# The study's question per item, on each experiment and in each parent's description.
 QUESTIONS = {
     "C2": "Where does the time of an epoch go: waiting for data, computing, in all?",
     "C3": "How many DataLoader workers load data fastest, and why does 1 worker lose (C4)?",
@@ -173,25 +174,55 @@ def run_training(
                 display.on_epoch(result)
                 processes.raise_pending()  # a stop whose exception Python swallowed
 
-            results = train(
-                training.train_model,
-                training.loader,
-                training.optimizer,
-                training.device,
-                epochs=cfg.epochs,
-                on_epoch=on_epoch,
-                test_loader=training.test_loader,
-                max_batches=cfg.max_batches,
-                on_batch=display.on_batch,
-                execution=training.execution,
-                step=training.step,
-                combine=training.combine,
-            )
+            results = training.train(on_epoch, on_batch=display.on_batch)
             if cfg.profile:  # after the last epoch is logged: never inside a timed epoch
                 profile = profiling.profile_training(training)
                 if profile is not None:
                     display.on_profile(profile)
     return TrainingRun(run_id, cfg, training.device, results, warmup_s)
+
+
+class Answer(Protocol):
+    """An item's answer, built from the store: its tables, plots, text and headline metrics
+    (logged on a comparison's parent; a time run takes its description from it)."""
+
+    tables: dict[str, pd.DataFrame]
+    figures: dict[str, Figure]
+    text: str
+    notes: list[str]  # what makes it less than a result
+
+    @property
+    def answer(self) -> str: ...  # the answer in one or two sentences
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def tags(self) -> dict[str, str]: ...  # answers that are no numbers (a best optimizer)
+
+
+A = TypeVar("A", bound=Answer)
+Summarize = Callable[[str, str], A]  # (exercise, parent run id) -> its answer, from the store
+
+
+def time_run(
+    cfg: TrainConfig,
+    *,
+    summarize: Summarize[A],
+    experiment: str,
+    run_name: str | None = None,
+    world: World = World(),
+    progress: Progress | None = None,
+) -> A | None:
+    """C1, C2: train and time `cfg` as the `time` command's run; its answer, logged as the
+    run's description (None on a rank of a torchrun job that does not write)."""
+    labels = Labels("time", "C2")
+    run = run_training(
+        cfg, labels, experiment=experiment, run_name=run_name, world=world, progress=progress
+    )
+    if run.run_id is None:
+        return None
+    answer = summarize(labels.exercise, run.run_id)
+    tracking.describe(run.run_id, description(labels.exercise, answer.answer, cfg.as_params()))
+    return answer
 
 
 def note_divergence(result: EpochResult, labels: Labels) -> None:
@@ -209,14 +240,9 @@ def note_divergence(result: EpochResult, labels: Labels) -> None:
 
 def log_summary(training: Training) -> None:
     """The model's torchinfo summary and its FLOPs per image, on the run."""
-    if tracking.is_writer():
-        summary = torchinfo.summary(
-            training.model,
-            input_size=(training.batch_size, 3, 32, 32),
-            device=training.device,
-            verbose=0,
-        )
-        tracking.log_text(str(summary), "model_summary.txt")
+    if training.world.writes:
+        summary = models.summary(training.model, training.batch_size, training.device)
+        tracking.log_text(summary, "model_summary.txt")
         tracking.log_params({"flops_per_image": training.execution.flops_per_image})
 
 
@@ -302,7 +328,7 @@ def launched_run() -> LaunchedRun:
     """The training `run_processes` launched this process for (one rank of it)."""
     if LAUNCHED_RUN not in os.environ:
         raise CifarexpError(
-            "launched-run is internal to `cifarexp compare-device --gpus`, which starts it"
+            f"launched-run is internal to `cifarexp compare-device {flag('gpus')}`, which starts it"
         )
     spec = json.loads(os.environ[LAUNCHED_RUN])
     return LaunchedRun(
@@ -315,15 +341,15 @@ def launched_run() -> LaunchedRun:
     )
 
 
-def train_launched(spec: LaunchedRun, progress: Progress | None) -> TrainingRun:
-    """One rank of a launched run: a child of the comparison that launched it, tagged as
-    the launcher tags its runs (the sweep of --workers best, the lab's preset)."""
+def train_launched(spec: LaunchedRun, world: World, progress: Progress | None) -> TrainingRun:
+    """One rank (`world`) of a launched run: a child of the comparison that launched it,
+    tagged as the launcher tags its runs (the sweep of --workers best, the lab's preset)."""
     tracking.tag_later_runs(spec.tags)
     return run_training(
         spec.config,
         spec.labels,
         experiment="",  # a child goes into its parent's experiment
         parent=spec.parent,
-        world=world_from_environment(spec.config.device),
-        progress=None if spec.quiet else progress,
+        world=world,
+        progress=progress,
     )

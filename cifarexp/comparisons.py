@@ -12,19 +12,18 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
 
-import pandas as pd
 import torch
-from matplotlib.figure import Figure
 
 from cifarexp import distributed, tracking
-from cifarexp.config import CifarexpError, ConfigError, TrainConfig
+from cifarexp.config import WORKERS_TOLERANCE, CifarexpError, ConfigError, TrainConfig
 from cifarexp.data import cpu_count
 from cifarexp.engine import resolve_device
-from cifarexp.jobs import (
+from cifarexp.runs import (
+    A,
     Labels,
     Progress,
+    Summarize,
     description,
     environment_tags,
     experiment_about,
@@ -33,33 +32,13 @@ from cifarexp.jobs import (
 )
 
 WORKERS_STEP = 4
-WORKERS_TOLERANCE = 0.03  # a count must cut data-loading time by more than this to go on
 log = logging.getLogger(__name__)
 
 
-class Answer(Protocol):
-    """What a comparison's parent logs: its item's tables, plots, text and headline metrics."""
-
-    tables: dict[str, pd.DataFrame]
-    figures: dict[str, Figure]
-    text: str
-    notes: list[str]  # what makes it less than a result
-
-    @property
-    def answer(self) -> str: ...  # the answer in one or two sentences
-
-    def metrics(self) -> dict[str, float]: ...
-
-    def tags(self) -> dict[str, str]: ...  # answers that are no numbers (a best optimizer)
-
-
-A = TypeVar("A", bound=Answer)
-Summarize = Callable[[str, str], A]  # (exercise, parent run id) -> its answer, from the store
-
-
-@dataclass(frozen=True)
+@dataclass
 class Comparison:
-    """An open parent run that runs variants as its children, then logs its answer."""
+    """An open parent run that runs variants as its children (recorded in `variants` as they
+    run), then logs its answer."""
 
     labels: Labels
     experiment: str
@@ -317,8 +296,7 @@ def compare_gpus(
             "(devices cpu runs CPU processes instead)",
             "gpus",
         )
-    if base.cuda_graph:  # fails now, not in every torchrun child after the baseline
-        raise ConfigError("captures one process's step; not under torchrun", "cuda_graph")
+    base.check_processes(several=True)  # fails now, not in every torchrun child
     for scaling in scalings:  # a batch that does not split fails now, not in a child
         for n in gpus:
             distributed.per_process_batch(base.replace(scaling=scaling), n)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cifarexp import experiments, jobs
-from cifarexp.experiments import auto_sweep
+from cifarexp import comparisons, runs
+from cifarexp.comparisons import auto_sweep
 from tests.conftest import TINY_ARGS, all_runs, without
 
 ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
@@ -127,7 +127,7 @@ def test_no_bn_trains_both_models_unless_no_baseline(cli, client):
 
 
 def test_interrupted_sweep_resumes_reusing_finished_children(cli, client, monkeypatch):
-    real = jobs.run_training
+    real = runs.run_training
     calls = []
 
     def interrupt_second(cfg, labels, **kwargs):
@@ -136,13 +136,13 @@ def test_interrupted_sweep_resumes_reusing_finished_children(cli, client, monkey
             raise KeyboardInterrupt
         return real(cfg, labels, **kwargs)
 
-    monkeypatch.setattr(experiments, "run_training", interrupt_second)
+    monkeypatch.setattr(comparisons, "run_training", interrupt_second)
     args = [*without("--workers", ONE_EPOCH), "--workers", "0,1"]
     assert cli("sweep-workers", *args).exit_code == 130
     parent, children = parent_and_children(client)
     assert parent.info.status == "KILLED" and len(children) == 1
 
-    monkeypatch.setattr(experiments, "run_training", real)
+    monkeypatch.setattr(comparisons, "run_training", real)
     result = cli("sweep-workers", *args, "--resume")
     assert result.exit_code == 0, result.output
     assert "reusing finished run" in result.output
