@@ -47,6 +47,11 @@ class Exercise:
         values = {k: self.parent.get(f"params.{k}") for k in keys}
         if isinstance(self.parent.get("params.workers_list"), str):  # a sweep: its counts
             values["workers"] = self.parent["params.workers_list"]
+        if values.get("loader") == "gpu":
+            values.pop("workers")  # unused: the batches are made on the device
+        for switch in ("channels_last", "cuda_graph"):  # shown when on
+            if self.parent.get(f"params.{switch}") == "True":
+                values[switch] = "True"
         shown = {k: v for k, v in values.items() if isinstance(v, str) and v != "None"}
         settings = ", ".join(f"{k}={v}" for k, v in shown.items())  # train_size None: all
         preset = self.parent.get(f"tags.{tracking.PRESET}")

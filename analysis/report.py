@@ -76,7 +76,9 @@ def _subtitle(ex: queries.Exercise) -> str:
 
 
 def _c2(ex: queries.Exercise) -> tuple[dict, dict, str]:
-    return {"c2_epochs": tables.c2_epochs(ex)}, {}, ""
+    verdict = ex.parent.get(f"tags.{tracking.VERDICT}")  # a profiled run's (--profile)
+    text = f"Profile: {verdict}." if isinstance(verdict, str) and verdict else ""
+    return {"c2_epochs": tables.c2_epochs(ex)}, {}, text
 
 
 def _c3(ex: queries.Exercise) -> tuple[dict, dict, str]:

@@ -303,3 +303,21 @@ def test_a_run_made_by_the_lab_says_its_preset_beside_its_sizes(client):
     section = report.summarize("C2", run_id)
     assert "lab preset quick, train_size=256" in section.source
     assert "batch_size=16, epochs=5" in section.source
+
+
+def test_a_fast_path_run_says_its_switches_and_no_worker_count_it_did_not_use(client):
+    e = client.create_experiment("time-fast")
+    params = {"workers": 2, "loader": "gpu", "channels_last": True, "cuda_graph": True}
+    run_id = log_run(client, e, command="time", exercise="C2", params=params,
+                     epochs=[epoch(0.1, 1.0, 1.2, 2.0, 0.3)])  # fmt: skip
+    source = report.summarize("C2", run_id).source
+    assert "loader=gpu" in source and "workers=" not in source
+    assert "channels_last=True, cuda_graph=True" in source
+
+
+def test_a_profiled_time_run_answers_with_its_verdict(client):
+    e = client.create_experiment("time-profiled")
+    verdict = "input-bound: the GPU waited 74% of each step for the next batch (0 workers)"
+    run_id = log_run(client, e, command="time", exercise="C2", tags={"cifarexp.verdict": verdict},
+                     epochs=[epoch(0.1, 1.0, 1.2, 2.0, 0.3)])  # fmt: skip
+    assert report.summarize("C2", run_id).text == f"Profile: {verdict}."

@@ -10,6 +10,8 @@ import signal
 import sqlite3
 import time
 
+import pytest
+
 from analysis import queries, report, tables
 from cifarexp import processes, tracking
 from tests.conftest import TINY_ARGS, all_runs, without
@@ -183,6 +185,7 @@ def logged_epoch(store: str, run_name: str) -> bool:
         return db.execute(query, (run_name,)).fetchone()[0] > 0
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # it is swallowed
 def test_a_stop_swallowed_by_python_still_ends_the_run_killed(
     cli, client, after_each_epoch, stop_handlers
 ):

@@ -114,13 +114,15 @@ def test_a_run_whose_transform_sleeps_is_input_bound_and_told_the_sweeps_best(
     sweep = log_run(client, experiment, command="sweep-workers", exercise="C3", device="cpu",
                     metrics={"best_workers": 4})  # fmt: skip
     # When one batch of it trains for an epoch with 0 workers, profiled
-    assert cli("time", *args(images=2, epochs=1), "--quiet", "--profile").exit_code == 0
-    # Then it is input-bound, and told to try the sweep's count
+    result = cli("time", *args(images=2, epochs=1), "--quiet", "--profile")
+    assert result.exit_code == 0, result.output
+    # Then it is input-bound, and told to try the sweep's count (--quiet prints that too)
     run = next(r for r in all_runs(client) if r.info.run_id != sweep)
     assert run.data.metrics["profile_data_wait_share"] >= INPUT_BOUND_SHARE
     text = run.data.tags[tracking.VERDICT]
     assert text.startswith("input-bound: the CPU waited") and "(0 workers)" in text
     assert f"(run {sweep}) found 4 workers best: try --workers 4" in text
+    assert "Profile: input-bound: the CPU waited" in " ".join(result.output.split())
     summary = Path(client.download_artifacts(run.info.run_id, profiling.SUMMARY)).read_text()
     host_rows = [line for line in summary.splitlines() if line.startswith("host,")]
     assert any(row.startswith("host,enumerate(DataLoader)") for row in host_rows)
