@@ -22,7 +22,12 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 # Tags whose presence depends on the machine or the moment, not on the code.
-MACHINE_TAGS = ("mlflow.source.git.commit", "mlflow.gitRepoURL", "mlflow.source.git.repoURL")
+MACHINE_TAGS = (
+    "mlflow.source.git.commit",
+    "mlflow.source.git.branch",  # set in a checkout on a branch, not on a detached HEAD
+    "mlflow.gitRepoURL",
+    "mlflow.source.git.repoURL",
+)
 
 
 def names(uri: str) -> dict[str, dict[str, list[str]]]:

@@ -542,7 +542,7 @@ def no_bn(
 def inspect_(
     optimizers: opt.Optimizers = "sgd,adam",
     batch_norm: opt.BatchNorm = True,
-    batch_size: opt.BatchSize = 8,
+    batch_size: opt.StepImages = 8,
     seed: opt.Seed = D.seed,
     as_json: opt.Json = False,
     tracking_uri: opt.TrackingUri = None,

@@ -111,14 +111,16 @@ class EpochProgress:
         )
 
     def on_profile(self, profile: Profile) -> None:
-        """The profile's top operators and kernels, its split and its verdict."""
+        """The profile's top operators and kernels, its split and, for a comparison's
+        variant, its verdict (a `time` run's answer ends with it)."""
         from cifarexp.profiling import ACTIVE_STEPS, split_text
 
         steps = f"{ACTIVE_STEPS} recorded steps of {profile.step_ms:.1f} ms"
         title = f"{self._prefix()}profile: {steps}"
         console.print(render(profile.summary, title))
         console.print(f"Split: {split_text(profile.split)}.", highlight=False)
-        console.print(f"Verdict: {profile.verdict}.", style="bold", highlight=False)
+        if self.label:
+            console.print(f"Verdict: {profile.verdict}.", style="bold", highlight=False)
         console.print(f"(the profile took {profile.profile_s:.1f} s)", style="dim", highlight=False)
 
     def done(self) -> None:

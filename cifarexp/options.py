@@ -90,6 +90,15 @@ OptimizerName = Annotated[
 ]
 Device = Annotated[str, _option("auto (CUDA when present), cpu, cuda or cuda:N.", TRAINING)]
 BatchSize = Annotated[int, _option("Mini-batch size.", TRAINING)]
+StepImages = Annotated[
+    int,
+    _option(
+        "Synthetic images in the one training step and the summary's input (the counts do "
+        "not depend on it).",
+        TRAINING,
+        "--batch-size",
+    ),
+]
 Lr = Annotated[float, _option("Learning rate.", TRAINING)]
 Momentum = Annotated[float, _option("Momentum (sgd, nesterov).", TRAINING)]
 WeightDecay = Annotated[float, _option("Weight decay.", TRAINING)]

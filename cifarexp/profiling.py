@@ -119,8 +119,8 @@ def _record(training: Training, trace: Path | None) -> torch.autograd.profiler_u
     activities = [ProfilerActivity.CPU]
     if training.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    else:  # kineto's "gpuGetDeviceCount failed" means nothing on a CPU run
-        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    else:  # kineto's lines on a CPU run ("gpuGetDeviceCount failed", "profiler_start")
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above all its levels: none is of use
     steps = WARMUP_STEPS + ACTIVE_STEPS
     schedule = torch.profiler.schedule(wait=0, warmup=WARMUP_STEPS, active=ACTIVE_STEPS, repeat=1)
     # No shapes, no stacks: they would make the trace many times larger.

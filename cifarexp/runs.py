@@ -13,12 +13,10 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
-import pandas as pd
 import torch
-from matplotlib.figure import Figure
 
 from cifarexp import models, processes, profiling, tracking
 from cifarexp.build import Training, build_training
@@ -26,6 +24,10 @@ from cifarexp.config import CifarexpError, TrainConfig, flag
 from cifarexp.data import cpu_count
 from cifarexp.distributed import World
 from cifarexp.engine import EpochResult
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)

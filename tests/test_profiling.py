@@ -69,7 +69,9 @@ def test_a_profiled_run_logs_its_profile_after_its_timed_epochs_which_it_leaves_
     assert metrics["profile_s"] > 0
     # the verdict: not input-bound, as a tag, on the terminal and in the description
     assert tags[tracking.VERDICT].startswith("compute-bound: the CPU computed")
-    assert f"Verdict: {tags[tracking.VERDICT]}" in " ".join(result.output.split())
+    shown = " ".join(result.output.split())
+    assert f"Profile: {tags[tracking.VERDICT]}." in shown  # once: the end of the answer
+    assert shown.count(tags[tracking.VERDICT]) == 1
     note = tags["mlflow.note.content"]  # the answer first, then the profile
     assert note.startswith("**Where does the time") and "\n\n**Profile**" in note
     assert tags[tracking.VERDICT] in tags["mlflow.note.content"]
