@@ -8,9 +8,8 @@ import gc
 import os
 import signal
 import sqlite3
+import sys
 import time
-
-import pytest
 
 from analysis import queries, report, tables
 from cifarexp import processes, tracking
@@ -185,13 +184,14 @@ def logged_epoch(store: str, run_name: str) -> bool:
         return db.execute(query, (run_name,)).fetchone()[0] > 0
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # it is swallowed
 def test_a_stop_swallowed_by_python_still_ends_the_run_killed(
-    cli, client, after_each_epoch, stop_handlers
+    cli, client, after_each_epoch, stop_handlers, monkeypatch
 ):
-    # Given a SIGTERM that lands in a garbage-collector callback, where Python prints
-    # "Exception ignored" and drops the KeyboardInterrupt it raised,
+    # Given a SIGTERM that lands in a garbage-collector callback, where Python reports
+    # "Exception ignored" (to sys.unraisablehook) and drops the KeyboardInterrupt it raised,
     processes.handle_stops(under_torchrun=False)
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda raised: swallowed.append(raised.exc_type))
 
     def sigterm_in_a_gc_callback(phase, info):
         gc.callbacks.remove(sigterm_in_a_gc_callback)
@@ -208,6 +208,7 @@ def test_a_stop_swallowed_by_python_still_ends_the_run_killed(
     result = cli("time", *without("--epochs"), "--epochs", "3")
 
     # then the run still ends KILLED after the epoch it finished, and exits so
+    assert swallowed == [KeyboardInterrupt]
     assert result.exit_code == 130, result.output
     [run] = all_runs(client)
     assert run.info.status == "KILLED"
