@@ -566,15 +566,17 @@ def kill_stale_children(parent_id: str) -> list[str]:
     return [run.info.run_id for run in stale]
 
 
-def _retry_locked(write: Callable[[], None]) -> None:
+def _retry_locked(write: Callable[[], None], *, races: tuple[str, ...] = ()) -> None:
     """Run a store write; SQLite's "database is locked" (another process held the lock past
-    MLflow's busy timeout) is tried again after each of LOCKED_RETRY_DELAYS_S."""
+    MLflow's busy timeout) is tried again after each of LOCKED_RETRY_DELAYS_S, and so is
+    an error naming one of `races` (a row that another process inserted meanwhile, which
+    the write then finds)."""
     for delay in LOCKED_RETRY_DELAYS_S:
         try:
             write()
             return
         except MlflowException as exc:
-            if "database is locked" not in str(exc):
+            if not any(text in str(exc) for text in ("database is locked", *races)):
                 raise
         time.sleep(delay)
     write()
@@ -671,7 +673,9 @@ def log_dataset(targets: np.ndarray, *, name: str, source: Mapping[str, str]) ->
     dataset = mlflow.data.from_numpy(
         targets, source=CodeDatasetSource(tags=dict(source)), name=name
     )
-    _retry_locked(lambda: mlflow.log_input(dataset, context="training"))
+    # Two runs of one experiment logging the same set at once may both try to insert it.
+    race = "UNIQUE constraint failed: datasets."
+    _retry_locked(lambda: mlflow.log_input(dataset, context="training"), races=(race,))
 
 
 def describe(run_id: str, text: str) -> None:

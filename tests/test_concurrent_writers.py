@@ -3,6 +3,7 @@ every metric recorded."""
 
 from __future__ import annotations
 
+import mlflow
 from mlflow.exceptions import MlflowException
 
 from cifarexp import tracking
@@ -60,4 +61,36 @@ def test_a_write_refused_by_a_locked_database_is_tried_again(cli, client, monkey
     assert result.exit_code == 0, result.output
     assert refused == [1]
     [run] = all_runs(client)
+    assert_every_epoch_logged(client, run, 2)
+
+
+def test_a_dataset_another_process_inserted_meanwhile_is_found_on_a_second_try(
+    cli, client, monkeypatch
+):
+    # given: the store refuses the training set once, as SQLite does when another process
+    # logging the same set to the same experiment inserted it between look-up and insert
+    log_input, refused, others = tracking.mlflow.log_input, [], []
+
+    def inserted_meanwhile(dataset, context=None):
+        if not refused:
+            refused.append(dataset.name)
+            other = client.create_run(mlflow.active_run().info.experiment_id).info.run_id
+            others.append(other)
+            with mlflow.start_run(run_id=other, nested=True):  # the other process's insert
+                log_input(dataset, context=context)
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                "datasets.name, datasets.digest"
+            )
+        log_input(dataset, context=context)
+
+    monkeypatch.setattr(tracking.mlflow, "log_input", inserted_meanwhile)
+    monkeypatch.setattr(tracking, "LOCKED_RETRY_DELAYS_S", (0.01,))
+
+    result = cli("time", *TINY_ARGS)
+
+    assert result.exit_code == 0, result.output
+    assert refused == ["synthetic-train-32"]
+    [run] = [run for run in all_runs(client) if run.info.run_id not in others]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic-train-32"]
     assert_every_epoch_logged(client, run, 2)
