@@ -15,6 +15,7 @@ import typer
 from cifarexp.config import (
     OPTIMIZERS,
     PRESETS,
+    WORKERS_TOLERANCE,
     CompileMode,
     Dataset,
     Loader,
@@ -230,7 +231,7 @@ WorkerCounts = Annotated[
     str,
     _option(
         "Worker counts to run, e.g. 0,4,8,12; auto: 1 (for C4), then 0, 4, 8, ... until "
-        "data-loading time stops falling by more than 3%.",
+        f"data-loading time stops falling by more than {WORKERS_TOLERANCE:.0%}.",
         DATA,
         "--workers",
     ),
