@@ -114,10 +114,10 @@ def open_session(
     )
 
 
-def training_config(values: dict[str, Any], **overrides: Any) -> TrainConfig:
+def training_config(values: dict[str, Any]) -> TrainConfig:
     """The TrainConfig of a command's options (`values`: its locals; those that are config
-    fields), with `overrides`; workers "best" is resolved from the store."""
-    given = {k: v for k, v in values.items() if k in CONFIG_FIELDS} | overrides
+    fields); workers "best" is resolved from the store."""
+    given = {k: v for k, v in values.items() if k in CONFIG_FIELDS}
     workers = given.get("workers")
     if workers == "best":
         from cifarexp.comparisons import resolve_best_workers
