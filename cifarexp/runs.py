@@ -313,11 +313,10 @@ def run_processes(
     """Train `cfg` as `nproc` data-parallel processes on this machine (one per GPU, or
     CPU processes with gloo), launched through torchrun, as a child run of `parent`; waits.
     The processes run the hidden command `cifarexp launched-run`, which reads this spec."""
-    spec = {
-        "config": asdict(cfg), "labels": asdict(labels), "parent": parent, "quiet": quiet,
-        "system_metrics": tracking.logs_system_metrics(), "tags": tracking.later_run_tags(),
-    }  # fmt: skip
-    env = {LAUNCHED_RUN: json.dumps(spec), "MLFLOW_TRACKING_URI": tracking.current_uri()}
+    spec = LaunchedRun(
+        cfg, labels, parent, quiet, tracking.logs_system_metrics(), tracking.later_run_tags()
+    )
+    env = {LAUNCHED_RUN: json.dumps(asdict(spec)), "MLFLOW_TRACKING_URI": tracking.current_uri()}
     code = processes.launch(nproc, ["launched-run"], env)
     if code != 0:
         raise CifarexpError(
@@ -334,12 +333,7 @@ def launched_run() -> LaunchedRun:
         )
     spec = json.loads(os.environ[LAUNCHED_RUN])
     return LaunchedRun(
-        TrainConfig(**spec["config"]),
-        Labels(**spec["labels"]),
-        spec["parent"],
-        spec["quiet"],
-        spec["system_metrics"],
-        spec["tags"],
+        **spec | {"config": TrainConfig(**spec["config"]), "labels": Labels(**spec["labels"])}
     )
 
 
