@@ -241,7 +241,7 @@ def time_(
     cfg = training_config(locals())
     from analysis import report
     from cifarexp import runs
-    from cifarexp.console import print_section, print_where
+    from cifarexp.console import print_answer
 
     section = runs.time_run(
         cfg,
@@ -252,8 +252,7 @@ def time_(
         progress=session.progress,
     )
     if section is not None:  # None on the ranks other than 0 of a torchrun job
-        print_section(section)
-        print_where(section.run_id)
+        print_answer(section)
 
 
 # ---------------------------------------------------------------- C3, C4: sweep-workers
@@ -306,7 +305,7 @@ def sweep_workers(
     cfg = training_config(locals())
     from analysis import report
     from cifarexp import comparisons
-    from cifarexp.console import print_section, print_where
+    from cifarexp.console import print_answer
 
     if gpu_loader is None:
         gpu_loader = comparisons.resolve_device(cfg.device).type == "cuda"
@@ -319,8 +318,7 @@ def sweep_workers(
         resume=resume,
         progress=session.progress,
     )
-    print_section(section)
-    print_where(section.run_id)
+    print_answer(section)
 
 
 # ---------------------------------------------------------------- C5: compare-device
@@ -371,7 +369,7 @@ def compare_device(
     cfg = training_config(locals())
     from analysis import report
     from cifarexp import comparisons
-    from cifarexp.console import print_section, print_where
+    from cifarexp.console import print_answer
 
     if gpus is not None:
         section = comparisons.compare_gpus(
@@ -398,8 +396,7 @@ def compare_device(
             resume=resume,
             progress=session.progress,
         )
-    print_section(section)
-    print_where(section.run_id)
+    print_answer(section)
 
 
 @app.command("launched-run", hidden=True)
@@ -465,7 +462,7 @@ def compare_optim(
     cfg = training_config(locals())
     from analysis import report
     from cifarexp import comparisons
-    from cifarexp.console import print_section, print_where
+    from cifarexp.console import print_answer
 
     section = comparisons.compare_optim(
         cfg,
@@ -475,8 +472,7 @@ def compare_optim(
         resume=resume,
         progress=session.progress,
     )
-    print_section(section)
-    print_where(section.run_id)
+    print_answer(section)
 
 
 @command("no-bn")
@@ -521,7 +517,7 @@ def no_bn(
     cfg = training_config(locals())
     from analysis import report
     from cifarexp import comparisons
-    from cifarexp.console import print_section, print_where
+    from cifarexp.console import print_answer
 
     section = comparisons.no_bn(
         cfg,
@@ -531,8 +527,7 @@ def no_bn(
         resume=resume,
         progress=session.progress,
     )
-    print_section(section)
-    print_where(section.run_id)
+    print_answer(section)
 
 
 # ---------------------------------------------------------------- Q1-Q4: inspect

@@ -217,6 +217,12 @@ def print_section(section: Section) -> None:
     console.print(f"Source: {section.source}.", style="dim", highlight=False)
 
 
+def print_answer(section: Section) -> None:
+    """A command's answer: its section, then where its run is."""
+    print_section(section)
+    print_where(section.run_id)
+
+
 # ---------------------------------------------------------------- Q1-Q4
 
 
