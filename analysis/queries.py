@@ -58,6 +58,15 @@ class Exercise:
         return f"lab preset {preset}, {settings}" if isinstance(preset, str) else settings
 
     @property
+    def params(self) -> dict[str, str]:
+        """The parent's params (the settings its children share, and what varies)."""
+        return {
+            key.removeprefix("params."): value
+            for key, value in sorted(self.parent.items())
+            if key.startswith("params.") and isinstance(value, str)
+        }
+
+    @property
     def missing_variants(self) -> list[str]:
         """The variants the comparison ran whose finished runs are no longer in the store."""
         ran = str(self.parent.get(f"tags.{tracking.VARIANTS}") or "")
@@ -134,6 +143,6 @@ def profiled_runs() -> pd.DataFrame:
 
 
 def answers(ex: Exercise) -> dict:
-    """The answers an inspect run logged (answers.json: `cifarexp.inspection`'s schema)."""
+    """The answers an inspect run logged (answers.json: `cifarexp.study.inspection`'s schema)."""
     text = tracking.load_text(ex.parent_id, "answers.json")
     return json.loads(text) if text else {}

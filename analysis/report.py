@@ -14,20 +14,7 @@ from matplotlib.figure import Figure
 from analysis import plots, queries, tables
 from cifarexp import tracking
 from cifarexp.config import ConfigError
-
-TITLES = {
-    "c2_epochs": "C2: time of each epoch (data-loading, training, total), loss and accuracy",
-    "c3_workers": "C3: epoch times per DataLoader worker count",
-    "c4_one_vs_best": "C4: 1 worker vs the best count (and the shortest epoch's)",
-    "c5_devices": "C5: average epoch time per device",
-    "c5_scaling": "C5: data-parallel scaling over GPUs (steady epochs: 2 on)",
-    "c6_optimizers": "C6: optimizers, average training time per epoch and the final epoch",
-    "c6_accuracy": "C6: top-1 training accuracy per epoch",
-    "c6_loss": "C6: training loss per epoch",
-    "c7_batch_norm": "C7: with and without BatchNorm",
-    "q1_q4": "Q1-Q4: the model's anatomy",
-    "profiles": "Profiles: what bounds each profiled run's step, and the step's split",
-}
+from cifarexp.study.catalogue import ITEMS, SECTIONS, TITLES
 
 
 @dataclass
@@ -44,6 +31,7 @@ class Section:
     source: str = ""  # run ids, dataset, device
     dataset: str = ""
     run_id: str = ""  # the top-level run it came from
+    settings: dict[str, str] = field(default_factory=dict)  # that run's params
 
     @property
     def missing(self) -> bool:
@@ -129,30 +117,20 @@ def _q(ex: queries.Exercise) -> tuple[dict, dict, str]:
     return {"q1_q4": tables.q1_q4_answers(queries.answers(ex))}, {}, ""
 
 
-# item -> (heading, the command that produces it, builder), in the study's order
-ITEMS: dict[str, tuple[str, str, Builder]] = {
-    "C2": ("C1, C2: where the time of an epoch goes", "cifarexp time", _c2),
-    "C3": ("C3, C4: how many DataLoader workers", "cifarexp sweep-workers", _c3),
-    "C5": ("C5: GPU vs CPU", "cifarexp compare-device --workers best", _c5),
-    "C5-scaling": (
-        "C5 extended: 1, 2, 4 GPUs (data-parallel, torchrun)",
-        "cifarexp compare-device --gpus 1,2,4 --workers best",
-        _c5_scaling,
-    ),
-    "C6": ("C6: five optimizers", "cifarexp compare-optim --workers best", _c6),
-    "C7": ("C7: without BatchNorm", "cifarexp no-bn --workers best", _c7),
-    "Q1-Q4": ("Q1-Q4: what the model contains", "cifarexp inspect", _q),
-}
+# item -> the builder of its tables, plots and text
+BUILDERS: dict[str, Builder] = {
+    "C2": _c2, "C3": _c3, "C5": _c5, "C5-scaling": _c5_scaling, "C6": _c6, "C7": _c7, "Q1-Q4": _q,
+}  # fmt: skip
 
 
 def section(item: str, ex: queries.Exercise | None) -> Section:
     """The section of `item` built from `ex` (an empty, missing section when ex is None)."""
-    heading, command, build = ITEMS[item]
-    result = Section(item, heading, command)
+    result = Section(item, ITEMS[item].heading, ITEMS[item].command)
     if ex is not None:
-        result.tables, result.figures, result.text = build(ex)
+        result.tables, result.figures, result.text = BUILDERS[item](ex)
         result.notes = warnings(ex)
         result.dataset, result.run_id = ex.dataset, ex.parent_id
+        result.settings = ex.params
         runs = (
             f"run {ex.parent_id}"
             if ex.run_ids == [ex.parent_id]
@@ -168,7 +146,7 @@ def section(item: str, ex: queries.Exercise | None) -> Section:
 def profiles_section() -> Section:
     """The verdict and the step's split of each kind of profiled run (`--profile`), oldest
     first: the bottleneck moving as the study removes it."""
-    result = Section("profiles", "Profiles: what bounds the step", "cifarexp time --profile")
+    result = Section("profiles", ITEMS["profiles"].heading, ITEMS["profiles"].command)
     runs = queries.profiled_runs()
     if runs.empty:
         return result
@@ -274,9 +252,9 @@ def pick_runs(pairs: list[str]) -> dict[str, str]:
     run_ids: dict[str, str] = {}
     for pair in pairs:
         item, _, run_id = pair.partition("=")
-        if item not in ITEMS or not run_id:
+        if item not in SECTIONS or not run_id:
             raise ConfigError(
-                f"{pair!r} is not ITEM=RUN_ID with ITEM in {', '.join(ITEMS)}", "runs"
+                f"{pair!r} is not ITEM=RUN_ID with ITEM in {', '.join(SECTIONS)}", "runs"
             )
         if item in run_ids:
             raise ConfigError(f"{item} is given twice", "runs")
@@ -302,7 +280,7 @@ def build_report(run_ids: Mapping[str, str] | None = None) -> list[Section]:
     """Every item's section from the latest finished runs (or the given run id per item),
     then the profiles."""
     run_ids = run_ids or {}
-    items = [section(item, queries.exercise(item, run_ids.get(item))) for item in ITEMS]
+    items = [section(item, queries.exercise(item, run_ids.get(item))) for item in SECTIONS]
     return [*items, profiles_section()]
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.queries import Exercise
-from cifarexp import profiling, tracking
+from cifarexp import tracking
 from cifarexp.config import WORKERS_TOLERANCE
+from cifarexp.training import profiling
 
 DATA, TRAIN, TOTAL = "data-loading s", "training s", "total s"
 GPU_LOADER = "gpu loader"  # C3's row of a --loader gpu run
@@ -269,7 +270,7 @@ def _last_epoch(ex: Exercise, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def q1_q4_answers(answers: dict) -> pd.DataFrame:
-    """Q1-Q4 from an inspect run's answers (`cifarexp.inspection`'s schema): one row per
+    """Q1-Q4 from an inspect run's answers (`cifarexp.study.inspection`'s schema): one row per
     question and quantity."""
     convs, fc = answers["q1_conv_layers"], answers["q2_last_linear"]
     rows = [

@@ -21,14 +21,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from cifarexp import distributed
-from cifarexp.build import train_loader
 from cifarexp.config import TrainConfig
-from cifarexp.data import load_split
-from cifarexp.distributed import world_from_environment
-from cifarexp.engine import Execution, synchronize, train_step
-from cifarexp.models import build_model
-from cifarexp.optim import build_optimizer
+from cifarexp.training import distributed
+from cifarexp.training.build import train_loader
+from cifarexp.training.data import load_split
+from cifarexp.training.distributed import world_from_environment
+from cifarexp.training.engine import Execution, synchronize, train_step
+from cifarexp.training.models import build_model
+from cifarexp.training.optim import build_optimizer
 
 WAYS = {
     "ddp, PyTorch's defaults": {},

@@ -28,11 +28,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from cifarexp import distributed
-from cifarexp.distributed import world_from_environment
-from cifarexp.engine import Execution, synchronize, train_step
-from cifarexp.models import build_model
-from cifarexp.optim import build_optimizer
+from cifarexp.training import distributed
+from cifarexp.training.distributed import world_from_environment
+from cifarexp.training.engine import Execution, synchronize, train_step
+from cifarexp.training.models import build_model
+from cifarexp.training.optim import build_optimizer
 
 OPTIONS = distributed.DDP_OPTIONS
 STUDY = Execution()  # the study's step: fp32, eager

@@ -1,5 +1,5 @@
 """How fast can an epoch be? The bare loop, cifarexp's standard path, its fast path and the
-card's floor, alternated in rounds in one process (README: "How fast is an epoch?").
+card's floor, alternated in rounds in one process (docs/results.md: "How fast is an epoch?").
 
 One card, synthetic CIFAR-shaped images (the same for every path), batch 128:
 
@@ -41,10 +41,10 @@ import torch
 from overhead import bare_epoch, ratios_line  # the same bare loop as benchmarks/overhead.py
 from torch import nn
 
-from cifarexp import tracking
-from cifarexp.build import build_training
 from cifarexp.config import TrainConfig
-from cifarexp.engine import synchronize
+from cifarexp.tracking import Tracker
+from cifarexp.training.build import build_training
+from cifarexp.training.engine import synchronize
 
 Epoch = Callable[[], tuple[float, float | None]]  # one epoch: (seconds, train accuracy)
 
@@ -67,14 +67,14 @@ def bare_path(cfg: TrainConfig) -> Path:
     return Path(f"(a) bare loop, {cfg.workers} workers", lambda: bare_epoch(training))
 
 
-def cifarexp_path(name: str, cfg: TrainConfig) -> Path:
+def cifarexp_path(name: str, cfg: TrainConfig, tracker: Tracker) -> Path:
     """(b), (c), (e): cifarexp's engine with its warm-up, each epoch logged to the store."""
     training = build_training(cfg)
     warmup_s = training.warm_up()
 
     def epoch() -> tuple[float, float]:
         start = time.perf_counter()
-        (result,) = training.train(tracking.log_epoch, epochs=1)
+        (result,) = training.train(tracker.log_epoch, epochs=1)
         return time.perf_counter() - start, result.train_acc
 
     return Path(name, epoch, warmup_s)
@@ -183,18 +183,20 @@ def main() -> None:
     )
     fast, compiled = fast_settings(device), fast_settings(device, "reduce-overhead")
     with tempfile.TemporaryDirectory() as store:
-        tracking.use_store(f"sqlite:///{store}/mlflow.db")
+        tracker = Tracker.open(f"sqlite:///{store}/mlflow.db")
         # A training run, as `cifarexp time` starts it: MLflow's system-metrics sampler on.
-        with tracking.start_run("benchmark", params=cfg.as_params(), training=True):
+        with tracker.start_run("benchmark", params=cfg.as_params(), training=True):
             builders: dict[str, Callable[[], Path]] = {
                 "a": lambda: bare_path(cfg),
-                "b": lambda: cifarexp_path(f"(b) cifarexp standard, {args.workers} workers", cfg),
+                "b": lambda: cifarexp_path(
+                    f"(b) cifarexp standard, {args.workers} workers", cfg, tracker
+                ),
                 "c": lambda: cifarexp_path(
-                    f"(c) cifarexp fast: {described(fast)}", cfg.replace(**fast)
+                    f"(c) cifarexp fast: {described(fast)}", cfg.replace(**fast), tracker
                 ),
                 "d": lambda: floor_path(cfg.replace(**fast)),
                 "e": lambda: cifarexp_path(
-                    f"(e) cifarexp fast: {described(compiled)}", cfg.replace(**compiled)
+                    f"(e) cifarexp fast: {described(compiled)}", cfg.replace(**compiled), tracker
                 ),
             }
             wanted = [k for k in args.paths if k in builders]

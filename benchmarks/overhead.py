@@ -19,10 +19,10 @@ import time
 import torch
 from torch import nn
 
-from cifarexp import tracking
-from cifarexp.build import Training, build_training
 from cifarexp.config import TrainConfig
-from cifarexp.engine import synchronize, train_one_epoch
+from cifarexp.tracking import Tracker
+from cifarexp.training.build import Training, build_training
+from cifarexp.training.engine import synchronize, train_one_epoch
 
 
 def bare_epoch(training: Training) -> tuple[float, float]:
@@ -46,13 +46,13 @@ def bare_epoch(training: Training) -> tuple[float, float]:
     return time.perf_counter() - start, correct / seen
 
 
-def ours_epoch(training: Training, epoch: int) -> float:
+def ours_epoch(training: Training, epoch: int, tracker: Tracker) -> float:
     """One epoch of cifarexp's engine, logged as cifarexp logs it; its wall-clock seconds."""
     start = time.perf_counter()
     result = train_one_epoch(
         training.train_model, training.loader, training.optimizer, training.device, epoch=epoch
     )
-    tracking.log_epoch(result)
+    tracker.log_epoch(result)
     return time.perf_counter() - start
 
 
@@ -81,13 +81,13 @@ def main() -> None:
     bare_epoch(bare)  # warm-up both: cuDNN autotuning, the workers' first start
     bare_epoch(ours)
 
-    tracking.use_store(f"sqlite:///{tempfile.mkdtemp()}/mlflow.db")
+    tracker = Tracker.open(f"sqlite:///{tempfile.mkdtemp()}/mlflow.db")
     rows = []
     # As a training run: with MLflow's system-metrics sampler on, as cifarexp runs train.
-    with tracking.start_run("overhead-benchmark", params=cfg.as_params(), training=True):
+    with tracker.start_run("overhead-benchmark", params=cfg.as_params(), training=True):
         for epoch in range(1, args.rounds + 1):
             t_bare, _ = bare_epoch(bare)
-            t_ours = ours_epoch(ours, epoch)
+            t_ours = ours_epoch(ours, epoch, tracker)
             rows.append((epoch, t_bare, t_ours, t_ours / t_bare))
 
     device = ours.device

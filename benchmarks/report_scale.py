@@ -19,9 +19,10 @@ from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fake_runs import log_study  # noqa: E402  (beside this script)
+
 from analysis import report  # noqa: E402
-from cifarexp import tracking  # noqa: E402
-from tests.fake_runs import log_study  # noqa: E402
+from cifarexp.tracking import Tracker  # noqa: E402
 
 
 def count_runs(client: MlflowClient) -> int:
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,250,500", help="run counts to time at")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp())
-    uri = tracking.use_store(f"sqlite:///{folder}/mlflow.db")
+    uri = Tracker.open(f"sqlite:///{folder}/mlflow.db").uri
     client = MlflowClient(uri)
     print(f"{'runs':>6} {'report s':>9} {'s per 100 runs':>15}")
     for target in map(int, args.sizes.split(",")):

@@ -31,7 +31,7 @@ TIMINGS: tuple[str, ...] = get_args(Timing)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
 MODELS = ("resnet18",)
 # What a captured step can train: optimizers whose state, once made by a warm step and
-# zeroed, trains as a fresh one does, with no host-side step count (see engine.GraphedStep).
+# zeroed, trains as a fresh one does, with no host-side step count (see warmup.GraphedStep).
 GRAPHED_OPTIMIZERS = ("sgd", "nesterov")
 CHOICES = {  # the fields with a fixed set of values
     "dataset": DATASETS,
@@ -97,7 +97,7 @@ class TrainConfig:
     """Everything that defines a training run; every field is logged as an MLflow param."""
 
     # data
-    dataset: Dataset = "cifar10"  # see the README's "CIFAR-10 or synthetic data"
+    dataset: Dataset = "cifar10"  # see docs/data.md
     data_dir: str = "./data"
     train_size: int | None = None  # first N training images; None = the whole split
     test_size: int | None = None  # first N test images for eval; None = the whole split
@@ -121,7 +121,7 @@ class TrainConfig:
     eval: bool = False  # evaluate on the test split after each epoch, outside the timing
     max_batches: int | None = None  # stop each epoch after N batches (CPU estimates, C5)
     profile: bool = False  # after the timed epochs, profile a few steps (see profiling)
-    # the fast path (README: "The fast path")
+    # the fast path (docs/timing.md: "The fast path")
     loader: Loader = "torch"
     precision: Precision = "fp32"  # fp32 (PyTorch's defaults), tf32, or bf16 via autocast
     channels_last: bool = False  # NHWC memory order for the model and its inputs
@@ -129,7 +129,7 @@ class TrainConfig:
     cuda_graph: bool = False  # the whole step (forward, backward, SGD) as one CUDA graph
     timing: Timing = "sync"
     warmup: bool = True  # on CUDA: untimed steps before epoch 1 (state put back), warmup_s
-    # several processes (README: "Scaling out"; used only under torchrun)
+    # several processes (docs/scaling-out.md; used only under torchrun)
     scaling: Scaling = "weak"
 
     def __post_init__(self) -> None:

@@ -12,9 +12,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from cifarexp import processes, tracking
+from cifarexp import processes
 from cifarexp.cli import app
 from cifarexp.config import TrainConfig
+from cifarexp.tracking import Tracker
 
 # One tiny config shrunk from the defaults: CPU, a few synthetic images, no workers.
 TINY = TrainConfig(
@@ -95,17 +96,23 @@ def stop_handlers():
 @pytest.fixture
 def after_each_epoch(monkeypatch):
     """`after_each_epoch(action)`: from then on `action(result)` runs right after each epoch
-    has reached the store (tracking.log_epoch); `after_each_epoch(None)` stops it."""
-    log_epoch = tracking.log_epoch
+    has reached the store (Tracker.log_epoch); `after_each_epoch(None)` stops it."""
+    log_epoch = Tracker.log_epoch
 
     def install(action):
-        def log_then_act(result):
-            log_epoch(result)
+        def log_then_act(tracker, result):
+            log_epoch(tracker, result)
             action(result)
 
-        monkeypatch.setattr(tracking, "log_epoch", log_epoch if action is None else log_then_act)
+        monkeypatch.setattr(Tracker, "log_epoch", log_epoch if action is None else log_then_act)
 
     return install
+
+
+@pytest.fixture
+def tracker(store) -> Tracker:
+    """A tracker on the test's store, as a command's session opens one."""
+    return Tracker.open(store)
 
 
 @pytest.fixture

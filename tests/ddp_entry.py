@@ -9,9 +9,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cifarexp import engine, processes, runs, tracking
-from cifarexp.build import build_training
-from cifarexp.distributed import world_from_environment
+from cifarexp import processes
+from cifarexp.study import runs
+from cifarexp.study.catalogue import Labels
+from cifarexp.study.session import Session
+from cifarexp.tracking import Tracker
+from cifarexp.training import engine
+from cifarexp.training.build import build_training
+from cifarexp.training.distributed import world_from_environment
 from tests.conftest import TINY
 
 # One step of 8 images per epoch; the GPU loader's augmentation (on CPU tensors here) draws
@@ -56,9 +61,9 @@ def main(mode: str) -> None:
         return
     if mode == "crash" and world.rank == 1:
         engine.train_one_epoch = crash_in_epoch_2(engine.train_one_epoch)
-    tracking.use_store(None, world)
+    session = Session(Tracker.open(None, world), experiment="ddp")
     cfg = STRONG if mode == "strong" else CRASH
-    runs.run_training(cfg, runs.Labels("time", "C2"), experiment="ddp", world=world)
+    runs.run_training(cfg, Labels("time", "C2"), session)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def start(command: list[str], cwd: Path, name: str, env: dict[str, str] | None =
 # MLflow once (importing them takes seconds of CPU a process here): the same program from its
 # first line, its own session, working folder, environment and output.
 ROOT = Path(__file__).resolve().parents[1]
-PRELOAD = ["cifarexp.cli", "cifarexp.runs", "cifarexp.comparisons", "analysis.report"]
+PRELOAD = ["cifarexp.cli", "cifarexp.study.runs", "cifarexp.study.comparisons", "analysis.report"]
 _forkserver = multiprocessing.get_context("forkserver")
 _forkserver.set_forkserver_preload(PRELOAD)
 

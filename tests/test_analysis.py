@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from analysis import queries, report, tables
+from benchmarks.fake_runs import epoch, log_run, log_study
 from tests.conftest import one_message
-from tests.fake_runs import epoch, log_run, log_study
 
 
 @pytest.fixture

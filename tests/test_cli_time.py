@@ -2,7 +2,7 @@ from pathlib import Path
 
 import torch
 
-from cifarexp.build import Training
+from cifarexp.training.build import Training
 from tests.conftest import TINY_ARGS, all_runs
 
 METRICS = {"data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc", "images_per_s"}

@@ -6,8 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cifarexp import comparisons, runs
-from cifarexp.comparisons import auto_sweep
+from cifarexp.study import comparisons, runs
+from cifarexp.study.comparisons import auto_sweep
 from tests.conftest import TINY_ARGS, all_runs, without
 
 ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
@@ -130,11 +130,11 @@ def test_interrupted_sweep_resumes_reusing_finished_children(cli, client, monkey
     real = runs.run_training
     calls = []
 
-    def interrupt_second(cfg, labels, **kwargs):
+    def interrupt_second(cfg, labels, *args, **kwargs):
         calls.append(labels.variant)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(cfg, labels, **kwargs)
+        return real(cfg, labels, *args, **kwargs)
 
     monkeypatch.setattr(comparisons, "run_training", interrupt_second)
     args = [*without("--workers", ONE_EPOCH), "--workers", "0,1"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from cifarexp import tracking
+from cifarexp.tracking import store
 from tests.conftest import TINY_ARGS, all_runs, without
 from tests.processes import start_cifarexp
 
@@ -45,7 +45,7 @@ def test_two_processes_logging_to_one_sqlite_store_both_keep_every_metric(client
 def test_a_write_refused_by_a_locked_database_is_tried_again(cli, client, monkeypatch):
     # given: the store refuses the first epoch's metrics once, as SQLite does when another
     # process holds its lock past MLflow's busy timeout
-    log_metrics, refused = tracking.mlflow.log_metrics, []
+    log_metrics, refused = mlflow.log_metrics, []
 
     def locked_once(metrics, step=None):
         if step == 1 and not refused:
@@ -53,8 +53,8 @@ def test_a_write_refused_by_a_locked_database_is_tried_again(cli, client, monkey
             raise MlflowException("(sqlite3.OperationalError) database is locked")
         log_metrics(metrics, step=step)
 
-    monkeypatch.setattr(tracking.mlflow, "log_metrics", locked_once)
-    monkeypatch.setattr(tracking, "LOCKED_RETRY_DELAYS_S", (0.01,))
+    monkeypatch.setattr(mlflow, "log_metrics", locked_once)
+    monkeypatch.setattr(store, "LOCKED_RETRY_DELAYS_S", (0.01,))
 
     result = cli("time", *TINY_ARGS)
 
@@ -69,7 +69,7 @@ def test_a_dataset_another_process_inserted_meanwhile_is_found_on_a_second_try(
 ):
     # given: the store refuses the training set once, as SQLite does when another process
     # logging the same set to the same experiment inserted it between look-up and insert
-    log_input, refused, others = tracking.mlflow.log_input, [], []
+    log_input, refused, others = mlflow.log_input, [], []
 
     def inserted_meanwhile(dataset, context=None):
         if not refused:
@@ -84,8 +84,8 @@ def test_a_dataset_another_process_inserted_meanwhile_is_found_on_a_second_try(
             )
         log_input(dataset, context=context)
 
-    monkeypatch.setattr(tracking.mlflow, "log_input", inserted_meanwhile)
-    monkeypatch.setattr(tracking, "LOCKED_RETRY_DELAYS_S", (0.01,))
+    monkeypatch.setattr(mlflow, "log_input", inserted_meanwhile)
+    monkeypatch.setattr(store, "LOCKED_RETRY_DELAYS_S", (0.01,))
 
     result = cli("time", *TINY_ARGS)
 

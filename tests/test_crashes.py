@@ -12,9 +12,10 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from analysis import report
-from cifarexp import data, processes, tracking
-from cifarexp.build import Training
+from cifarexp import processes, tracking
 from cifarexp.config import CifarexpError
+from cifarexp.training import data
+from cifarexp.training.build import Training
 from tests.conftest import TINY_ARGS, all_runs, without
 from tests.processes import start_cifarexp
 
@@ -86,11 +87,11 @@ def test_a_stuck_dataloader_worker_fails_the_run_after_loader_timeout(cli, clien
     assert "DataLoader timed out after 0.3 seconds" in run.data.tags[tracking.ERROR]
 
 
-def test_our_error_wrapped_by_mlflow_mid_write_is_not_taken_for_a_failing_store(client):
+def test_our_error_wrapped_by_mlflow_mid_write_is_not_taken_for_a_failing_store(client, tracker):
     # Given an error of ours (e.g. torchrun's SIGTERM handler) raised inside an MLflow call,
     # which MLflow re-raises as an MlflowException from it,
     stopped = CifarexpError("stopped by torchrun")
-    with pytest.raises(CifarexpError) as raised, tracking.start_run("wrapped") as run_id:
+    with pytest.raises(CifarexpError) as raised, tracker.start_run("wrapped") as run_id:
         raise MlflowException("INTERNAL_ERROR") from stopped
     # then our error comes out, and the run ends FAILED with it as the error tag
     assert raised.value is stopped
@@ -100,7 +101,7 @@ def test_our_error_wrapped_by_mlflow_mid_write_is_not_taken_for_a_failing_store(
 
 
 def test_a_sigterm_while_a_failed_run_is_ended_waits_until_it_is_ended(
-    client, monkeypatch, stop_handlers
+    client, tracker, monkeypatch, stop_handlers
 ):
     # Given a rank under torchrun whose training failed, and torchrun's SIGTERM arriving
     # while the run is being ended (here: while its error tag is written),
@@ -112,7 +113,7 @@ def test_a_sigterm_while_a_failed_run_is_ended_waits_until_it_is_ended(
         return set_tag(*args, **kwargs)
 
     monkeypatch.setattr(mlflow, "set_tag", set_tag_meanwhile_sigterm)
-    with pytest.raises(processes.Stopped), tracking.start_run("ending") as run_id:
+    with pytest.raises(processes.Stopped), tracker.start_run("ending") as run_id:
         raise RuntimeError("rank 1 crashed")
     # then the run is ended FAILED with the crash as its error, and only then stopped
     run = client.get_run(run_id)

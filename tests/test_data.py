@@ -7,7 +7,7 @@ import torch
 from torchvision import datasets
 
 from cifarexp.config import CifarexpError
-from cifarexp.data import load_split, synthetic_arrays
+from cifarexp.training.data import load_split, synthetic_arrays
 from tests.conftest import TINY
 
 

@@ -14,9 +14,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cifarexp import processes, runs
-from cifarexp.distributed import COMM_BUDGET, Combiner, World
-from cifarexp.engine import EpochResult, Execution
+from cifarexp import processes
+from cifarexp.study import runs
+from cifarexp.study.catalogue import Labels
+from cifarexp.study.session import Session
+from cifarexp.tracking import Tracker
+from cifarexp.training.distributed import COMM_BUDGET, Combiner, World
+from cifarexp.training.engine import EpochResult, Execution
 from tests import ddp_entry
 from tests.conftest import TINY_ARGS, all_runs, without
 from tests.processes import (
@@ -87,7 +91,8 @@ def test_strong_scaling_on_two_ranks_matches_one_process_with_the_global_batch(c
     assert ddp.data.params["world_size"] == "2"
     assert ddp.data.params["scaling"] == "strong"
 
-    single = runs.run_training(ddp_entry.STRONG, runs.Labels("time", "C2"), experiment="one")
+    session = Session(Tracker.open(None), experiment="one")
+    single = runs.run_training(ddp_entry.STRONG, Labels("time", "C2"), session)
 
     # Epoch 1: the same weights on the same 8 augmented images. Epoch 2: after one step
     # whose gradient DDP averaged over the two halves, i.e. the mean over all 8.

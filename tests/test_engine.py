@@ -3,10 +3,10 @@ import math
 import torch
 
 from cifarexp.config import OPTIMIZERS
-from cifarexp.data import load_split, make_loader
-from cifarexp.engine import evaluate, train, train_one_epoch
-from cifarexp.models import build_model
-from cifarexp.optim import FACTORIES, build_optimizer
+from cifarexp.training.data import load_split, make_loader
+from cifarexp.training.engine import evaluate, train, train_one_epoch
+from cifarexp.training.models import build_model
+from cifarexp.training.optim import FACTORIES, build_optimizer
 from tests.conftest import TINY
 
 CPU = torch.device("cpu")

@@ -12,9 +12,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 
-from cifarexp import fastpath
 from cifarexp.config import ConfigError, TrainConfig
-from cifarexp.data import (
+from cifarexp.training import fastpath
+from cifarexp.training.data import (
     MEAN,
     STD,
     ImageArrayDataset,
@@ -22,18 +22,17 @@ from cifarexp.data import (
     synthetic_arrays,
     train_transform,
 )
-from cifarexp.engine import (
+from cifarexp.training.engine import (
     EpochResult,
     Execution,
-    GraphedStep,
     train,
     train_one_epoch,
     train_step,
-    warm_up,
 )
-from cifarexp.gpu_loader import GpuLoader, crop_flip_normalize, normalization, pad_images
-from cifarexp.models import build_model
-from cifarexp.optim import build_optimizer
+from cifarexp.training.gpu_loader import GpuLoader, crop_flip_normalize, normalization, pad_images
+from cifarexp.training.models import build_model
+from cifarexp.training.optim import build_optimizer
+from cifarexp.training.warmup import GraphedStep, warm_up
 from tests.conftest import TINY, TINY_ARGS, all_runs, one_message
 
 CPU = torch.device("cpu")
@@ -372,7 +371,7 @@ def test_on_cuda_an_events_epoch_never_waits_for_the_device_before_its_end(
         torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize(device)
 
-    monkeypatch.setattr("cifarexp.engine.synchronize", allow_then_synchronize)
+    monkeypatch.setattr("cifarexp.training.engine.synchronize", allow_then_synchronize)
     torch.cuda.set_sync_debug_mode("error")
     try:
         [result] = train(

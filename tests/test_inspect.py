@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifarexp.anatomy import (
+from cifarexp.training.anatomy import (
     MAIN_PATH,
     SHORTCUT,
     STEM,
@@ -18,7 +18,7 @@ from cifarexp.anatomy import (
     optimizer_anatomy,
     parameter_counts,
 )
-from cifarexp.models import build_model
+from cifarexp.training.models import build_model
 from tests.conftest import all_runs
 
 BATCH = 2  # the counts do not depend on the batch; a small one keeps backward fast on CPU

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifarexp.models import build_model
+from cifarexp.training.models import build_model
 
 
 def expected_parameters(batch_norm: bool) -> int:

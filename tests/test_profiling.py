@@ -10,10 +10,17 @@ import pytest
 import torch
 from torchvision import transforms
 
-from cifarexp import build, data, engine, profiling, tracking
-from cifarexp.profiling import ACTIVE_STEPS, INPUT_BOUND_SHARE, WARMUP_STEPS, step_split, verdict
+from benchmarks.fake_runs import log_run
+from cifarexp import tracking
+from cifarexp.training import build, data, engine, profiling
+from cifarexp.training.profiling import (
+    ACTIVE_STEPS,
+    INPUT_BOUND_SHARE,
+    WARMUP_STEPS,
+    step_split,
+    verdict,
+)
 from tests.conftest import TINY, all_runs
-from tests.fake_runs import log_run
 
 
 def args(images: int = 4, epochs: int = 2) -> list[str]:

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from cifarexp.models import BasicBlock
-from cifarexp.optim import build_optimizer
+from cifarexp.training.models import BasicBlock
+from cifarexp.training.optim import build_optimizer
 
 STEM, MAIN_PATH, SHORTCUT = "stem", "main path of the blocks", "shortcut projections"
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cifarexp.data import MEAN, STD, ImageArrayDataset
+from cifarexp.training.data import MEAN, STD, ImageArrayDataset
 
 PADDING = 4
 SIZE = 32  # crop size: CIFAR's own

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cifarexp.config import TrainConfig
-from cifarexp.engine import Execution
+from cifarexp.training.engine import Execution
 
 # Dense (no sparsity) peak FLOP/s by math mode, from NVIDIA's datasheets. Matched against the
 # lower-cased device name, first match first: the PCIe and NVL cards before the SXM ones.

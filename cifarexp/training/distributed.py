@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from cifarexp.config import ConfigError, TrainConfig
-from cifarexp.engine import (
+from cifarexp.processes import LAUNCH_VARIABLES, launched
+from cifarexp.training.engine import (
     Batch,
     EpochResult,
     Execution,
@@ -36,7 +37,6 @@ from cifarexp.engine import (
     resolve_device,
     synchronize,
 )
-from cifarexp.processes import LAUNCH_VARIABLES, launched
 
 # A collective that waits longer than this fails the run instead of hanging it (a crashed or
 # stuck rank); well above one epoch's longest step, evaluation included.

@@ -28,10 +28,10 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from analysis.report import Section
-    from cifarexp.anatomy import Count
-    from cifarexp.engine import EpochResult
-    from cifarexp.inspection import Inspection
-    from cifarexp.profiling import Profile
+    from cifarexp.study.inspection import Inspection
+    from cifarexp.training.anatomy import Count
+    from cifarexp.training.engine import EpochResult
+    from cifarexp.training.profiling import Profile
 
 console = Console()
 err_console = Console(stderr=True)
@@ -113,7 +113,7 @@ class EpochProgress:
     def on_profile(self, profile: Profile) -> None:
         """The profile's top operators and kernels, its split and, for a comparison's
         variant, its verdict (a `time` run's answer ends with it)."""
-        from cifarexp.profiling import ACTIVE_STEPS, split_text
+        from cifarexp.training.profiling import ACTIVE_STEPS, split_text
 
         steps = f"{ACTIVE_STEPS} recorded steps of {profile.step_ms:.1f} ms"
         title = f"{self._prefix()}profile: {steps}"
@@ -205,7 +205,7 @@ def print_where(run_id: str | None) -> None:
 
 def print_section(section: Section) -> None:
     """A section's tables and text, and the run they are logged on."""
-    from analysis.report import TITLES
+    from cifarexp.study.catalogue import TITLES
 
     for note in section.notes:
         console.print(note, style="bold yellow", highlight=False)

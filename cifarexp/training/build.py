@@ -15,25 +15,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cifarexp import distributed, fastpath
 from cifarexp.config import TrainConfig
-from cifarexp.data import ImageArrayDataset, load_split, make_loader
-from cifarexp.distributed import Combiner, World
-from cifarexp.engine import (
+from cifarexp.training import distributed, fastpath
+from cifarexp.training.data import ImageArrayDataset, load_split, make_loader
+from cifarexp.training.distributed import Combiner, World
+from cifarexp.training.engine import (
     Batch,
     EpochResult,
     Execution,
-    GraphedStep,
     OnBatch,
     Step,
     batches_per_epoch,
     train,
     train_step,
-    warm_up,
 )
-from cifarexp.gpu_loader import GpuLoader
-from cifarexp.models import build_model
-from cifarexp.optim import build_optimizer
+from cifarexp.training.gpu_loader import GpuLoader
+from cifarexp.training.models import build_model
+from cifarexp.training.optim import build_optimizer
+from cifarexp.training.warmup import GraphedStep, warm_up
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ class Training:
         return fastpath.warmup_batch_sizes(images, self.batch_size, self.cfg.max_batches)
 
     def warm_up(self) -> float | None:
-        """On CUDA (unless cfg.warmup is off), `engine.warm_up` of what this run trains, for
+        """On CUDA (unless cfg.warmup is off), `warmup.warm_up` of what this run trains, for
         the batch sizes its epochs will see: the seconds it took; None where none runs."""
         if self.device.type != "cuda" or not self.cfg.warmup:
             return None

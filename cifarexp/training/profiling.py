@@ -1,5 +1,5 @@
 """`--profile`: after the timed epochs, never inside them, a short window of the same run's
-training steps under torch.profiler, and what it says about them, logged on the run.
+training steps under torch.profiler, and what it says about them, for the run to log.
 
 The window trains WARMUP_STEPS then ACTIVE_STEPS more batches through `engine.train_one_epoch`
 (the run's loader, model, optimizer and execution settings: the study's path or the fast
@@ -16,7 +16,6 @@ import itertools
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,10 +26,9 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, record_function
 
-from cifarexp import tracking
-from cifarexp.build import Training
 from cifarexp.config import GRAPHED_OPTIMIZERS, TrainConfig, flag
-from cifarexp.engine import Batch, compiled_shapes_only, train_one_epoch
+from cifarexp.training.build import Training
+from cifarexp.training.engine import Batch, compiled_shapes_only, train_one_epoch
 
 WARMUP_STEPS = 2  # run, not recorded: the loader's workers start again, the step settles
 ACTIVE_STEPS = 5  # recorded: a few MB of trace on a GPU, a few seconds on a CPU
@@ -74,43 +72,48 @@ class Profile:
     summary: pd.DataFrame  # the top operators and kernels
     verdict: str
     step_ms: float  # the mean recorded step
-    profile_s: float  # what the profile cost the run, its logging included
+    profile_s: float  # what the profile cost the run (its logging not included)
+
+    def metrics(self) -> dict[str, float]:
+        """The step's split (`profile_<part>_share`) and the profile's cost (`profile_s`)."""
+        return {f"profile_{part}_share": share for part, share in self.split.items()} | {
+            "profile_s": self.profile_s
+        }
+
+    def description(self) -> str:
+        """The profile as a paragraph of the run's description (markdown)."""
+        return (
+            f"**Profile** ({ACTIVE_STEPS} steps after the last epoch, {self.step_ms:.1f} ms "
+            f"each): {self.verdict}. Split: {split_text(self.split)}. Trace: `{TRACE}` (opens "
+            f"in ui.perfetto.dev); top operators and kernels: `{SUMMARY}`."
+        )
 
 
-def profile_training(training: Training) -> Profile | None:
-    """Profile a window of `training`'s steps after its epochs and log it on the active run:
-    the trace and the summary table (artifacts), the split (`profile_<part>_share`), its
-    cost (`profile_s`), the verdict (tag and description). Every process of a torchrun job
-    trains the window (its all-reduces need them all); only the one that writes analyses
-    it, and returns the Profile (the others None)."""
+def profile_training(
+    training: Training, folder: Path, best: tuple[int, str] | None = None
+) -> Profile | None:
+    """Profile a window of `training`'s steps after its epochs: the trace is written into
+    `folder` (TRACE); the rest is returned, for the run to log. `best` is the latest C3
+    sweep's best worker count on this device type and its run id, for the verdict's advice.
+    Every process of a torchrun job trains the window (its all-reduces need them all); only
+    the one that writes analyses it, and gets the Profile (the others None)."""
     start = time.perf_counter()
     device_type = training.device.type
-    with tempfile.TemporaryDirectory() as folder:
-        trace = Path(folder) / TRACE
-        writes = training.world.writes
-        averages = _record(training, trace if writes else None)
-        if not writes:
-            return None
-        with gzip.open(trace, "rt") as file:
-            events = json.load(file)["traceEvents"]
-        if device_type == "cuda" and not any(e.get("cat") == "kernel" for e in events):
-            log.warning("the profile's trace holds no GPU kernel (CUPTI unavailable?): its split "
-                        "counts the GPU as idle")  # fmt: skip
-        split, window_us = step_split(events, device_type, comm=training.world.world_size > 1)
-        tracking.log_artifacts(Path(folder))
+    trace = folder / TRACE
+    writes = training.world.writes
+    averages = _record(training, trace if writes else None)
+    if not writes:
+        return None
+    with gzip.open(trace, "rt") as file:
+        events = json.load(file)["traceEvents"]
+    if device_type == "cuda" and not any(e.get("cat") == "kernel" for e in events):
+        log.warning("the profile's trace holds no GPU kernel (CUPTI unavailable?): its split "
+                    "counts the GPU as idle")  # fmt: skip
+    split, window_us = step_split(events, device_type, comm=training.world.world_size > 1)
     summary = top_operators(averages, window_us)
-    sweep = tracking.latest_sweep(device_type, training.cfg.dataset)
-    best = None if sweep is None else (int(sweep["metrics.best_workers"]), str(sweep["run_id"]))
     text = verdict(split, training.cfg, device_type, best, training.world.world_size)
     step_ms = window_us / ACTIVE_STEPS / 1000
-    tracking.log_table(summary, SUMMARY.removesuffix(".csv"))
-    tracking.set_tags({tracking.VERDICT: text})
-    tracking.append_description(description(split, text, step_ms))
-    profile_s = time.perf_counter() - start
-    tracking.log_metrics(
-        {f"profile_{part}_share": share for part, share in split.items()} | {"profile_s": profile_s}
-    )
-    return Profile(split, summary, text, step_ms, profile_s)
+    return Profile(split, summary, text, step_ms, time.perf_counter() - start)
 
 
 def _record(training: Training, trace: Path | None) -> torch.autograd.profiler_util.EventList:
@@ -324,12 +327,3 @@ def _try(**settings: object) -> str:
 def split_text(split: Mapping[str, float]) -> str:
     """The split in words: "data wait 58%, host, device idle 10%, ..." in PARTS' order."""
     return ", ".join(f"{PART_NAMES[p]} {split[p]:.0%}" for p in PARTS if p in split)
-
-
-def description(split: Mapping[str, float], text: str, step_ms: float) -> str:
-    """The profile as a paragraph of the run's description (markdown)."""
-    return (
-        f"**Profile** ({ACTIVE_STEPS} steps after the last epoch, {step_ms:.1f} ms each): {text}. "
-        f"Split: {split_text(split)}. Trace: `{TRACE}` (opens in ui.perfetto.dev); top "
-        f"operators and kernels: `{SUMMARY}`."
-    )

@@ -1,8 +1,7 @@
 """The study's comparisons (C3-C7): each a parent MLflow run with one child run per variant.
 
-Each command builds configs and runs its variants as children of an open parent; then its
-answer (tables, plots, text, headline metrics), built from the store by the `summarize`
-it is given (the analysis package's), is logged on the parent and returned.
+Each command builds configs, runs its variants as children of an open parent, and returns
+the parent's run id; the layer above builds the answer from the store and logs it there.
 """
 
 from __future__ import annotations
@@ -15,21 +14,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cifarexp import distributed, tracking
+from cifarexp import tracking
 from cifarexp.config import WORKERS_TOLERANCE, CifarexpError, ConfigError, TrainConfig
-from cifarexp.data import cpu_count
-from cifarexp.engine import resolve_device
-from cifarexp.runs import (
-    A,
-    Labels,
-    Progress,
-    Summarize,
-    description,
-    environment_tags,
-    experiment_about,
-    run_processes,
-    run_training,
-)
+from cifarexp.study.catalogue import Labels
+from cifarexp.study.launch import run_processes
+from cifarexp.study.runs import environment_tags, run_training
+from cifarexp.study.session import Session
+from cifarexp.tracking import Tracker
+from cifarexp.tracking.lifecycle import owner_tag
+from cifarexp.tracking.names import SETTINGS
+from cifarexp.tracking.queries import settings_digest, unfinished
+from cifarexp.training import distributed
+from cifarexp.training.data import cpu_count
+from cifarexp.training.engine import resolve_device
 
 WORKERS_STEP = 4
 log = logging.getLogger(__name__)
@@ -38,14 +35,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class Comparison:
     """An open parent run that runs variants as its children (recorded in `variants` as they
-    run), then logs its answer."""
+    run, and on the parent once they all have)."""
 
     labels: Labels
-    experiment: str
+    session: Session
     parent_id: str
-    progress: Progress | None
     reused: dict[str, str]  # variant -> finished child of a resumed run
-    params: dict[str, object]  # the parent's: what the children share, what varies
     variants: list[str] = field(default_factory=list)  # those run (or reused), in order
 
     def run(self, variant: str, cfg: TrainConfig, nproc: int = 1) -> str:
@@ -57,42 +52,14 @@ class Comparison:
             return self.reused[variant]
         labels = Labels(self.labels.command, self.labels.exercise, variant)
         if nproc == 1:
-            run = run_training(
-                cfg,
-                labels,
-                experiment=self.experiment,
-                run_name=variant,
-                parent=self.parent_id,
-                progress=self.progress,
-            )
+            run = run_training(cfg, labels, self.session, run_name=variant, parent=self.parent_id)
             return run.run_id
-        quiet = self.progress is None
-        run_processes(cfg, labels, nproc, parent=self.parent_id, quiet=quiet)
+        run_processes(cfg, labels, nproc, self.session, parent=self.parent_id)
         children = tracking.finished_children(self.parent_id)
         found = children[children[f"tags.{tracking.VARIANT}"] == variant]
         if found.empty:
             raise CifarexpError(f"{variant}: its processes ended without a finished run")
         return str(found["run_id"].iloc[0])
-
-    def finish(self, summarize: Summarize[A]) -> A:
-        """The answer, built from the store once every variant has run, logged on the
-        parent: its tables, plots, text, headline metrics and tags, and a description (the
-        question, the answer, the settings). The parent records the variants it ran, so
-        that one whose run is missing later is seen."""
-        tracking.set_tags({tracking.VARIANTS: ",".join(self.variants)})
-        answer = summarize(self.labels.exercise, self.parent_id)
-        for name, table in answer.tables.items():
-            tracking.log_table(table, name)
-        for name, figure in answer.figures.items():
-            tracking.log_figure(figure, f"{name}.png")
-        if answer.text or answer.notes:
-            tracking.log_text("\n\n".join([*answer.notes, answer.text]).strip(), "notes.md")
-        tracking.log_metrics(answer.metrics())
-        tracking.set_tags(answer.tags())
-        tracking.describe(
-            self.parent_id, description(self.labels.exercise, answer.answer, self.params)
-        )
-        return answer
 
 
 @contextmanager
@@ -100,32 +67,32 @@ def comparison(
     labels: Labels,
     base: TrainConfig,
     options: dict[str, object],
+    session: Session,
     *,
-    experiment: str,
     varies: tuple[str, ...],
-    resume: bool = False,
-    progress: Progress | None = None,
 ) -> Iterator[Comparison]:
-    """Open the parent run (or, with `resume`, reopen the unfinished one with the same
-    settings) and yield a Comparison to run the variants in and `finish`. The parent's
-    params are `base`'s less the fields its variants vary, and `options` (which say over
-    what they vary)."""
+    """Open the parent run (or, with the session's `resume`, reopen the unfinished one with
+    the same settings) and yield a Comparison to run the variants in; the parent records the
+    variants it ran, so that one whose run is missing later is seen. The parent's params are
+    `base`'s less the fields its variants vary, and `options` (which say over what they
+    vary)."""
+    tracker = session.tracker
     device = resolve_device(base.device)
     shared = {k: v for k, v in base.as_params().items() if k not in varies}
     params = {**shared, **{k: "all" if v is None else v for k, v in options.items()}}
-    previous = tracking.unfinished(labels.exercise, params) if resume else None
-    if resume and previous is None:
+    previous = unfinished(labels.exercise, params) if session.resume else None
+    if session.resume and previous is None:
         log.warning("Nothing to resume: no unfinished run with these settings.")
     reopen = None if previous is None else previous["run_id"]
     tags = {
         **labels.tags(), tracking.DATASET: base.dataset, **environment_tags(device),
         tracking.DEVICE: str(options.get("devices", device.type)),
-        tracking.SETTINGS: tracking.settings_digest(params), **tracking.owner_tag(),
+        SETTINGS: settings_digest(params), **owner_tag(),
     }  # fmt: skip
     name = labels.run_name(base.dataset, str(options.get("devices", device.type)))
-    with tracking.start_run(
-        experiment, run_name=name, tags=tags, params=params, reopen=reopen,
-        about=experiment_about(labels),
+    with tracker.start_run(
+        session.experiment_of(labels.command), run_name=name, tags=tags, params=params,
+        reopen=reopen, about=labels.about(),
     ) as parent_id:  # fmt: skip
         reused = {}
         if reopen is not None:
@@ -133,7 +100,9 @@ def comparison(
             reused = dict(
                 zip(children[f"tags.{tracking.VARIANT}"], children["run_id"], strict=True)
             )
-        yield Comparison(labels, experiment, parent_id, progress, reused, params)
+        comp = Comparison(labels, session, parent_id, reused)
+        yield comp
+        tracker.set_tags({tracking.VARIANTS: ",".join(comp.variants)})
 
 
 # ---------------------------------------------------------------- C3, C4: sweep-workers
@@ -145,28 +114,19 @@ def max_workers() -> int:
 
 
 def sweep_workers(
-    base: TrainConfig,
-    workers: list[int] | None,
-    *,
-    summarize: Summarize[A],
-    gpu_loader: bool = False,
-    experiment: str,
-    resume: bool = False,
-    progress: Progress | None = None,
-) -> A:
-    """C3/C4: one child per worker count. Without a list: 1 (for C4), then 0, 4, 8, ...
-    until data-loading time stops falling by more than WORKERS_TOLERANCE. With
-    `gpu_loader`, a last child with the data kept on the device: what no count can reach."""
+    base: TrainConfig, workers: list[int] | None, session: Session, *, gpu_loader: bool = False
+) -> str:
+    """C3/C4: one child per worker count; the parent's run id. Without a list: 1 (for C4),
+    then 0, 4, 8, ... until data-loading time stops falling by more than WORKERS_TOLERANCE.
+    With `gpu_loader`, a last child with the data kept on the device: what no count can
+    reach."""
     options = {
         "workers_list": ",".join(map(str, workers)) if workers else "auto",
         "gpu_loader": gpu_loader,
     }
     labels = Labels("sweep-workers", "C3")
     varies = ("workers", "persistent_workers") + (("loader",) if gpu_loader else ())
-    with comparison(
-        labels, base, options, experiment=experiment, varies=varies, resume=resume,
-        progress=progress,
-    ) as comp:  # fmt: skip
+    with comparison(labels, base, options, session, varies=varies) as comp:
 
         def run_count(n: int) -> float:  # persistent workers mean nothing with 0 workers
             cfg = base.replace(workers=n, persistent_workers=base.persistent_workers and n > 0)
@@ -178,7 +138,7 @@ def sweep_workers(
             auto_sweep(run_count, max_workers())
         if gpu_loader:
             comp.run("loader=gpu", base.replace(loader="gpu", workers=0, persistent_workers=False))
-        return comp.finish(summarize)
+    return comp.parent_id
 
 
 def auto_sweep(measure: Callable[[int], float], limit: int) -> list[int]:
@@ -198,10 +158,10 @@ def _data_time(run_id: str) -> float:
     return float(tracking.metric_history(run_id, ["data_time_s"])["data_time_s"].mean())
 
 
-def resolve_best_workers(device: str, dataset: str) -> int:
+def resolve_best_workers(tracker: Tracker, device: str, dataset: str) -> int:
     """workers "best": best_workers of the newest finished sweep for this device type and
-    dataset, that sweep's run id tagged on the runs started from now on; a clear error
-    when there is none."""
+    dataset, that sweep's run id tagged on the runs `tracker` starts from now on; a clear
+    error when there is none."""
     device_type = resolve_device(device).type
     sweep = tracking.latest_sweep(device_type, dataset)
     if sweep is None:
@@ -212,7 +172,7 @@ def resolve_best_workers(device: str, dataset: str) -> int:
         )
     best = int(sweep["metrics.best_workers"])
     log.info(f"workers best = {best}, from sweep-workers run {sweep['run_id']}")
-    tracking.tag_later_runs({tracking.WORKERS_FROM: sweep["run_id"]})
+    tracker.tag_later_runs({tracking.WORKERS_FROM: sweep["run_id"]})
     return best
 
 
@@ -224,37 +184,24 @@ def _compare(
     base: TrainConfig,
     variants: dict[str, TrainConfig],
     options: dict[str, object],
-    *,
-    summarize: Summarize[A],
-    experiment: str,
-    resume: bool,
-    progress: Progress | None,
-) -> A:
-    """One child per variant; the parent's params leave out the fields they differ in."""
+    session: Session,
+) -> str:
+    """One child per variant; the parent's params leave out the fields they differ in. The
+    parent's run id."""
     varies = tuple(
         k
         for k, v in base.as_params().items()
         if any(cfg.as_params()[k] != v for cfg in variants.values())
     )
-    with comparison(
-        labels, base, options, experiment=experiment, varies=varies, resume=resume,
-        progress=progress,
-    ) as comp:  # fmt: skip
+    with comparison(labels, base, options, session, varies=varies) as comp:
         for variant, cfg in variants.items():
             comp.run(variant, cfg)
-        return comp.finish(summarize)
+    return comp.parent_id
 
 
 def compare_device(
-    base: TrainConfig,
-    devices: list[str],
-    *,
-    summarize: Summarize[A],
-    cpu_batches: int | None = None,
-    experiment: str,
-    resume: bool = False,
-    progress: Progress | None = None,
-) -> A:
+    base: TrainConfig, devices: list[str], session: Session, *, cpu_batches: int | None = None
+) -> str:
     """C5: the same training on each device; on CPU optionally only the first `cpu_batches`
     batches per epoch, the epoch time then estimated from their throughput."""
     for device in devices:
@@ -264,24 +211,18 @@ def compare_device(
         for d in devices
     }
     options = {"devices": ",".join(devices), "cpu_batches": cpu_batches}
-    return _compare(
-        Labels("compare-device", "C5"), base, variants, options, summarize=summarize,
-        experiment=experiment, resume=resume, progress=progress,
-    )  # fmt: skip
+    return _compare(Labels("compare-device", "C5"), base, variants, options, session)
 
 
 def compare_gpus(
     base: TrainConfig,
     gpus: list[int],
     scalings: list[str],
+    session: Session,
     *,
-    summarize: Summarize[A],
     device: str = "cuda",
     cpu_batches: int | None = None,
-    experiment: str,
-    resume: bool = False,
-    progress: Progress | None = None,
-) -> A:
+) -> str:
     """C5 extended: the same training on 1 GPU, then data-parallel on each other count in
     `gpus`, one torchrun process per GPU, in each scaling mode (weak: batch_size per GPU,
     strong: in total). With device cpu the counts are CPU processes (gloo) and `cpu_batches`
@@ -308,49 +249,26 @@ def compare_gpus(
         "cpu_batches": cpu_batches,
     }
     labels = Labels("compare-device", "C5-scaling")
-    with comparison(
-        labels, base, options, experiment=experiment, varies=("scaling",), resume=resume,
-        progress=progress,
-    ) as comp:  # fmt: skip
+    with comparison(labels, base, options, session, varies=("scaling",)) as comp:
         comp.run("gpus=1", base)  # the baseline: one process, no DDP
         for scaling in scalings:
             for n in sorted(set(gpus) - {1}):
                 comp.run(f"gpus={n},scaling={scaling}", base.replace(scaling=scaling), n)
-        return comp.finish(summarize)
+    return comp.parent_id
 
 
-def compare_optim(
-    base: TrainConfig,
-    optimizers: list[str],
-    *,
-    summarize: Summarize[A],
-    experiment: str,
-    resume: bool = False,
-    progress: Progress | None = None,
-) -> A:
-    """C6: the same training with each optimizer."""
+def compare_optim(base: TrainConfig, optimizers: list[str], session: Session) -> str:
+    """C6: the same training with each optimizer; the parent's run id."""
     variants = {f"optimizer={name}": base.replace(optimizer=name) for name in optimizers}
-    return _compare(
-        Labels("compare-optim", "C6"), base, variants, {"optimizers": ",".join(optimizers)},
-        summarize=summarize, experiment=experiment, resume=resume, progress=progress,
-    )  # fmt: skip
+    options = {"optimizers": ",".join(optimizers)}
+    return _compare(Labels("compare-optim", "C6"), base, variants, options, session)
 
 
-def no_bn(
-    base: TrainConfig,
-    *,
-    summarize: Summarize[A],
-    baseline: bool = True,
-    experiment: str,
-    resume: bool = False,
-    progress: Progress | None = None,
-) -> A:
-    """C7: the model without BatchNorm and, unless baseline=False, the BN model."""
+def no_bn(base: TrainConfig, session: Session, *, baseline: bool = True) -> str:
+    """C7: the model without BatchNorm and, unless baseline=False, the BN model; the
+    parent's run id."""
     variants = {"model=no-bn": base.replace(batch_norm=False)}
     if baseline:
         variants["model=bn"] = base.replace(batch_norm=True)
-    return _compare(
-        Labels("no-bn", "C7"), base, variants,
-        {"models": ",".join(v.removeprefix("model=") for v in variants)}, summarize=summarize,
-        experiment=experiment, resume=resume, progress=progress,
-    )  # fmt: skip
+    options = {"models": ",".join(v.removeprefix("model=") for v in variants)}
+    return _compare(Labels("no-bn", "C7"), base, variants, options, session)

@@ -1,5 +1,6 @@
 """The command line's options, declared once: each an `Annotated` alias that the commands of
-`cli` list in their own signatures (`config.flag` turns a config field into its flag).
+`cli` list in their own signatures; `Sets` marks those that set a config field
+(`config.flag` turns a field back into its flag).
 
 Importing this module loads typer and the config's choices only, so that `--help` answers
 at once.
@@ -7,6 +8,7 @@ at once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -31,6 +33,13 @@ FAST = "Fast path (GPU)"
 SCALE = "Several processes (torchrun)"
 
 
+@dataclass(frozen=True)
+class Sets:
+    """Marks an option as setting this field of the TrainConfig (see `cli.training_config`)."""
+
+    field: str
+
+
 def _option(help: str, panel: str, *names: str, **settings: object) -> typer.models.OptionInfo:
     return typer.Option(*names, help=help, rich_help_panel=panel, **settings)
 
@@ -50,18 +59,29 @@ Workers = Annotated[
         "sweep-workers run for this device and dataset.",
         DATA,
     ),
+    Sets("workers"),
 ]
 DatasetName = Annotated[
     Dataset,
     _option("cifar10, or synthetic: CIFAR-shaped, learnable, made locally.", DATA, "--dataset"),
+    Sets("dataset"),
 ]
-DataDir = Annotated[str, _option("Where CIFAR-10 is (downloaded when absent).", DATA)]
-TrainSize = Annotated[int | None, _option("Train on the first N images only.", DATA)]
-TestSize = Annotated[int | None, _option("Evaluate on the first N test images only.", DATA)]
-PinMemory = Annotated[bool, _option("DataLoader pin_memory.", DATA, envvar=_env("pin_memory"))]
+DataDir = Annotated[
+    str, _option("Where CIFAR-10 is (downloaded when absent).", DATA), Sets("data_dir")
+]
+TrainSize = Annotated[
+    int | None, _option("Train on the first N images only.", DATA), Sets("train_size")
+]
+TestSize = Annotated[
+    int | None, _option("Evaluate on the first N test images only.", DATA), Sets("test_size")
+]
+PinMemory = Annotated[
+    bool, _option("DataLoader pin_memory.", DATA, envvar=_env("pin_memory")), Sets("pin_memory")
+]
 PersistentWorkers = Annotated[
     bool,
     _option("Keep DataLoader workers between epochs.", DATA, envvar=_env("persistent_workers")),
+    Sets("persistent_workers"),
 ]
 LoaderTimeout = Annotated[
     float,
@@ -70,6 +90,7 @@ LoaderTimeout = Annotated[
         "(a stuck worker); 0 waits forever.",
         DATA,
     ),
+    Sets("loader_timeout"),
 ]
 Warmup = Annotated[
     bool,
@@ -80,17 +101,24 @@ Warmup = Annotated[
         TRAINING,
         envvar=_env("warmup"),
     ),
+    Sets("warmup"),
 ]
-Eval = Annotated[bool, _option("Evaluate on the test split after each epoch (not timed).", DATA)]
+Eval = Annotated[
+    bool, _option("Evaluate on the test split after each epoch (not timed).", DATA), Sets("eval")
+]
 
 # ---------------------------------------------------------------- training
 
-Epochs = Annotated[int, _option("Epochs to train (the study: 5).", TRAINING)]
+Epochs = Annotated[int, _option("Epochs to train (the study: 5).", TRAINING), Sets("epochs")]
 OptimizerName = Annotated[
-    Optimizer, _option("The optimizer (C6 compares all five).", TRAINING, "--optimizer")
+    Optimizer,
+    _option("The optimizer (C6 compares all five).", TRAINING, "--optimizer"),
+    Sets("optimizer"),
 ]
-Device = Annotated[str, _option("auto (CUDA when present), cpu, cuda or cuda:N.", TRAINING)]
-BatchSize = Annotated[int, _option("Mini-batch size.", TRAINING)]
+Device = Annotated[
+    str, _option("auto (CUDA when present), cpu, cuda or cuda:N.", TRAINING), Sets("device")
+]
+BatchSize = Annotated[int, _option("Mini-batch size.", TRAINING), Sets("batch_size")]
 StepImages = Annotated[
     int,
     _option(
@@ -100,10 +128,12 @@ StepImages = Annotated[
         "--batch-size",
     ),
 ]
-Lr = Annotated[float, _option("Learning rate.", TRAINING)]
-Momentum = Annotated[float, _option("Momentum (sgd, nesterov).", TRAINING)]
-WeightDecay = Annotated[float, _option("Weight decay.", TRAINING)]
-Seed = Annotated[int, _option("Seed for weights, shuffling and synthetic data.", TRAINING)]
+Lr = Annotated[float, _option("Learning rate.", TRAINING), Sets("lr")]
+Momentum = Annotated[float, _option("Momentum (sgd, nesterov).", TRAINING), Sets("momentum")]
+WeightDecay = Annotated[float, _option("Weight decay.", TRAINING), Sets("weight_decay")]
+Seed = Annotated[
+    int, _option("Seed for weights, shuffling and synthetic data.", TRAINING), Sets("seed")
+]
 
 # ---------------------------------------------------------------- the fast path
 
@@ -116,6 +146,7 @@ LoaderName = Annotated[
         FAST,
         "--loader",
     ),
+    Sets("loader"),
 ]
 PrecisionName = Annotated[
     Precision,
@@ -125,9 +156,12 @@ PrecisionName = Annotated[
         FAST,
         "--precision",
     ),
+    Sets("precision"),
 ]
 ChannelsLast = Annotated[
-    bool, _option("Model and inputs in NHWC memory order.", FAST, envvar=_env("channels_last"))
+    bool,
+    _option("Model and inputs in NHWC memory order.", FAST, envvar=_env("channels_last")),
+    Sets("channels_last"),
 ]
 Compile = Annotated[
     CompileMode,
@@ -136,6 +170,7 @@ Compile = Annotated[
         FAST,
         "--compile",
     ),
+    Sets("compile"),
 ]
 CudaGraph = Annotated[
     bool,
@@ -146,6 +181,7 @@ CudaGraph = Annotated[
         FAST,
         envvar=_env("cuda_graph"),
     ),
+    Sets("cuda_graph"),
 ]
 TimingName = Annotated[
     Timing,
@@ -155,6 +191,7 @@ TimingName = Annotated[
         FAST,
         "--timing",
     ),
+    Sets("timing"),
 ]
 
 # ---------------------------------------------------------------- several processes
@@ -167,6 +204,7 @@ ScalingName = Annotated[
         SCALE,
         "--scaling",
     ),
+    Sets("scaling"),
 ]
 Nproc = Annotated[
     int,
@@ -213,6 +251,7 @@ Profile = Annotated[
         RUN,
         envvar=_env("profile"),
     ),
+    Sets("profile"),
 ]
 Out = Annotated[Path, _option("Folder for report.md, the CSVs and the PNGs.", RUN)]
 Runs = Annotated[

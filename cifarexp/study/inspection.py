@@ -12,8 +12,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from cifarexp import models, tracking
-from cifarexp.anatomy import (
+from cifarexp import tracking
+from cifarexp.config import TrainConfig
+from cifarexp.study.catalogue import Labels
+from cifarexp.study.runs import environment_tags
+from cifarexp.study.session import Session
+from cifarexp.training import models
+from cifarexp.training.anatomy import (
     ConvCount,
     Count,
     OptimizerAnatomy,
@@ -25,10 +30,8 @@ from cifarexp.anatomy import (
     optimizers_frame,
     parameter_counts,
 )
-from cifarexp.config import TrainConfig
-from cifarexp.data import load_split, make_loader
-from cifarexp.models import build_model
-from cifarexp.runs import Labels, environment_tags, experiment_about
+from cifarexp.training.data import load_split, make_loader
+from cifarexp.training.models import build_model
 
 
 def variant(cfg: TrainConfig) -> str:
@@ -128,7 +131,7 @@ def _json(count: Count) -> dict[str, float]:
     }
 
 
-def run_inspection(cfg: TrainConfig, optimizers: tuple[str, ...], *, experiment: str) -> Inspection:
+def run_inspection(cfg: TrainConfig, optimizers: tuple[str, ...], session: Session) -> Inspection:
     """Measure Q1–Q4 on CPU for cfg's model variant and record them in one MLflow run.
 
     The counts do not depend on the batch: it only has to be real so that backward and the
@@ -153,10 +156,11 @@ def run_inspection(cfg: TrainConfig, optimizers: tuple[str, ...], *, experiment:
         **hyper,
     }
     name = f"inspect {variant(cfg)} {','.join(optimizers)}"
-    about = experiment_about(labels)
-    with tracking.start_run(
-        experiment, run_name=name, tags=tags, params=params, about=about
-    ) as run_id:
+    tracker = session.tracker
+    with tracker.start_run(
+        session.experiment_of(labels.command), run_name=name, tags=tags, params=params,
+        about=labels.about(),
+    ) as run_id:  # fmt: skip
         result = Inspection(
             run_id,
             cfg,
@@ -166,9 +170,9 @@ def run_inspection(cfg: TrainConfig, optimizers: tuple[str, ...], *, experiment:
             parameter_counts(model),
             anatomies,
         )
-        tracking.log_text(models.summary(model, cfg.batch_size, cpu), "model_summary.txt")
-        tracking.log_metrics(result.metrics())
-        tracking.log_table(result.convs, "q1_conv_layers")
-        tracking.log_table(optimizers_frame(anatomies), "q3_q4_optimizers")
-        tracking.log_text(result.json(), "answers.json")
+        tracker.log_text(models.summary(model, cfg.batch_size, cpu), "model_summary.txt")
+        tracker.log_metrics(result.metrics())
+        tracker.log_table(result.convs, "q1_conv_layers")
+        tracker.log_table(optimizers_frame(anatomies), "q3_q4_optimizers")
+        tracker.log_text(result.json(), "answers.json")
     return result

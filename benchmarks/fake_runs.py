@@ -163,7 +163,7 @@ def count(tensors: int, elements: int) -> dict[str, float]:
 
 def inspect_answers(run_id: str) -> dict:
     """The answers.json of an inspect run of ResNet-18 with SGD and Adam (its schema:
-    cifarexp.inspection.Inspection.answers)."""
+    cifarexp.study.inspection.Inspection.answers)."""
     params = count(TENSORS, P)
     return {
         "run_id": run_id, "model": "resnet18", "variant": "bn", "dataset": "synthetic",

@@ -1,0 +1,248 @@
+"""The `cifarexp` command line: the Typer app and what its commands share: one line for
+every error, the session a command opens, its config built from its options, its answer
+built from the store, logged on its run and printed.
+
+Each command lists its options (the aliases of `options`) and imports what it runs only
+when it runs, so that `--help` and a usage error answer at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from cifarexp import __version__, processes
+from cifarexp.cli.options import Sets
+from cifarexp.config import ConfigError, TrainConfig, UserError, flag
+
+if TYPE_CHECKING:
+    from cifarexp.study.session import Session
+    from cifarexp.tracking import Tracker
+
+app = typer.Typer(
+    help="Where the time of a ResNet-18 / CIFAR-10 training run goes, tracked with MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+# The options that say how a command runs rather than what it trains, and their defaults.
+SESSION_OPTIONS: dict[str, Any] = {
+    "tracking_uri": None,
+    "experiment": None,
+    "quiet": False,
+    "device": "auto",
+    "nproc": 1,
+    "system_metrics": True,
+    "resume": False,
+}
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"cifarexp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Where the time of a ResNet-18 / CIFAR-10 training run goes, tracked with MLflow."""
+
+
+def command(name: str, *, under_torchrun: bool = False, hidden: bool = False) -> Callable:
+    """Register `fn` as the command `name` (`hidden` from --help). Errors meant for the user
+    become one line: bad input exits 2, runtime failures exit 1, Ctrl-C exits 130; never a
+    traceback. Only an `under_torchrun` command runs under torchrun (or --nproc N)."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)  # typer reads fn's own signature through it
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with user_errors(kwargs.get("ctx")):
+                if processes.launched() and not under_torchrun:
+                    raise ConfigError(
+                        f"{name} does not run under torchrun; run it as one process (the "
+                        "`time` command runs under torchrun and --nproc)"
+                    )
+                return fn(*args, **kwargs)
+
+        return app.command(name, hidden=hidden)(run)
+
+    return decorate
+
+
+# ---------------------------------------------------------------- a command's session
+
+
+def open_session(ctx: typer.Context, **given: Any) -> Session:
+    """The command's session, from its options (SESSION_OPTIONS) or `given`: relaunched
+    under torchrun for --nproc N; else this process's world, its tracker (the store checked
+    up front), its experiment and its progress display. Kept as the context's `obj`."""
+    options = {**SESSION_OPTIONS, **(ctx.params | given)}
+    if options["nproc"] > 1 and not processes.launched():
+        processes.relaunch(options["nproc"], sys.argv[1:])
+    from cifarexp.cli import console
+    from cifarexp.study.session import Session
+    from cifarexp.tracking import Tracker
+    from cifarexp.training.distributed import world_from_environment
+
+    console.show_notices()
+    world = world_from_environment(options["device"])
+    tracker = Tracker.open(options["tracking_uri"], world, system_metrics=options["system_metrics"])
+    progress = None if options["quiet"] else console.progress
+    ctx.obj = Session(tracker, options["experiment"], progress, options["resume"])
+    return ctx.obj
+
+
+def training_config(ctx: typer.Context, tracker: Tracker) -> TrainConfig:
+    """The TrainConfig of the command's options that set a config field (`options.Sets`);
+    workers "best" is resolved from the store."""
+    given = {field: ctx.params[name] for name, field in _config_options(ctx.command.callback)}
+    workers = given.get("workers")
+    if workers == "best":
+        from cifarexp.study.comparisons import resolve_best_workers
+
+        device = given.get("device", "auto")
+        given["workers"] = resolve_best_workers(tracker, device, given["dataset"])
+    elif isinstance(workers, str):
+        given["workers"] = parse_int("workers", workers)
+    return TrainConfig(**given)
+
+
+@functools.cache
+def _config_options(fn: Callable) -> tuple[tuple[str, str], ...]:
+    """(parameter, config field) for each parameter of `fn` that sets a config field."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    return tuple(
+        (name, mark.field)
+        for name, hint in hints.items()
+        for mark in getattr(hint, "__metadata__", ())
+        if isinstance(mark, Sets)
+    )
+
+
+def answer(session: Session, item: str, run_id: str | None, *, show: bool = True) -> None:
+    """The answer of `item`, built from the store (`analysis`), logged onto its run
+    `run_id` (its description; a comparison's parent also gets its tables, plots and
+    headline metrics) and, if `show`, printed with where the run is. Nothing on a rank of a
+    torchrun job that does not write (no run id)."""
+    if run_id is None:
+        return
+    from analysis import report
+    from cifarexp.cli.console import print_answer
+    from cifarexp.study.catalogue import ITEMS, description
+
+    section = report.summarize(item, run_id)
+    if ITEMS[item].compares:
+        session.tracker.log_answer(
+            run_id,
+            tables=section.tables,
+            figures=section.figures,
+            notes="\n\n".join([*section.notes, section.text]).strip(),
+            metrics=section.metrics(),
+            tags=section.tags(),
+        )
+    session.tracker.describe(run_id, description(item, section.answer, section.settings))
+    if show:
+        print_answer(section)
+
+
+# ---------------------------------------------------------------- parsing and errors
+
+
+def parse_int(field: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a whole number", field) from None
+
+
+def parse_list(field: str, text: str, choices: Iterable[str] | None = None) -> list[str]:
+    """A comma-separated list: no empty items, no duplicates, each one of `choices`."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or "" in items:
+        raise ConfigError(f"empty item in {text!r}; give a comma-separated list", field)
+    if len(set(items)) < len(items):
+        raise ConfigError(f"duplicate item in {text!r}", field)
+    allowed = list(choices) if choices is not None else None
+    unknown = [item for item in items if allowed is not None and item not in allowed]
+    if unknown:
+        raise ConfigError(f"unknown {unknown[0]!r}; choose from {', '.join(allowed)}", field)
+    return items
+
+
+def _message(exc: UserError) -> str:
+    return f"{flag(exc.field)}: {exc.message}" if exc.field else exc.message
+
+
+@contextmanager
+def user_errors(ctx: typer.Context | None = None) -> Iterator[None]:
+    """Turns the project's errors into one clear line and an exit code; a stop says what it
+    left in the store, as the session that `ctx` holds saw it."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise typer.BadParameter(_message(exc)) from None
+    except UserError as exc:
+        _print_error(_message(exc))
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        _print_interrupted(ctx.obj if ctx is not None else None)
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        from cifarexp.tracking import STORE_ERRORS
+
+        if not isinstance(exc, STORE_ERRORS):
+            raise
+        _print_error(str(exc))
+        raise typer.Exit(1) from None
+
+
+def _print_error(message: str) -> None:
+    from rich.markup import escape
+
+    from cifarexp.cli.console import err_console
+
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _print_interrupted(session: Session | None) -> None:
+    """What a stop left in the store, as the session's tracker saw it (None: stopped before
+    the session opened)."""
+    from cifarexp.cli.console import err_console
+
+    ended = session.tracker.last_ended() if session is not None else None
+    if ended is None or ended[1] != "FINISHED":
+        err_console.print("Interrupted: finished epochs are in the store; the run is KILLED.")
+    else:
+        err_console.print(f"Interrupted after run {ended[0]} had FINISHED; nothing is lost.")
+
+
+def main() -> None:
+    under_torchrun = processes.launched()
+    processes.handle_stops(under_torchrun=under_torchrun)
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code == 2 and "MLFLOW_RUN_ID" in os.environ:  # `mlflow run`'s run exists already
+            from cifarexp.tracking.lifecycle import fail_project_run
+
+            fail_project_run(f"usage error: cifarexp {' '.join(sys.argv[1:])}")
+        raise
+    finally:
+        if under_torchrun:
+            from cifarexp.training import distributed
+
+            distributed.leave()  # as PyTorch asks before a process of a group exits

@@ -1,0 +1,143 @@
+"""The commands that answer from the model and the store: inspect (Q1-Q4), report, and
+lab, the whole study from nothing to every answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from cifarexp.cli import options as opt
+from cifarexp.cli.app import answer, command, open_session, parse_list
+from cifarexp.config import OPTIMIZERS, CifarexpError, TrainConfig, UserError
+
+if TYPE_CHECKING:
+    from cifarexp.study.session import Session
+
+D = TrainConfig()  # the study's defaults, shown by --help
+
+
+@command("inspect")
+def inspect_(
+    ctx: typer.Context,
+    optimizers: opt.Optimizers = "sgd,adam",
+    batch_norm: opt.BatchNorm = True,
+    batch_size: opt.StepImages = 8,
+    seed: opt.Seed = D.seed,
+    as_json: opt.Json = False,
+    tracking_uri: opt.TrackingUri = None,
+    experiment: opt.Experiment = None,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Q1-Q4: conv layers, the last linear layer's input, parameters, gradients, optimizer state."""
+    names = parse_list("optimizers", optimizers, OPTIMIZERS)
+    cfg = TrainConfig(
+        dataset="synthetic",
+        train_size=batch_size,
+        batch_size=batch_size,
+        workers=0,
+        device="cpu",
+        seed=seed,
+        batch_norm=batch_norm,
+    )
+    session = open_session(ctx)
+    from cifarexp.cli.console import console, inspection_tables, print_where
+    from cifarexp.study import inspection
+
+    result = inspection.run_inspection(cfg, tuple(names), session)
+    if as_json:
+        typer.echo(result.json())
+        return
+    for shown in inspection_tables(result):
+        console.print(shown)
+    console.print(
+        f"Logged as run {result.run_id} (model_summary.txt, tables as CSV, answers.json)."
+    )
+    print_where(result.run_id)
+
+
+@command("report")
+def report_(
+    ctx: typer.Context,
+    out: opt.Out = Path("report"),
+    runs: opt.Runs = None,
+    tracking_uri: opt.TrackingUri = None,
+    experiment: opt.Experiment = None,
+    quiet: opt.Quiet = False,
+) -> None:
+    """The study's tables and plots, from the tracking store, into a report folder."""
+    session = open_session(ctx)
+    from analysis import report
+
+    run_ids = report.pick_runs(parse_list("runs", runs)) if runs is not None else {}
+    write_and_log_report(report.build_report(run_ids), out, session, quiet=quiet)
+
+
+@command("lab")
+def lab_(
+    ctx: typer.Context,
+    preset: opt.PresetName = "full",
+    dataset: opt.DatasetName = D.dataset,
+    data_dir: opt.DataDir = D.data_dir,
+    device: opt.Device = D.device,
+    out: opt.Out = Path("report"),
+    profile: opt.Profile = D.profile,
+    tracking_uri: opt.TrackingUri = None,
+    experiment: opt.Experiment = None,
+    quiet: opt.Quiet = False,
+    system_metrics: opt.SystemMetrics = True,
+) -> None:
+    """The whole study, from nothing to every answer: inspect, time, sweep-workers,
+    compare-device, compare-optim, no-bn (with the best worker count), then the report."""
+    base = TrainConfig(dataset=dataset, data_dir=data_dir, device=device, profile=profile)
+    make_out_dir(out)  # a bad --out fails now, not after the whole study
+    session = open_session(ctx)
+    from analysis import report
+    from cifarexp.cli.console import console
+    from cifarexp.study import lab
+
+    for step in lab.steps(base, preset, session):
+        console.rule(step.title)
+        run_id = step.run()
+        if step.answered:  # logged on its run now: a later step may read it (the best count)
+            answer(session, step.item, run_id, show=False)
+    write_and_log_report(report.build_report(), out, session, quiet=quiet)
+
+
+def make_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unwritable(out, exc) from None
+
+
+def _unwritable(out: Path, exc: OSError) -> UserError:
+    return CifarexpError(f"cannot write the report to {out} ({exc.strerror})", "out")
+
+
+def write_and_log_report(sections: list, out: Path, session: Session, *, quiet: bool) -> None:
+    """Write the report folder, print it (unless `quiet`), and log the folder on a `report`
+    run in the session's experiment (else the report's own)."""
+    from analysis import report
+    from cifarexp import tracking
+    from cifarexp.cli.console import console, print_section, print_where
+    from cifarexp.study.catalogue import Labels
+
+    try:
+        path = report.write_report(sections, out, tracking.shown_uri())
+    except OSError as exc:
+        raise _unwritable(out, exc) from None
+    for section in [] if quiet else sections:
+        if section.missing:
+            console.print(f"[bold]{section.heading}[/]: not run yet; run `{section.command}`.")
+        else:
+            print_section(section)
+    labels = Labels("report", "report")
+    with session.tracker.start_run(
+        session.experiment_of("report"), run_name="report", tags=labels.tags(),
+        params={"out": str(out)}, about=labels.about(),
+    ) as run_id:  # fmt: skip
+        session.tracker.log_artifacts(out)
+    console.print(f"Report written to {path}.")
+    print_where(run_id)

@@ -1,0 +1,45 @@
+"""The only code that talks to MLflow.
+
+A command's session opens one `Tracker` (tracker.py) and passes it to what logs. Beside
+it: the store (store.py), the life of a run (lifecycle.py), reading runs (queries.py) and
+the names cifarexp writes (names.py). What other packages read is re-exported here.
+"""
+
+from cifarexp.tracking.names import (
+    COMMAND,
+    COMMIT,
+    DATASET,
+    DEVICE,
+    DIVERGED,
+    ERROR,
+    EXERCISE,
+    NOTE,
+    PRESET,
+    TAG,
+    VARIANT,
+    VARIANTS,
+    VERDICT,
+    VERSION,
+    WORKERS_FROM,
+    default_experiment,
+)
+from cifarexp.tracking.queries import (
+    finished_children,
+    finished_top_level,
+    is_run_id,
+    latest_sweep,
+    load_text,
+    metric_history,
+    search_runs,
+    where,
+)
+from cifarexp.tracking.store import STORE_ERRORS, shown_uri
+from cifarexp.tracking.tracker import Tracker
+
+__all__ = [
+    "COMMAND", "COMMIT", "DATASET", "DEVICE", "DIVERGED", "ERROR", "EXERCISE", "NOTE",
+    "PRESET", "STORE_ERRORS", "TAG", "VARIANT", "VARIANTS", "VERDICT", "VERSION",
+    "WORKERS_FROM", "Tracker", "default_experiment", "finished_children",
+    "finished_top_level", "is_run_id", "latest_sweep", "load_text", "metric_history",
+    "search_runs", "shown_uri", "where",
+]  # fmt: skip

@@ -1,0 +1,27 @@
+"""The names cifarexp writes into the store: its tags, and each command's experiment."""
+
+from __future__ import annotations
+
+TAG = "cifarexp."  # prefix of every tag this project sets
+COMMAND, EXERCISE, VARIANT, DATASET, DEVICE = (
+    TAG + name for name in ("command", "exercise", "variant", "dataset", "device")
+)
+ERROR = TAG + "error"
+VERSION, COMMIT = TAG + "version", "mlflow.source.git.commit"
+NOTE = "mlflow.note.content"  # the description the UI shows on a run or an experiment
+APPENDED = TAG + "description_appended"  # what a run added to its description as it ran
+# The UI opens an experiment of this kind on its runs (not on GenAI traces).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+DIVERGED = TAG + "diverged"  # the epoch from which the training loss is not finite
+VERDICT = TAG + "verdict"  # what bounds a profiled run's step (see profiling)
+# A comparison's parent: a digest of its settings (set as it is created, so that --resume
+# finds it even if it was killed at once), the process that runs it, the variants it ran.
+SETTINGS, OWNER, VARIANTS = TAG + "settings", TAG + "owner", TAG + "variants"
+WORKERS_FROM = TAG + "workers_from"  # the sweep run whose best count `--workers best` took
+PRESET = TAG + "preset"  # the lab preset (full, quick) a run was made by
+PARENT = "mlflow.parentRunId"
+
+
+def default_experiment(command: str) -> str:
+    """Each command's MLflow experiment, unless one is named."""
+    return f"cifarexp-{command}"

@@ -1,0 +1,138 @@
+"""Reading the store: runs as DataFrames, metric histories, artifacts, where a run is."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from cifarexp.tracking.names import DATASET, DEVICE, EXERCISE, PARENT, SETTINGS, VARIANT
+from cifarexp.tracking.store import redact
+
+
+def current_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def where(run_id: str) -> list[str]:
+    """Where to find `run_id`: its experiment and run, the UI links (runs view), and for a
+    local store the command that starts the UI (credentials masked)."""
+    run = mlflow.get_run(run_id)
+    experiment = mlflow.get_experiment(run.info.experiment_id)
+    uri = mlflow.get_tracking_uri()
+    local = not uri.startswith(("http://", "https://"))
+    base = "http://127.0.0.1:5000" if local else redact(uri).rstrip("/")
+    page = f"{base}/#/experiments/{experiment.experiment_id}"
+    lines = [
+        f"Experiment {experiment.name!r}, run {run.info.run_name!r} ({run_id}).",
+        f"In the MLflow UI: {page}?workflowType=machine_learning (the experiment's runs), "
+        f"{page}/runs/{run_id}?workflowType=machine_learning (this run).",
+    ]
+    if local:
+        lines.append(f"Start the UI with: mlflow ui --backend-store-uri {redact(uri)}")
+    return lines
+
+
+def search_runs(filter_string: str = "") -> pd.DataFrame:
+    """Runs of every experiment matching `filter_string`, newest first, as MLflow's DataFrame
+    (columns run_id, status, start_time, params.*, tags.*, metrics.*)."""
+    return mlflow.search_runs(
+        filter_string=filter_string,
+        search_all_experiments=True,
+        order_by=["attributes.start_time DESC"],
+    )
+
+
+def load_text(run_id: str, artifact_file: str) -> str | None:
+    """A text artifact of `run_id`, or None where the run has none of that name."""
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}")
+    except (MlflowException, OSError):
+        return None
+
+
+def metric_history(run_id: str, keys: list[str]) -> pd.DataFrame:
+    """One row per step of `run_id`, one column per metric key (absent keys are left out)."""
+    client = mlflow.MlflowClient()
+    series = {
+        key: pd.Series({m.step: m.value for m in client.get_metric_history(run_id, key)})
+        for key in keys
+    }
+    frame = pd.DataFrame({k: v for k, v in series.items() if not v.empty})
+    return frame.rename_axis("step").reset_index()
+
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids: a UUID's 32 hex digits
+
+
+def is_run_id(text: str) -> bool:
+    """Whether `text` has the form of a run id (checked before it goes into a filter)."""
+    return RUN_ID.fullmatch(text) is not None
+
+
+def tag_filter(tags: Mapping[str, str]) -> str:
+    """An MLflow filter string matching every tag exactly."""
+    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+
+
+def top_level(runs: pd.DataFrame) -> pd.DataFrame:
+    """Only the runs without a parent."""
+    column = f"tags.{PARENT}"
+    if column not in runs:
+        return runs
+    return runs[runs[column].isna() | (runs[column] == "")]
+
+
+def finished_children(parent_id: str) -> pd.DataFrame:
+    """The FINISHED children of a run, the newest one per variant, in the order they ran."""
+    children = search_runs(children_filter(parent_id, "FINISHED"))
+    if children.empty:  # no columns at all: give callers the ones they index
+        return pd.DataFrame(columns=["run_id", f"tags.{VARIANT}"])
+    children = children.drop_duplicates(f"tags.{VARIANT}", keep="first")
+    return children.sort_values("start_time").reset_index(drop=True)
+
+
+def children_filter(parent_id: str, status: str) -> str:
+    """The filter of the children of `parent_id` with `status`."""
+    return f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = '{status}'"
+
+
+def finished_top_level(tags: Mapping[str, str]) -> pd.DataFrame:
+    """The FINISHED runs without a parent whose tags have these values, newest first."""
+    return top_level(search_runs(tag_filter(tags) + " and attributes.status = 'FINISHED'"))
+
+
+def latest_sweep(device_type: str, dataset: str) -> pd.Series | None:
+    """The newest finished workers sweep (C3) for this device type and dataset."""
+    found = finished_top_level({EXERCISE: "C3", DEVICE: device_type, DATASET: dataset})
+    found = found[found["metrics.best_workers"].notna()] if not found.empty else found
+    return None if found.empty else found.iloc[0]
+
+
+def settings_digest(params: Mapping[str, object]) -> str:
+    """A short digest of a comparison's settings (its params)."""
+    text = json.dumps({k: str(v) for k, v in params.items()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def unfinished(exercise: str, params: Mapping[str, object]) -> pd.Series | None:
+    """The newest top-level run of `exercise` (C3, C5, C5-scaling, ...) with these settings,
+    if it did not finish (FAILED, KILLED, or RUNNING because its process was killed outright
+    or is still running: see `start_run`'s reopen)."""
+    found = top_level(search_runs(tag_filter({EXERCISE: exercise})))
+    digest = settings_digest(params)
+    for _, run in found.iterrows():
+        same = run.get(f"tags.{SETTINGS}") == digest or all(
+            str(run.get(f"params.{k}")) == str(v) for k, v in params.items()
+        )
+        if same:
+            return None if run["status"] == "FINISHED" else run
+    return None
+
+
+# ---------------------------------------------------------------- who runs a comparison

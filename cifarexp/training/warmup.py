@@ -1,0 +1,143 @@
+"""The untimed warm-up before epoch 1, and the fast path's step captured in it as one CUDA
+graph (`GraphedStep`): what would otherwise land in epoch 1's times."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from cifarexp.training.engine import (
+    Execution,
+    Step,
+    compiled_shapes_only,
+    random_batch,
+    synchronize,
+    train_step,
+)
+
+
+def warm_up(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    batch_sizes: Sequence[int],
+    execution: Execution = Execution(),
+    step: Step = train_step,
+    steps: int = 3,
+) -> float:
+    """Untimed training steps on random data, `steps` per batch size (the full one first),
+    then the model and optimizer put back exactly as they were: cuDNN autotuning, CUDA's
+    lazy start-up, compilation of the full batch's shape, CUDA-graph capture (3 calls) and
+    a `GraphedStep`'s capture happen here, never in an epoch. Returns the seconds it took
+    (a run's warmup_s)."""
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
+    criterion = nn.CrossEntropyLoss()
+    generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG as it was
+    graphed = isinstance(step, GraphedStep)
+    model.train()
+    start = time.perf_counter()
+    with _side_stream(device) if graphed else contextlib.nullcontext():
+        for i, size in enumerate(batch_sizes):
+            images, labels = random_batch(size, device, execution, generator)
+            # The first size compiles; the others run as the epochs will run them.
+            with compiled_shapes_only(execution) if i else contextlib.nullcontext():
+                for _ in range(steps):
+                    train_step(model, criterion, optimizer, images, labels, execution)
+            if graphed and i == 0:
+                # The warm steps made the optimizer's state: the graph captures its update.
+                assert steps >= 1 and optimizer.state, "capture needs a warm step first"
+                step.capture(model, criterion, optimizer, images, labels, execution)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    model.load_state_dict(saved_model)  # copies in place: parameters keep their memory
+    if graphed:  # the graph holds the optimizer's state tensors: put back in place
+        _zero_state(optimizer)
+    else:
+        optimizer.load_state_dict(saved_optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return seconds
+
+
+class GraphedStep:
+    """`train_step` for one batch shape as one CUDA graph: forward, loss, backward and the
+    optimizer step captured by `warm_up`, then replayed on each batch copied into the
+    graph's input tensors: one launch a step instead of hundreds of kernels. Any other
+    shape (an epoch's smaller last batch) steps eagerly, on the same parameters and state.
+
+    Only for SGD with or without Nesterov momentum (config.GRAPHED_OPTIMIZERS): its state
+    (the momentum buffers) is made by the warm-up's eager steps, captured, then zeroed in
+    place; with no dampening a zero buffer's first update is the gradient, as a fresh
+    buffer's is, so it trains as a fresh optimizer does.
+    """
+
+    def __init__(self) -> None:
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # the graph's images, labels
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # its loss, logits
+
+    def capture(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        execution: Execution,
+    ) -> None:
+        """Record one step on `images`' shape (run on a side stream after warm steps)."""
+        self.inputs = images.clone(), labels.clone()  # clone keeps the memory order
+        self.graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)  # backward makes the grads in the graph's pool
+        with torch.cuda.graph(self.graph):
+            loss, logits = train_step(
+                model, criterion, optimizer, *self.inputs, execution, autocast_cache=False
+            )
+        # Detached (the same memory): the captured autograd graph is freed, so the eager
+        # steps do not find its gradient accumulators alive on the capture's stream.
+        self.outputs = loss.detach(), logits.detach()
+
+    def __call__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        execution: Execution,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is None or self.inputs is None:
+            raise RuntimeError("a GraphedStep trains only once warm_up has captured it")
+        if images.shape != self.inputs[0].shape:
+            return train_step(model, criterion, optimizer, images, labels, execution)
+        self.inputs[0].copy_(images)
+        self.inputs[1].copy_(labels)
+        self.graph.replay()
+        assert self.outputs is not None
+        return self.outputs
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """Work on a new stream, ordered after and before the current one (CUDA-graph capture
+    wants its warm-up off the default stream)."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
+def _zero_state(optimizer: torch.optim.Optimizer) -> None:
+    """Every state tensor of `optimizer` zeroed where it is (see GraphedStep)."""
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.zero_()
