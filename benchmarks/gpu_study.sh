@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study's GPU measurements, as run on the lent GPU machine (see ../shared/device/README.md):
+# The study's GPU measurements, run on a GPU machine from the repository root:
 #   bash benchmarks/gpu_study.sh PART...   with PART = core | study | fast | warmup | profile |
 #                                        scaling | scaling-events | scaling-fast
 # Each part writes its printed tables under $OUT (default ./gpu-out) and leaves mlflow.db
@@ -7,7 +7,7 @@
 set -uo pipefail
 OUT=${OUT:-./gpu-out}
 mkdir -p "$OUT"
-if [ -d .whl ]; then  # the GPU machine has torch but not mlflow/torchinfo: carried wheels
+if [ -d .whl ]; then  # a GPU machine with torch but not mlflow/torchinfo: wheels brought in ./.whl
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
