@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from cifarexp import tracking
+from cifarexp.config import PRESETS, preset_text
 
 EPOCH_METRICS = [
     "data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc", "images_per_s",
@@ -55,7 +56,9 @@ class Exercise:
         shown = {k: v for k, v in values.items() if isinstance(v, str) and v != "None"}
         settings = ", ".join(f"{k}={v}" for k, v in shown.items())  # train_size None: all
         preset = self.parent.get(f"tags.{tracking.PRESET}")
-        return f"lab preset {preset}, {settings}" if isinstance(preset, str) else settings
+        if isinstance(preset, str) and preset in PRESETS:
+            return f"lab preset {preset} ({preset_text(preset)}), {settings}"
+        return settings
 
     @property
     def params(self) -> dict[str, str]:

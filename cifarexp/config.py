@@ -45,12 +45,27 @@ CHOICES = {  # the fields with a fixed set of values
 }
 
 # The lab's presets: the study's sizes (full), or a demo that finishes in minutes on a 2-core
-# CPU (quick): batches of 16, so that its 80 steps (at the study's lr 0.1) get past the
-# first steps' jump in loss and show the study's shapes (no-BN at chance, Adam behind SGD).
-PRESETS: dict[str, dict[str, int | None]] = {
-    "full": {"train_size": None, "epochs": 5, "batch_size": 128, "cpu_batches": 20},
-    "quick": {"train_size": 256, "epochs": 5, "batch_size": 16, "cpu_batches": 1},
-}
+# CPU (quick): 80 steps of 16 images, at the study's step per image: lr 0.1 x 16/128 (the
+# linear scaling rule; the study's lr 0.1 at batch 16 throws the loss far up first).
+STUDY_BATCH, STUDY_LR = 128, 0.1
+PRESETS: dict[str, dict[str, float | None]] = {
+    "full": {"train_size": None, "epochs": 5, "batch_size": STUDY_BATCH, "lr": STUDY_LR,
+             "cpu_batches": 20},
+    "quick": {"train_size": 256, "epochs": 5, "batch_size": 16, "lr": STUDY_LR * 16 / STUDY_BATCH,
+              "cpu_batches": 1},
+}  # fmt: skip
+
+
+def preset_text(name: str) -> str:
+    """What a lab preset trains, in one line (its lr against the study's where it differs)."""
+    sizes = PRESETS[name]
+    images = f"{sizes['train_size']:,} images" if sizes["train_size"] else "all 50,000 images"
+    lr = f"lr {sizes['lr']:g}"
+    if sizes["lr"] != STUDY_LR:
+        lr += f" (the study's {STUDY_LR:g} x {sizes['batch_size']}/{STUDY_BATCH})"
+    return f"{images}, batch {sizes['batch_size']}, {lr}, {sizes['epochs']} epochs"
+
+
 WORKERS_TOLERANCE = 0.03  # C3: a worker count must cut data-loading time by more than this
 
 # A config field shown to the user as its flag: --field-name, except for these.

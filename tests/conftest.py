@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# MLflow's system-metrics sampler (a thread and a store writer each second per training run)
+# is off unless a test turns it on (--system-metrics): only the tests of it check it.
+os.environ["CIFAREXP_SYSTEM_METRICS"] = "false"
+
 import re
 import shutil
 import signal

@@ -301,7 +301,11 @@ def test_a_run_made_by_the_lab_says_its_preset_beside_its_sizes(client):
         epochs=[epoch(0.1, 1.0, 1.2, 2.0, 0.3)],
     )  # fmt: skip
     section = report.summarize("C2", run_id)
-    assert "lab preset quick, train_size=256" in section.source
+    # the preset in one line, its lr against the study's, then the run's own settings
+    assert "lab preset quick (256 images, batch 16, lr 0.0125 (the study's 0.1 x 16/128), " in (
+        section.source
+    )
+    assert "5 epochs), train_size=256" in section.source
     assert "batch_size=16, epochs=5" in section.source
 
 

@@ -124,9 +124,12 @@ def test_a_sigterm_while_a_failed_run_is_ended_waits_until_it_is_ended(
 def test_a_stopped_dataloader_worker_ends_the_run_and_the_process_within_the_timeout(
     client, tmp_path
 ):
-    # Given a run whose DataLoader worker is stopped (SIGSTOP) in epoch 1, twice over,
-    args = [*without("--workers", without("--train-size")), "--train-size", "512"]
-    args += ["--workers", "1", "--loader-timeout", "2"]
+    # Given a run whose DataLoader worker is stopped (SIGSTOP) while it trains, twice over
+    # (one persistent worker and far more epochs than a run finishes in seconds: the worker
+    # found is still the run's when it is stopped),
+    args = [*without("--workers", without("--train-size", without("--epochs"))), "--epochs", "1000"]
+    args += ["--train-size", "512", "--workers", "1", "--persistent-workers"]
+    args += ["--loader-timeout", "2"]
     for attempt in range(2):
         process = start_cifarexp("time", *args, "--run-name", f"try{attempt}", cwd=tmp_path)
         try:

@@ -12,9 +12,9 @@ from tests.processes import start_server
 
 VARIANT = tracking.VARIANT
 ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
-COMMANDS = [
-    ["time", *ONE_EPOCH],
-    ["compare-optim", *ONE_EPOCH, "--optimizers", "sgd,adam"],
+COMMANDS = [  # the training runs with MLflow's system metrics, which the tests turn off
+    ["time", *ONE_EPOCH, "--system-metrics"],
+    ["compare-optim", *ONE_EPOCH, "--optimizers", "sgd,adam", "--system-metrics"],
     ["inspect", "--quiet"],
     ["report", "--quiet", "--out", "report"],
 ]
@@ -69,8 +69,10 @@ def contents(uri: str) -> list[tuple]:
 
 
 def test_the_commands_log_the_same_to_a_tracking_server_as_to_the_local_store(
-    cli, store, server, fail_fast
+    cli, store, server, fail_fast, monkeypatch
 ):
+    # System metrics sampled each 0.1 s: every training run lasts longer than one sample.
+    monkeypatch.setattr(tracking.store, "SYSTEM_METRICS_INTERVAL_S", 0.1)
     for uri in (store, server.url):
         for command in COMMANDS:
             result = cli(*command, "--tracking-uri", uri)

@@ -16,7 +16,6 @@ import typer
 
 from cifarexp.config import (
     OPTIMIZERS,
-    PRESETS,
     WORKERS_TOLERANCE,
     CompileMode,
     Dataset,
@@ -26,6 +25,7 @@ from cifarexp.config import (
     Preset,
     Scaling,
     Timing,
+    preset_text,
 )
 
 DATA, TRAINING, RUN = "Data", "Training", "Tracking and output"
@@ -185,6 +185,7 @@ CudaGraph = Annotated[
 ]
 TimingName = Annotated[
     Timing,
+    preset_text,
     _option(
         "sync synchronises every step (the study's C2); events times with CUDA events and "
         "waits once per epoch (CUDA only).",
@@ -325,17 +326,11 @@ BatchNorm = Annotated[
 ]
 
 
-def _preset_text(name: str) -> str:
-    sizes = PRESETS[name]
-    images = f"{sizes['train_size']:,} images" if sizes["train_size"] else "all 50,000 images"
-    return f"{images}, batch {sizes['batch_size']}, {sizes['epochs']} epochs"
-
-
 PresetName = Annotated[
     Preset,
     _option(
-        f"full: the study's sizes ({_preset_text('full')}); quick: a few minutes on a 2-core "
-        f"CPU ({_preset_text('quick')}).",
+        f"full: the study's sizes ({preset_text('full')}); quick: a few minutes on a 2-core "
+        f"CPU ({preset_text('quick')}).",
         TRAINING,
         "--preset",
     ),

@@ -83,6 +83,7 @@ def lab_(
     device: opt.Device = D.device,
     out: opt.Out = Path("report"),
     profile: opt.Profile = D.profile,
+    seed: opt.Seed = D.seed,
     tracking_uri: opt.TrackingUri = None,
     experiment: opt.Experiment = None,
     quiet: opt.Quiet = False,
@@ -90,7 +91,9 @@ def lab_(
 ) -> None:
     """The whole study, from nothing to every answer: inspect, time, sweep-workers,
     compare-device, compare-optim, no-bn (with the best worker count), then the report."""
-    base = TrainConfig(dataset=dataset, data_dir=data_dir, device=device, profile=profile)
+    base = TrainConfig(
+        dataset=dataset, data_dir=data_dir, device=device, profile=profile, seed=seed
+    )
     make_out_dir(out)  # a bad --out fails now, not after the whole study
     session = open_session(ctx)
     from analysis import report

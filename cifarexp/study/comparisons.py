@@ -51,6 +51,12 @@ class Comparison:
             log.info(f"{variant}: reusing finished run {self.reused[variant]}")
             return self.reused[variant]
         labels = Labels(self.labels.command, self.labels.exercise, variant)
+        finished = (self.session.finished or {}).get(cfg) if nproc == 1 else None
+        if finished is not None:
+            log.info(f"{variant}: the same settings as finished run {finished}: reused")
+            return self.session.tracker.copy_run(
+                finished, run_name=variant, tags=labels.tags(), parent=self.parent_id
+            )
         if nproc == 1:
             run = run_training(cfg, labels, self.session, run_name=variant, parent=self.parent_id)
             return run.run_id

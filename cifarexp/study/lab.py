@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cifarexp import tracking
 from cifarexp.config import OPTIMIZERS, PRESETS, Preset, TrainConfig
@@ -29,9 +29,13 @@ def steps(base: TrainConfig, preset: Preset, session: Session) -> Iterator[Step]
     Run each step, and log its answer, before asking for the next: the later steps take
     the best worker count from the sweep's answer in the store."""
     sizes = PRESETS[preset]
+    session = replace(session, finished={})  # a variant the lab has trained already is reused
     session.tracker.tag_later_runs({tracking.PRESET: preset})  # each report names its preset
     cfg = base.replace(
-        train_size=sizes["train_size"], epochs=sizes["epochs"], batch_size=sizes["batch_size"]
+        train_size=sizes["train_size"],
+        epochs=sizes["epochs"],
+        batch_size=sizes["batch_size"],
+        lr=sizes["lr"],
     )
     on_cuda = resolve_device(cfg.device).type == "cuda"
     yield Step(

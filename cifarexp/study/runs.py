@@ -117,6 +117,8 @@ def run_training(
                 profile = profile_and_log(tracker, training)
                 if profile is not None:
                     display.on_profile(profile)
+    if session.finished is not None and run_id is not None and tracker.world.world_size == 1:
+        session.finished[cfg] = run_id
     return TrainingRun(run_id, cfg, training.device, results, warmup_s)
 
 

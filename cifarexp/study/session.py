@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from cifarexp.config import TrainConfig
 from cifarexp.tracking import Tracker, default_experiment
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ class Session:
     experiment: str | None = None  # the user's --experiment, else each command's own
     progress: Progress | None = None  # None: no progress shown
     resume: bool = False  # a comparison reopens its unfinished run with the same settings
+    # The lab's: config -> the run that finished training it; a comparison reuses such a
+    # run for a variant with the same config instead of training it again. None: no reuse.
+    finished: dict[TrainConfig, str] | None = None
 
     def experiment_of(self, command: str) -> str:
         """The experiment a run of `command` goes into."""

@@ -19,6 +19,7 @@ VERDICT = TAG + "verdict"  # what bounds a profiled run's step (see profiling)
 SETTINGS, OWNER, VARIANTS = TAG + "settings", TAG + "owner", TAG + "variants"
 WORKERS_FROM = TAG + "workers_from"  # the sweep run whose best count `--workers best` took
 PRESET = TAG + "preset"  # the lab preset (full, quick) a run was made by
+REUSED_FROM = TAG + "reused_from"  # the finished run, of the same settings, a run copies
 PARENT = "mlflow.parentRunId"
 
 

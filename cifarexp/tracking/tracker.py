@@ -17,7 +17,7 @@ from mlflow.entities import Metric, RunData, RunTag
 
 from cifarexp.config import CifarexpError
 from cifarexp.tracking import lifecycle
-from cifarexp.tracking.names import APPENDED, NOTE, TAG
+from cifarexp.tracking.names import APPENDED, NOTE, REUSED_FROM, TAG
 from cifarexp.tracking.store import open_store, retry_locked
 from cifarexp.training.distributed import World
 
@@ -62,6 +62,28 @@ class Tracker:
     def start_run(self, experiment: str, **settings: object) -> AbstractContextManager[str | None]:
         """A run that always ends FINISHED, FAILED or KILLED (see `lifecycle.start_run`)."""
         return lifecycle.start_run(self, experiment, **settings)
+
+    def copy_run(
+        self, source_id: str, *, run_name: str, tags: Mapping[str, str], parent: str
+    ) -> str:
+        """A new child of `parent` holding what the finished run `source_id` measured (its
+        params, cifarexp tags and metric histories; its artifacts stay on it), tagged
+        REUSED_FROM: a run with the same settings as one already finished is not trained
+        again. `tags` replace the source's (its place in the study)."""
+        client = mlflow.MlflowClient()
+        source = client.get_run(source_id)
+        kept = {k: v for k, v in source.data.tags.items() if k.startswith(TAG)}
+        kept = {**kept, **tags, REUSED_FROM: source_id}
+        history = [
+            m for key in source.data.metrics for m in client.get_metric_history(source_id, key)
+        ]
+        with self.start_run(
+            "", run_name=run_name, tags=kept, params=source.data.params, parent=parent
+        ) as run_id:
+            for start in range(0, len(history), 1000):  # MLflow's most metrics a batch
+                part = history[start : start + 1000]
+                retry_locked(lambda part=part: client.log_batch(run_id, metrics=part))
+        return run_id
 
     def tag_later_runs(self, tags: Mapping[str, str]) -> None:
         """Set `tags` on every run this tracker starts from now on, e.g. the sweep a
