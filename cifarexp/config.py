@@ -56,6 +56,37 @@ PRESETS: dict[str, dict[str, float | None]] = {
 }  # fmt: skip
 
 
+# `--fast`: the fastest settings this tool has measured per device type (docs/results.md:
+# 1.18 s a CIFAR-10 epoch on an H200). The compiled step captured whole (--cuda-graph
+# --compile default) joins them once measured faster on a GPU.
+FAST_SETTINGS: dict[str, dict[str, object]] = {
+    "cuda": {
+        "loader": "gpu",
+        "precision": "bf16",
+        "channels_last": True,
+        "cuda_graph": True,
+        "timing": "events",
+    },
+    "cpu": {"loader": "gpu"},
+}
+
+
+def fast_settings(device_type: str, optimizer: str) -> dict[str, object]:
+    """`--fast`'s settings on a device type for an optimizer: one a captured step cannot
+    train (not GRAPHED_OPTIMIZERS) has its model compiled with CUDA graphs instead."""
+    settings = dict(FAST_SETTINGS[device_type])
+    if settings.get("cuda_graph") and optimizer not in GRAPHED_OPTIMIZERS:
+        settings |= {"cuda_graph": False, "compile": "reduce-overhead"}
+    return settings
+
+
+def fast_flags(device_type: str) -> list[str]:
+    """`--fast`'s settings for a device type, as the options that set them."""
+    return [
+        (flag(k) if v is True else f"{flag(k)} {v}") for k, v in FAST_SETTINGS[device_type].items()
+    ]
+
+
 def preset_text(name: str) -> str:
     """What a lab preset trains, in one line (its lr against the study's where it differs)."""
     sizes = PRESETS[name]
@@ -171,7 +202,12 @@ class TrainConfig:
         )
         _check(self.max_batches is None or self.max_batches >= 1, "max_batches", "must be >= 1")
         if self.cuda_graph:
-            _check(self.compile == "none", "cuda_graph", "cannot be used with a compile mode")
+            _check(
+                self.compile in ("none", "default"),
+                "cuda_graph",
+                f"captures the eager or the default-compiled step, not compile {self.compile} "
+                "(which captures CUDA graphs of its own)",
+            )
             _check(
                 self.optimizer in GRAPHED_OPTIMIZERS,
                 "cuda_graph",

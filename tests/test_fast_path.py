@@ -12,7 +12,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 
-from cifarexp.config import ConfigError, TrainConfig
+from cifarexp.config import ConfigError, TrainConfig, fast_settings
 from cifarexp.training import fastpath
 from cifarexp.training.data import (
     MEAN,
@@ -25,6 +25,7 @@ from cifarexp.training.data import (
 from cifarexp.training.engine import (
     EpochResult,
     Execution,
+    compiled_shapes_only,
     train,
     train_one_epoch,
     train_step,
@@ -306,7 +307,16 @@ def test_cuda_only_options_fail_off_cuda_naming_their_field():
         (["--precision", "tf32"], "--precision: tf32 needs a CUDA device"),
         (["--cuda-graph"], "--cuda-graph: needs a CUDA device"),
         (["--cuda-graph", "--optimizer", "adam"], "--cuda-graph: captures sgd and nesterov"),
-        (["--cuda-graph", "--compile", "default"], "--cuda-graph: cannot be used with a compile"),
+        (["--cuda-graph", "--compile", "default"], "--compile: default needs a CUDA device"),
+        (
+            ["--cuda-graph", "--compile", "reduce-overhead"],
+            "--cuda-graph: captures the eager or the default-compiled step, not compile "
+            "reduce-overhead",
+        ),
+        (
+            ["--cuda-graph", "--compile", "default", "--optimizer", "adagrad"],
+            "--cuda-graph: captures sgd and nesterov steps only, not adagrad",
+        ),
         (["--no-warmup", "--compile", "default"], "--warmup: cannot be off with compile"),
         (["--no-warmup", "--cuda-graph"], "--warmup: cannot be off with cuda_graph"),
     ],
@@ -318,6 +328,35 @@ def test_bad_or_cuda_only_fast_path_options_are_a_usage_error_and_leave_no_run(
     assert result.exit_code == 2, result.output
     assert message in one_message(result.output)
     assert all_runs(client) == []
+
+
+def test_fast_picks_the_fastest_settings_per_device_and_optimizer():
+    # a captured step on CUDA for SGD; a model compiled with CUDA graphs for the others
+    assert fast_settings("cuda", "nesterov") == {
+        "loader": "gpu", "precision": "bf16", "channels_last": True,
+        "cuda_graph": True, "timing": "events",
+    }  # fmt: skip
+    adam = fast_settings("cuda", "adam")
+    assert (adam["cuda_graph"], adam["compile"]) == (False, "reduce-overhead")
+    TrainConfig(**adam, optimizer="adam").check_device("cuda")  # a config it can train
+    assert fast_settings("cpu", "sgd") == {"loader": "gpu"}
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], {"loader": "gpu", "precision": "fp32", "compile": "none", "timing": "sync"}),
+        (["--loader", "torch"], {"loader": "torch", "precision": "fp32"}),  # given: kept
+        (["--precision", "bf16"], {"loader": "gpu", "precision": "bf16"}),
+    ],
+)
+def test_fast_on_cpu_takes_its_settings_where_no_option_is_given(cli, client, args, expected):
+    # Given --fast on this CPU-only machine, with or without options of its own,
+    result = cli("time", *TINY_ARGS, "--epochs", "1", "--fast", *args)
+    # then the run trains, its params the settings resolved.
+    assert result.exit_code == 0, result.output
+    [run] = all_runs(client)
+    assert {k: run.data.params[k] for k in expected} == expected
 
 
 def test_fast_path_options_reach_the_run_params_and_train_on_cpu(cli, client):
@@ -435,6 +474,46 @@ def test_on_cuda_a_graphed_step_trains_as_the_eager_step_does(monkeypatch):
             rtol=1e-3,
             atol=1e-5,
         )
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_on_cuda_the_compiled_graphed_step_trains_as_the_eager_step_does(monkeypatch):
+    # Given two copies of one model and SGD: one stepped eagerly, one compiled (model and
+    # optimizer step) and captured whole as one CUDA graph during the warm-up,
+    device = torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    torch.manual_seed(0)
+    eager_model = build_model().to(device)
+    graph_model = copy.deepcopy(eager_model)
+    eager_opt = build_optimizer("sgd", eager_model.parameters(), lr=0.01)
+    graph_opt = build_optimizer("sgd", graph_model.parameters(), lr=0.01)
+    compiled = fastpath.compile_model(graph_model, "default")
+    execution = Execution(compiled=True)
+    step = GraphedStep(fastpath.compile_optimizer(graph_opt))
+    warm_up(compiled, graph_opt, device, batch_sizes=[32, 8], execution=execution, step=step)
+    assert step.graph is not None
+
+    # when both train the same batches, the last one of another size (eager in both),
+    criterion = nn.CrossEntropyLoss()
+    generator = torch.Generator(device).manual_seed(1)
+    for size in (32, 32, 32, 8, 32):
+        images = torch.randn(size, 3, 32, 32, device=device, generator=generator)
+        labels = torch.randint(0, 10, (size,), device=device, generator=generator)
+        eager_loss, _ = train_step(eager_model, criterion, eager_opt, images, labels, Execution())
+        with compiled_shapes_only(execution):
+            graph_loss, _ = step(compiled, criterion, graph_opt, images, labels, execution)
+        # Inductor fuses batch-norm, ReLU and the additions into kernels of its own, which
+        # sum in another order: fp32 rounding (~1e-6 a kernel) that five steps amplify, far
+        # below what a lost or doubled update would change (tens of percent).
+        assert graph_loss.item() == pytest.approx(eager_loss.item(), rel=1e-3)
+
+    # then their weights and batch-norm statistics agree.
+    states = eager_model.state_dict(), graph_model.state_dict()
+    for eager, graphed in zip(*(s.values() for s in states), strict=True):
+        torch.testing.assert_close(graphed.float(), eager.float(), rtol=1e-2, atol=1e-4)
 
 
 @pytest.mark.gpu

@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from cifarexp.cli import options as opt
-from cifarexp.cli.app import answer, command, open_session, parse_int, parse_list, training_config
+from cifarexp.cli.base import answer, command, open_session, parse_int, parse_list, training_config
 from cifarexp.config import OPTIMIZERS, SCALINGS, ConfigError, TrainConfig
 
 D = TrainConfig()  # the study's defaults, shown by --help
@@ -42,6 +42,7 @@ def time_(
     timing: opt.TimingName = D.timing,
     scaling: opt.ScalingName = D.scaling,
     profile: opt.Profile = D.profile,
+    fast: opt.Fast = False,
     nproc: opt.Nproc = 1,
     run_name: opt.RunName = None,
     tracking_uri: opt.TrackingUri = None,

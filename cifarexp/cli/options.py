@@ -25,6 +25,7 @@ from cifarexp.config import (
     Preset,
     Scaling,
     Timing,
+    fast_flags,
     preset_text,
 )
 
@@ -177,7 +178,7 @@ CudaGraph = Annotated[
     _option(
         "Capture the whole training step (forward, backward, SGD step) as one CUDA graph "
         "during the warm-up and replay it each step: no per-kernel launches (CUDA, sgd or "
-        "nesterov, instead of --compile).",
+        "nesterov; with --compile default, the compiled model's and optimizer's kernels).",
         FAST,
         envvar=_env("cuda_graph"),
     ),
@@ -185,7 +186,6 @@ CudaGraph = Annotated[
 ]
 TimingName = Annotated[
     Timing,
-    preset_text,
     _option(
         "sync synchronises every step (the study's C2); events times with CUDA events and "
         "waits once per epoch (CUDA only).",
@@ -193,6 +193,18 @@ TimingName = Annotated[
         "--timing",
     ),
     Sets("timing"),
+]
+
+Fast = Annotated[
+    bool,
+    _option(
+        "The fastest settings this tool has for the device: on CUDA "
+        + ", ".join(fast_flags("cuda"))
+        + "; on CPU "
+        + ", ".join(fast_flags("cpu"))
+        + ". An option given as well overrides its part.",
+        FAST,
+    ),
 ]
 
 # ---------------------------------------------------------------- several processes

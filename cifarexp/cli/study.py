@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from cifarexp.cli import options as opt
-from cifarexp.cli.app import answer, command, open_session, parse_list
+from cifarexp.cli.base import answer, command, open_session, parse_list
 from cifarexp.config import OPTIMIZERS, CifarexpError, TrainConfig, UserError
 
 if TYPE_CHECKING:

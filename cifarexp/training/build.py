@@ -150,9 +150,16 @@ def build_training(cfg: TrainConfig, world: World = World()) -> Training:
         train_model=fastpath.compile_model(ddp_model, cfg.compile),  # shares model's parameters
         optimizer=optimizer,
         execution=execution,
-        step=GraphedStep() if cfg.cuda_graph else train_step,
+        step=graphed_step(cfg, optimizer) if cfg.cuda_graph else train_step,
         combine=combine,
     )
+
+
+def graphed_step(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> GraphedStep:
+    """The step captured as one CUDA graph: the eager step's, or with a compiled model the
+    compiled model's and a compiled optimizer step's."""
+    compiled = cfg.compile != "none"
+    return GraphedStep(fastpath.compile_optimizer(optimizer) if compiled else None)
 
 
 def train_loader(

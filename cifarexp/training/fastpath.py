@@ -4,6 +4,7 @@ measured against (the model's FLOPs and the device's peak, for `mfu`)."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -73,6 +74,12 @@ def compile_model(model: nn.Module, mode: str) -> nn.Module:
     if mode == "none":
         return model
     return torch.compile(model, mode=mode, dynamic=False)
+
+
+def compile_optimizer(optimizer: torch.optim.Optimizer) -> Callable[[], object]:
+    """`optimizer.step` compiled by Inductor: the parameter updates fused into a few kernels
+    (compiled by the warm-up's first steps; a captured step replays them)."""
+    return torch.compile(optimizer.step)
 
 
 def execution(cfg: TrainConfig, model: nn.Module, device: torch.device) -> Execution:

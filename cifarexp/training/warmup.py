@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -49,7 +49,10 @@ def warm_up(
             # The first size compiles; the others run as the epochs will run them.
             with compiled_shapes_only(execution) if i else contextlib.nullcontext():
                 for _ in range(steps):
-                    train_step(model, criterion, optimizer, images, labels, execution)
+                    train_step(
+                        model, criterion, optimizer, images, labels, execution,
+                        optimizer_step=step.optimizer_step if graphed else None,
+                    )  # fmt: skip
             if graphed and i == 0:
                 # The warm steps made the optimizer's state: the graph captures its update.
                 assert steps >= 1 and optimizer.state, "capture needs a warm step first"
@@ -71,13 +74,18 @@ class GraphedStep:
     graph's input tensors: one launch a step instead of hundreds of kernels. Any other
     shape (an epoch's smaller last batch) steps eagerly, on the same parameters and state.
 
+    With `optimizer_step`, a compiled `optimizer.step` (`fastpath.compile_optimizer`), the
+    step captured is the compiled model's (`--compile default`: Inductor's fused kernels)
+    and the compiled optimizer's, each compiled by the warm-up's steps before the capture.
+
     Only for SGD with or without Nesterov momentum (config.GRAPHED_OPTIMIZERS): its state
-    (the momentum buffers) is made by the warm-up's eager steps, captured, then zeroed in
-    place; with no dampening a zero buffer's first update is the gradient, as a fresh
-    buffer's is, so it trains as a fresh optimizer does.
+    (the momentum buffers) is made by the warm-up's steps, captured, then zeroed in place;
+    with no dampening a zero buffer's first update is the gradient, as a fresh buffer's is,
+    so it trains as a fresh optimizer does.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, optimizer_step: Callable[[], object] | None = None) -> None:
+        self.optimizer_step = optimizer_step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # the graph's images, labels
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # its loss, logits
@@ -97,8 +105,9 @@ class GraphedStep:
         optimizer.zero_grad(set_to_none=True)  # backward makes the grads in the graph's pool
         with torch.cuda.graph(self.graph):
             loss, logits = train_step(
-                model, criterion, optimizer, *self.inputs, execution, autocast_cache=False
-            )
+                model, criterion, optimizer, *self.inputs, execution, autocast_cache=False,
+                optimizer_step=self.optimizer_step,
+            )  # fmt: skip
         # Detached (the same memory): the captured autograd graph is freed, so the eager
         # steps do not find its gradient accumulators alive on the capture's stream.
         self.outputs = loss.detach(), logits.detach()
@@ -115,7 +124,10 @@ class GraphedStep:
         if self.graph is None or self.inputs is None:
             raise RuntimeError("a GraphedStep trains only once warm_up has captured it")
         if images.shape != self.inputs[0].shape:
-            return train_step(model, criterion, optimizer, images, labels, execution)
+            return train_step(
+                model, criterion, optimizer, images, labels, execution,
+                optimizer_step=self.optimizer_step,
+            )  # fmt: skip
         self.inputs[0].copy_(images)
         self.inputs[1].copy_(labels)
         self.graph.replay()

@@ -20,7 +20,7 @@ import typer
 
 from cifarexp import __version__, processes
 from cifarexp.cli.options import Sets
-from cifarexp.config import ConfigError, TrainConfig, UserError, flag
+from cifarexp.config import ConfigError, TrainConfig, UserError, fast_settings, flag
 
 if TYPE_CHECKING:
     from cifarexp.study.session import Session
@@ -107,9 +107,19 @@ def open_session(ctx: typer.Context, **given: Any) -> Session:
 
 
 def training_config(ctx: typer.Context, tracker: Tracker) -> TrainConfig:
-    """The TrainConfig of the command's options that set a config field (`options.Sets`);
-    workers "best" is resolved from the store."""
-    given = {field: ctx.params[name] for name, field in _config_options(ctx.command.callback)}
+    """The TrainConfig of the command's options that set a config field (`options.Sets`),
+    with --fast's settings for the device where an option was not given; workers "best" is
+    resolved from the store."""
+    options = {field: name for name, field in _config_options(ctx.command.callback)}
+    given = {field: ctx.params[name] for field, name in options.items()}
+    if ctx.params.get("fast"):  # the fastest settings, but for the options given
+        from cifarexp.training.engine import resolve_device
+
+        device_type = resolve_device(given.get("device", "auto")).type
+        for field, value in fast_settings(device_type, given["optimizer"]).items():
+            source = ctx.get_parameter_source(options[field])  # typer may vendor click's enum
+            if source is None or source.name == "DEFAULT":
+                given[field] = value
     workers = given.get("workers")
     if workers == "best":
         from cifarexp.study.comparisons import resolve_best_workers
