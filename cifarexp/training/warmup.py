@@ -49,10 +49,8 @@ def warm_up(
             # The first size compiles; the others run as the epochs will run them.
             with compiled_shapes_only(execution) if i else contextlib.nullcontext():
                 for _ in range(steps):
-                    train_step(
-                        model, criterion, optimizer, images, labels, execution,
-                        optimizer_step=step.optimizer_step if graphed else None,
-                    )  # fmt: skip
+                    warm_step = step.eager if graphed else train_step
+                    warm_step(model, criterion, optimizer, images, labels, execution)
             if graphed and i == 0:
                 # The warm steps made the optimizer's state: the graph captures its update.
                 assert steps >= 1 and optimizer.state, "capture needs a warm step first"
@@ -90,6 +88,11 @@ class GraphedStep:
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # the graph's images, labels
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # its loss, logits
 
+    def eager(self, *step: object, **settings: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step run as `train_step` runs it (arguments alike), with this step's
+        optimizer step: the warm-up's steps, the captured one, another shape's."""
+        return train_step(*step, optimizer_step=self.optimizer_step, **settings)
+
     def capture(
         self,
         model: nn.Module,
@@ -104,10 +107,9 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         optimizer.zero_grad(set_to_none=True)  # backward makes the grads in the graph's pool
         with torch.cuda.graph(self.graph):
-            loss, logits = train_step(
-                model, criterion, optimizer, *self.inputs, execution, autocast_cache=False,
-                optimizer_step=self.optimizer_step,
-            )  # fmt: skip
+            loss, logits = self.eager(
+                model, criterion, optimizer, *self.inputs, execution, autocast_cache=False
+            )
         # Detached (the same memory): the captured autograd graph is freed, so the eager
         # steps do not find its gradient accumulators alive on the capture's stream.
         self.outputs = loss.detach(), logits.detach()
@@ -124,10 +126,7 @@ class GraphedStep:
         if self.graph is None or self.inputs is None:
             raise RuntimeError("a GraphedStep trains only once warm_up has captured it")
         if images.shape != self.inputs[0].shape:
-            return train_step(
-                model, criterion, optimizer, images, labels, execution,
-                optimizer_step=self.optimizer_step,
-            )  # fmt: skip
+            return self.eager(model, criterion, optimizer, images, labels, execution)
         self.inputs[0].copy_(images)
         self.inputs[1].copy_(labels)
         self.graph.replay()
