@@ -73,7 +73,12 @@ class Tracker:
         client = mlflow.MlflowClient()
         source = client.get_run(source_id)
         kept = {k: v for k, v in source.data.tags.items() if k.startswith(TAG)}
-        kept = {**kept, **tags, REUSED_FROM: source_id}
+        note = (
+            f"Not trained again: the same settings as the finished run {source.info.run_name!r} "
+            f"({source_id}), whose params and metrics this run copies; its model summary and "
+            "dataset stay on that run."
+        )
+        kept = {**kept, **tags, REUSED_FROM: source_id, NOTE: note}
         history = [
             m for key in source.data.metrics for m in client.get_metric_history(source_id, key)
         ]
