@@ -94,6 +94,7 @@ def run_training(
     tracker = session.tracker
     training = build_training(cfg, tracker.world)
     tags = {**labels.tags(), tracking.DATASET: cfg.dataset, **environment_tags(training.device)}
+    tags[tracking.ENERGY] = energy_source(training, session)
     params = {**cfg.as_params(), **tracker.world.params(cfg)}
     name = run_name or labels.run_name(cfg.dataset, training.device.type)
     run = tracker.start_run(
@@ -126,6 +127,16 @@ def time_run(cfg: TrainConfig, session: Session, *, run_name: str | None = None)
     """C1, C2: train and time `cfg` as the `time` command's run; its run id (None on a rank
     of a torchrun job that does not write)."""
     return run_training(cfg, Labels("time", "C2"), session, run_name=run_name).run_id
+
+
+def energy_source(training: Training, session: Session) -> str:
+    """What counts each epoch's energy (the run's ENERGY tag); where nothing does, the tag
+    says why, and so does the terminal, once per command."""
+    counter = training.energy_counter
+    if counter is not None:
+        return counter.source
+    session.say_once(f"Energy per epoch is not measured: {training.energy}.")
+    return f"not measured: {training.energy}"
 
 
 def note_divergence(tracker: Tracker, result: EpochResult, labels: Labels) -> None:
