@@ -115,7 +115,7 @@ def run_training(
 
             results = training.train(on_epoch, on_batch=display.on_batch)
             if cfg.profile:  # after the last epoch is logged: never inside a timed epoch
-                profile = profile_and_log(tracker, training)
+                profile = profile_and_log(tracker, training, results)
                 if profile is not None:
                     display.on_profile(profile)
     if session.finished is not None and run_id is not None and tracker.world.world_size == 1:
@@ -186,11 +186,14 @@ def warm_up_before_epoch_1(tracker: Tracker, training: Training) -> float | None
     return warmup_s
 
 
-def profile_and_log(tracker: Tracker, training: Training) -> profiling.Profile | None:
+def profile_and_log(
+    tracker: Tracker, training: Training, results: list[EpochResult]
+) -> profiling.Profile | None:
     """`--profile`: the profile of a window of steps after the last epoch, logged on the run:
     its trace and summary table (artifacts), its split and cost (metrics), its verdict (tag
-    and a paragraph of the description). The verdict's advice names the best worker count
-    of the latest sweep on this device type, where the store has one."""
+    and a paragraph of the description), which weighs the timed epochs (`results`: their
+    data-loading share, their energy) with the window. The verdict's advice names the best
+    worker count of the latest sweep on this device type, where the store has one."""
     sweep = (
         tracking.latest_sweep(training.device.type, training.cfg.dataset)
         if tracker.writes
@@ -198,7 +201,8 @@ def profile_and_log(tracker: Tracker, training: Training) -> profiling.Profile |
     )
     best = None if sweep is None else (int(sweep["metrics.best_workers"]), str(sweep["run_id"]))
     with tempfile.TemporaryDirectory() as folder:
-        profile = profiling.profile_training(training, Path(folder), best)
+        epochs = profiling.Epochs.of(results)
+        profile = profiling.profile_training(training, Path(folder), best, epochs)
         tracker.log_artifacts(Path(folder))
     if profile is not None:
         tracker.log_table(profile.summary, profiling.SUMMARY.removesuffix(".csv"))
