@@ -11,8 +11,12 @@ from analysis import report, tables
 from benchmarks.fake_runs import epoch, log_run, partial
 from cifarexp import tracking
 from cifarexp.training import energy
+from cifarexp.training.data import load_split, make_loader
 from cifarexp.training.energy import UJ, EnergyCounter, rapl_counter
-from tests.conftest import TINY_ARGS, all_runs, without
+from cifarexp.training.engine import train_one_epoch
+from cifarexp.training.models import build_model
+from cifarexp.training.optim import build_optimizer
+from tests.conftest import TINY, TINY_ARGS, all_runs, without
 
 ENERGY_METRICS = {"energy_j", "power_w", "energy_per_image_mj"}
 
@@ -49,6 +53,26 @@ def test_the_rapl_counter_sums_the_packages_and_counts_through_a_wrap(tmp_path):
     assert counter.joules() == pytest.approx(2.3)
     # and a folder without packages has no counter, and says why
     assert "no RAPL package counter" in rapl_counter(torch.device("cpu"), tmp_path / "x")
+
+
+def test_an_epoch_cut_short_logs_the_energy_it_measured_and_estimates_the_whole_epochs():
+    # Given a tiny set of two batches and a counter that counts 3 J between two readings
+    model = build_model()
+    loader = make_loader(TINY, load_split(TINY, train=True), train=True)
+    optimizer = build_optimizer(TINY.optimizer, model.parameters())
+    # When one epoch trains its first batch only, read by that counter
+    result = train_one_epoch(
+        model, loader, optimizer, torch.device("cpu"), epoch=1, max_batches=1,
+        energy=counting(3.0, 10.0),
+    )  # fmt: skip
+    # Then it logs the 3 J as partial_energy_j, and as energy_j the whole epoch's estimate,
+    # scaled as its time is
+    metrics = result.metrics()
+    assert metrics["partial_energy_j"] == pytest.approx(3.0)
+    scale = metrics["epoch_time_s"] / metrics["partial_total_s"]
+    assert metrics["energy_j"] == pytest.approx(3.0 * scale)
+    assert metrics["power_w"] == pytest.approx(3.0 / metrics["partial_total_s"])
+    assert metrics["energy_per_image_mj"] == pytest.approx(3000 / TINY.batch_size)
 
 
 def test_each_epoch_logs_the_energy_its_counter_counted_and_the_c2_table_shows_it(
