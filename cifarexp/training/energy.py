@@ -69,6 +69,8 @@ def nvml_counter(device: torch.device) -> EnergyCounter | str:
         )
     except pynvml.NVMLError as exc:
         return f"NVML has no energy counter for this GPU ({exc}; Volta and later have one)"
+    except AttributeError:  # a torch without the PCI ids of its devices
+        return f"torch {torch.__version__} does not say which PCI bus the GPU is on"
 
 
 def rapl_counter(device: torch.device, root: Path = POWERCAP) -> EnergyCounter | str:
