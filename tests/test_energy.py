@@ -3,6 +3,8 @@ test machines have no readable one), what the store and the study's tables hold,
 missing counter said once."""
 
 import itertools
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -53,6 +55,46 @@ def test_the_rapl_counter_sums_the_packages_and_counts_through_a_wrap(tmp_path):
     assert counter.joules() == pytest.approx(2.3)
     # and a folder without packages has no counter, and says why
     assert "no RAPL package counter" in rapl_counter(torch.device("cpu"), tmp_path / "x")
+
+
+def test_the_nvml_counter_reads_the_gpus_total_energy_found_by_its_pci_bus(monkeypatch):
+    # Given nvidia-ml-py (a stand-in) whose GPU on PCI bus 19 has counted 5,000 mJ, then
+    # 12,500, and a CUDA device on that bus
+    readings = iter([5_000, 12_500])
+
+    class NVMLError(Exception):
+        pass
+
+    def total_energy(handle):
+        if handle != b"00000000:19:00.0":
+            raise NVMLError("Not Found")
+        return next(readings)
+
+    nvml = SimpleNamespace(
+        NVMLError=NVMLError, nvmlInit=lambda: None, nvmlDeviceGetHandleByPciBusId=lambda b: b,
+        nvmlDeviceGetName=lambda handle: "NVIDIA H200",
+        nvmlDeviceGetTotalEnergyConsumption=total_energy,
+    )  # fmt: skip
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    bus = SimpleNamespace(pci_domain_id=0, pci_bus_id=0x19, pci_device_id=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: bus)
+    gpu = torch.device("cuda", 0)
+    # When its counter is found and read
+    counter = energy.nvml_counter(gpu)
+    # Then it names the GPU and counts 7.5 J
+    assert counter.source == "NVML total energy of NVIDIA H200 (00000000:19:00.0)"
+    assert counter.joules() == pytest.approx(7.5)
+
+    # and a GPU without the counter, or no nvidia-ml-py, gives a reason
+    def unsupported(handle):
+        raise NVMLError("Not Supported")
+
+    nvml.nvmlDeviceGetTotalEnergyConsumption = unsupported
+    assert energy.nvml_counter(gpu) == (
+        "NVML has no energy counter for this GPU (Not Supported; Volta and later have one)"
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert energy.nvml_counter(gpu).startswith("nvidia-ml-py is not installed")
 
 
 def test_an_epoch_cut_short_logs_the_energy_it_measured_and_estimates_the_whole_epochs():
