@@ -15,6 +15,7 @@ from analysis import plots, queries, tables
 from cifarexp import tracking
 from cifarexp.config import ConfigError
 from cifarexp.study.catalogue import ITEMS, SECTIONS, TITLES
+from cifarexp.training.energy import joules_text
 
 
 @dataclass
@@ -190,11 +191,21 @@ def headline(section: Section) -> dict[str, float]:
     speedup = section.tables.get("c5_devices", pd.DataFrame()).get("speedup vs cpu")
     if speedup is not None and len(speedup) > 1:
         metrics["gpu_speedup"] = float(speedup.max())
-    for _, row in section.tables.get("c5_devices", pd.DataFrame()).iterrows():
-        metrics[f"{str(row['device']).replace(':', '_')}_epoch_s"] = float(row["avg epoch s"])
+    c5 = section.tables.get("c5_devices", pd.DataFrame())
+    for _, row in c5.iterrows():
+        device = str(row["device"]).replace(":", "_")
+        metrics[f"{device}_epoch_s"] = float(row["avg epoch s"])
+        if pd.notna(row.get(tables.EPOCH_J)):
+            metrics[f"{device}_epoch_j"] = float(row[tables.EPOCH_J])
+    if tables.ENERGY_VS_CPU in c5:  # the CPU's J/epoch over each device's
+        ratios = c5.loc[c5["device"] != "cpu", tables.ENERGY_VS_CPU].dropna()
+        if not ratios.empty:  # both the CPU and a GPU measured it
+            metrics["cpu_gpu_energy_ratio"] = float(ratios.max())
     for _, row in section.tables.get("c6_optimizers", pd.DataFrame()).iterrows():
         metrics[f"final_acc_{row['optimizer']}"] = float(row["final accuracy"])
         metrics[f"final_loss_{row['optimizer']}"] = float(row["final loss"])
+        if pd.notna(row.get(tables.EPOCH_J)):
+            metrics[f"epoch_j_{row['optimizer']}"] = float(row[tables.EPOCH_J])
     c7 = section.tables.get("c7_batch_norm", pd.DataFrame())
     final = dict(zip(c7.get("model", []), c7.get("final accuracy", []), strict=True))
     metrics |= {f"final_acc_{m.lower().replace(' ', '_')}": float(a) for m, a in final.items()}
@@ -212,9 +223,14 @@ def answer(section: Section) -> str:
     t, m = section.tables, headline(section)
     if "c2_epochs" in t:
         mean = t["c2_epochs"].iloc[-1]
+        energy = (
+            f" It used {joules_text(mean[tables.ENERGY])} ({mean[tables.POWER]:.0f} W)."
+            if tables.ENERGY in mean
+            else ""
+        )
         return (
             f"An epoch took {mean['total s']:.2f} s on average: {mean['data-loading s']:.2f} s "
-            f"waiting for data and {mean['training s']:.2f} s computing."
+            f"waiting for data and {mean['training s']:.2f} s computing.{energy}"
         )
     if "c3_workers" in t:
         return f"The best count is {m['best_workers']} workers. {section.text}"
@@ -225,7 +241,9 @@ def answer(section: Section) -> str:
             for _, r in rows.iterrows()
         )
         speedup = f": the GPU is {m['gpu_speedup']:.1f}x faster" if "gpu_speedup" in m else ""
-        return f"Average epoch time per device: {epochs}{speedup}."
+        return (
+            f"Average epoch time per device: {epochs}{speedup}.{_energy_per_epoch(rows, 'device')}"
+        )
     if "c5_scaling" in t:
         gpus = t["c5_scaling"]["GPUs"].max()
         modes = [f"{k.removesuffix('_scaling_efficiency')} {v:.1%}" for k, v in m.items()]
@@ -236,7 +254,8 @@ def answer(section: Section) -> str:
             f"{name} {acc:.1%}"
             for name, acc in zip(c6["optimizer"], c6["final accuracy"], strict=True)
         )
-        return f"Final training accuracy, best first: {ranked}."
+        energy = _energy_per_epoch(t["c6_optimizers"], "optimizer")
+        return f"Final training accuracy, best first: {ranked}.{energy}"
     if "c7_batch_norm" in t:
         c7 = t["c7_batch_norm"]
         final = dict(zip(c7["model"], c7["final accuracy"], strict=True))
@@ -244,6 +263,22 @@ def answer(section: Section) -> str:
         gap = f" (BatchNorm adds {m['acc_gap']:.1%})" if "acc_gap" in m else ""
         return f"Final training accuracy: {text}{gap}."
     return ""
+
+
+def _energy_per_epoch(table: pd.DataFrame, by: str) -> str:
+    """A sentence of the energy per epoch by `by` where measured (the table's J/epoch), and
+    how many times less of it a GPU used than the CPU; else nothing."""
+    if tables.EPOCH_J not in table:
+        return ""
+    rows = table[table[tables.EPOCH_J].notna()]
+    shown = ", ".join(
+        f"{name} {joules_text(j)}" for name, j in zip(rows[by], rows[tables.EPOCH_J], strict=True)
+    )
+    less = ""
+    if tables.ENERGY_VS_CPU in rows:
+        ratio = rows.loc[rows[by] != "cpu", tables.ENERGY_VS_CPU].dropna()
+        less = f" ({ratio.max():.1f}x less than the CPU's)" if not ratio.empty else ""
+    return f" Energy per epoch: {shown}{less}."
 
 
 def pick_runs(pairs: list[str]) -> dict[str, str]:

@@ -13,6 +13,8 @@ DATA, TRAIN, TOTAL = "data-loading s", "training s", "total s"
 GPU_LOADER = "gpu loader"  # C3's row of a --loader gpu run
 EPOCH_NOISE = 0.01  # a difference under 1% of the epoch is noise, however small the wait
 TIMES = {"data_time_s": DATA, "train_time_s": TRAIN, "epoch_time_s": TOTAL}
+ENERGY, POWER, EPOCH_J = "energy J", "power W", "J/epoch"  # where a counter measured them
+ENERGY_VS_CPU = "energy vs cpu"  # the CPU's J/epoch over this device's
 
 
 def per_run_means(ex: Exercise, first_epoch: int = 1) -> pd.DataFrame:
@@ -25,13 +27,22 @@ def per_run_means(ex: Exercise, first_epoch: int = 1) -> pd.DataFrame:
     return joined.loc[[r for r in params.index if r in joined.index]].reset_index()
 
 
+def measured(frame: pd.DataFrame, column: str) -> bool:
+    """Whether `frame` has `column` with a value (energy: only where a counter measured it)."""
+    return column in frame and bool(frame[column].notna().any())
+
+
 def c2_epochs(ex: Exercise) -> pd.DataFrame:
     """C2: the untimed warm-up as its own line (when the run had one: its seconds as the
-    total), one row per epoch (data-loading, training, total, loss, accuracy), then the
-    epochs' totals (times summed) and means, which never include the warm-up."""
-    frame = ex.epochs.rename(columns={**TIMES, "train_loss": "loss", "train_acc": "accuracy"})
-    frame = frame[["epoch", DATA, TRAIN, TOTAL, "loss", "accuracy"]].astype({"epoch": object})
-    total = {"epoch": "total", **frame[[DATA, TRAIN, TOTAL]].sum()}
+    total), one row per epoch (data-loading, training, total, energy and power where
+    measured, loss, accuracy), then the epochs' totals (times and energy summed) and means,
+    which never include the warm-up."""
+    names = {**TIMES, "energy_j": ENERGY, "power_w": POWER}
+    frame = ex.epochs.rename(columns={**names, "train_loss": "loss", "train_acc": "accuracy"})
+    energy = [c for c in (ENERGY, POWER) if measured(frame, c)]
+    columns = ["epoch", DATA, TRAIN, TOTAL, *energy, "loss", "accuracy"]
+    frame = frame[columns].astype({"epoch": object})
+    total = {"epoch": "total", **frame[[DATA, TRAIN, TOTAL, *energy[:1]]].sum()}
     mean = {"epoch": "mean", **frame.drop(columns="epoch").mean()}
     warmup = ex.runs.get("metrics.warmup_s", pd.Series(dtype=float)).dropna()
     first = [{"epoch": "warm-up", TOTAL: warmup.iloc[0]}] if len(warmup) else []
@@ -168,7 +179,8 @@ def c4_explanation(c3: pd.DataFrame, cpus: str = "?") -> str:
 
 def c5_devices(ex: Exercise) -> pd.DataFrame:
     """C5: average epoch time per device, estimated where only some batches ran (see
-    `queries.epochs`), and the speedup against the CPU."""
+    `queries.epochs`), and the speedup against the CPU; where the devices' counters measured
+    it, the energy of an epoch and how many times less of it than the CPU's."""
     runs = per_run_means(ex)
     partial = runs.get("partial_total_s", pd.Series(float("nan"), index=runs.index))
     table = pd.DataFrame(
@@ -183,6 +195,10 @@ def c5_devices(ex: Exercise) -> pd.DataFrame:
     )
     cpu = table.loc[table["device"] == "cpu", "avg epoch s"]
     table["speedup vs cpu"] = cpu.iloc[0] / table["avg epoch s"] if not cpu.empty else None
+    if measured(runs, "energy_j"):
+        table[EPOCH_J] = runs["energy_j"]
+        cpu_j = table.loc[table["device"] == "cpu", EPOCH_J]
+        table[ENERGY_VS_CPU] = cpu_j.iloc[0] / table[EPOCH_J] if not cpu_j.empty else None
     return table
 
 
@@ -222,14 +238,16 @@ def c5_scaling(ex: Exercise) -> pd.DataFrame:
 
 
 def c6_optimizers(ex: Exercise) -> pd.DataFrame:
-    """C6: per optimizer the average training time per epoch, the last epoch's loss and
-    accuracy (the per-epoch values: `c6_per_epoch`)."""
+    """C6: per optimizer the average training time per epoch, its energy where measured,
+    the last epoch's loss and accuracy (the per-epoch values: `c6_per_epoch`)."""
     runs = per_run_means(ex)
     final = _last_epoch(ex, runs)
+    energy = {EPOCH_J: runs["energy_j"]} if measured(runs, "energy_j") else {}
     return pd.DataFrame(
         {
             "optimizer": runs["params.optimizer"],
             "avg training s/epoch": runs["train_time_s"],
+            **energy,
             "final loss": final["train_loss"],
             "final accuracy": final["train_acc"],
         }

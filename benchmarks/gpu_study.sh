@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The study's GPU measurements, run on a GPU machine from the repository root:
 #   bash benchmarks/gpu_study.sh PART...   with PART = core | study | fast | warmup | profile |
-#                                        scaling | scaling-events | scaling-fast
+#                                        energy | scaling | scaling-events | scaling-fast
 # Each part writes its printed tables under $OUT (default ./gpu-out) and leaves mlflow.db
 # in the working directory (copied to $OUT after each step), so parts share one store.
 set -uo pipefail
@@ -60,6 +60,16 @@ for part in "${@:-core}"; do case "$part" in
     python3 -m cifarexp report --out report > "$OUT/report.txt" 2>&1
     ls -la mlartifacts/*/*/artifacts/profile_trace.json.gz > "$OUT/traces.txt" 2>&1
     tar czf "$OUT/report.tgz" report
+    ;;
+  energy)  # the verdict on the study's path (2 workers) and on the fast path, each with its
+    # epochs' data share and J/epoch; each optimizer's J/epoch; NVML's joules against MLflow's
+    # sampled power integrated over the same epochs (docs/energy.md)
+    run verdict_study python3 -m cifarexp time "${FULL[@]}" --epochs 3 --workers 2 --profile
+    run verdict_fast python3 -m cifarexp time "${FULL[@]}" --epochs 5 --loader gpu \
+      --precision bf16 --channels-last --cuda-graph --timing events --profile
+    run c6_optim python3 -m cifarexp compare-optim "${FULL[@]}" --workers "${WORKERS:-8}"
+    run energy_check python3 benchmarks/energy_check.py
+    grep -l "clears events" "$OUT"/verdict_*.txt > "$OUT/kineto_lines.txt" 2>&1
     ;;
   scaling)  # on a 4-GPU machine: what DDP adds to a step, then C5 over 1, 2, 4 GPUs
     { nvidia-smi topo -m; lscpu | grep -E '^(CPU\(s\)|Thread|Core|Socket|Model name|NUMA)'; } \

@@ -119,6 +119,9 @@ class EpochProgress:
         title = f"{self._prefix()}profile: {steps}"
         console.print(render(profile.summary, title))
         console.print(f"Split: {split_text(profile.split)}.", highlight=False)
+        if profile.kernels:
+            shares = ", ".join(f"{kind} {share:.0%}" for kind, share in profile.kernels.items())
+            console.print(f"Kernel time: {shares}.", highlight=False)
         if self.label:
             console.print(f"Verdict: {profile.verdict}.", style="bold", highlight=False)
         console.print(f"(the profile took {profile.profile_s:.1f} s)", style="dim", highlight=False)

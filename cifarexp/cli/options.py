@@ -260,7 +260,8 @@ Profile = Annotated[
     _option(
         "After the timed epochs, profile a few more training steps of the run (torch.profiler): "
         "a trace, the top operators and kernels, the step's split (data wait, host, copies, "
-        "compute, communication) and a verdict on what bounds it, logged on the run.",
+        "compute, communication) and a verdict on what bounds the run (its epochs' wait for "
+        "data, the step's device timeline), logged on the run.",
         RUN,
         envvar=_env("profile"),
     ),

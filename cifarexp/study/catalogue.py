@@ -35,7 +35,10 @@ ITEMS: dict[str, Item] = {
         "Where does the time of an epoch go: waiting for data, computing, in all?",
         "C1, C2: where the time of an epoch goes",
         "cifarexp time",
-        {"c2_epochs": "C2: time of each epoch (data-loading, training, total), loss and accuracy"},
+        {
+            "c2_epochs": "C2: time of each epoch (data-loading, training, total), energy where "
+            "measured, loss and accuracy"
+        },
     ),
     "C3": Item(
         "How many DataLoader workers load data fastest, and why does 1 worker lose (C4)?",

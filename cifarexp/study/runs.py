@@ -94,6 +94,7 @@ def run_training(
     tracker = session.tracker
     training = build_training(cfg, tracker.world)
     tags = {**labels.tags(), tracking.DATASET: cfg.dataset, **environment_tags(training.device)}
+    tags[tracking.ENERGY] = energy_source(training, session)
     params = {**cfg.as_params(), **tracker.world.params(cfg)}
     name = run_name or labels.run_name(cfg.dataset, training.device.type)
     run = tracker.start_run(
@@ -114,7 +115,7 @@ def run_training(
 
             results = training.train(on_epoch, on_batch=display.on_batch)
             if cfg.profile:  # after the last epoch is logged: never inside a timed epoch
-                profile = profile_and_log(tracker, training)
+                profile = profile_and_log(tracker, training, results)
                 if profile is not None:
                     display.on_profile(profile)
     if session.finished is not None and run_id is not None and tracker.world.world_size == 1:
@@ -126,6 +127,16 @@ def time_run(cfg: TrainConfig, session: Session, *, run_name: str | None = None)
     """C1, C2: train and time `cfg` as the `time` command's run; its run id (None on a rank
     of a torchrun job that does not write)."""
     return run_training(cfg, Labels("time", "C2"), session, run_name=run_name).run_id
+
+
+def energy_source(training: Training, session: Session) -> str:
+    """What counts each epoch's energy (the run's ENERGY tag); where nothing does, the tag
+    says why, and so does the terminal, once per command."""
+    counter = training.energy_counter
+    if counter is not None:
+        return counter.source
+    session.say_once(f"Energy per epoch is not measured: {training.energy}.")
+    return f"not measured: {training.energy}"
 
 
 def note_divergence(tracker: Tracker, result: EpochResult, labels: Labels) -> None:
@@ -175,11 +186,14 @@ def warm_up_before_epoch_1(tracker: Tracker, training: Training) -> float | None
     return warmup_s
 
 
-def profile_and_log(tracker: Tracker, training: Training) -> profiling.Profile | None:
+def profile_and_log(
+    tracker: Tracker, training: Training, results: list[EpochResult]
+) -> profiling.Profile | None:
     """`--profile`: the profile of a window of steps after the last epoch, logged on the run:
     its trace and summary table (artifacts), its split and cost (metrics), its verdict (tag
-    and a paragraph of the description). The verdict's advice names the best worker count
-    of the latest sweep on this device type, where the store has one."""
+    and a paragraph of the description), which weighs the timed epochs (`results`: their
+    data-loading share, their energy) with the window. The verdict's advice names the best
+    worker count of the latest sweep on this device type, where the store has one."""
     sweep = (
         tracking.latest_sweep(training.device.type, training.cfg.dataset)
         if tracker.writes
@@ -187,7 +201,8 @@ def profile_and_log(tracker: Tracker, training: Training) -> profiling.Profile |
     )
     best = None if sweep is None else (int(sweep["metrics.best_workers"]), str(sweep["run_id"]))
     with tempfile.TemporaryDirectory() as folder:
-        profile = profiling.profile_training(training, Path(folder), best)
+        epochs = profiling.Epochs.of(results)
+        profile = profiling.profile_training(training, Path(folder), best, epochs)
         tracker.log_artifacts(Path(folder))
     if profile is not None:
         tracker.log_table(profile.summary, profiling.SUMMARY.removesuffix(".csv"))

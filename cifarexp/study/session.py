@@ -3,9 +3,10 @@ progress shows, whether it resumes. The CLI opens one per command and passes it 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from cifarexp.config import TrainConfig
@@ -14,6 +15,8 @@ from cifarexp.tracking import Tracker, default_experiment
 if TYPE_CHECKING:
     from cifarexp.training.engine import EpochResult
     from cifarexp.training.profiling import Profile
+
+log = logging.getLogger(__name__)
 
 
 class Display(Protocol):
@@ -41,10 +44,17 @@ class Session:
     # The lab's: config -> the run that finished training it; a comparison reuses such a
     # run for a variant with the same config instead of training it again. None: no reuse.
     finished: dict[TrainConfig, str] | None = None
+    said: set[str] = field(default_factory=set, compare=False)  # notices given (`say_once`)
 
     def experiment_of(self, command: str) -> str:
         """The experiment a run of `command` goes into."""
         return self.experiment or default_experiment(command)
+
+    def say_once(self, notice: str) -> None:
+        """A notice on the terminal, once per command however many runs it concerns."""
+        if notice not in self.said and self.tracker.writes:
+            self.said.add(notice)
+            log.info(notice)
 
     def show(self, label: str, epochs: int, batches: int) -> AbstractContextManager[Display]:
         """A run's progress display (a silent one without progress, or on a rank that does

@@ -11,6 +11,7 @@ from cifarexp.tracking.names import (
     DATASET,
     DEVICE,
     DIVERGED,
+    ENERGY,
     ERROR,
     EXERCISE,
     NOTE,
@@ -37,7 +38,7 @@ from cifarexp.tracking.store import STORE_ERRORS, shown_uri
 from cifarexp.tracking.tracker import Tracker
 
 __all__ = [
-    "COMMAND", "COMMIT", "DATASET", "DEVICE", "DIVERGED", "ERROR", "EXERCISE", "NOTE",
+    "COMMAND", "COMMIT", "DATASET", "DEVICE", "DIVERGED", "ENERGY", "ERROR", "EXERCISE", "NOTE",
     "PRESET", "STORE_ERRORS", "TAG", "VARIANT", "VARIANTS", "VERDICT", "VERSION",
     "WORKERS_FROM", "Tracker", "default_experiment", "finished_children",
     "finished_top_level", "is_run_id", "latest_sweep", "load_text", "metric_history",

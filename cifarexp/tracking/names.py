@@ -14,6 +14,7 @@ APPENDED = TAG + "description_appended"  # what a run added to its description a
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 DIVERGED = TAG + "diverged"  # the epoch from which the training loss is not finite
 VERDICT = TAG + "verdict"  # what bounds a profiled run's step (see profiling)
+ENERGY = TAG + "energy"  # what counted each epoch's energy, or why nothing did (see energy)
 # A comparison's parent: a digest of its settings (set as it is created, so that --resume
 # finds it even if it was killed at once), the process that runs it, the variants it ran.
 SETTINGS, OWNER, VARIANTS = TAG + "settings", TAG + "owner", TAG + "variants"

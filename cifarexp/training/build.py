@@ -19,6 +19,7 @@ from cifarexp.config import TrainConfig
 from cifarexp.training import distributed, fastpath
 from cifarexp.training.data import ImageArrayDataset, load_split, make_loader
 from cifarexp.training.distributed import Combiner, World
+from cifarexp.training.energy import EnergyCounter, find_counter
 from cifarexp.training.engine import (
     Batch,
     EpochResult,
@@ -51,6 +52,12 @@ class Training:
     execution: Execution
     step: Step  # one batch's training step: engine.train_step, or a GraphedStep (cuda_graph)
     combine: Combiner  # this process's epoch -> the run's
+    energy: EnergyCounter | str  # the device's energy counter, or why it has none
+
+    @property
+    def energy_counter(self) -> EnergyCounter | None:
+        """The counter that measures each epoch's energy, where there is one."""
+        return self.energy if isinstance(self.energy, EnergyCounter) else None
 
     @property
     def batch_size(self) -> int:
@@ -103,6 +110,7 @@ class Training:
             execution=self.execution,
             step=self.step,
             combine=self.combine,
+            energy=self.energy_counter,
         )
 
 
@@ -152,6 +160,7 @@ def build_training(cfg: TrainConfig, world: World = World()) -> Training:
         execution=execution,
         step=graphed_step(cfg, optimizer) if cfg.cuda_graph else train_step,
         combine=combine,
+        energy=find_counter(device, world.world_size),
     )
 
 

@@ -274,19 +274,23 @@ class Combiner:
 
 def combine(result: EpochResult, world: World, execution: Execution) -> EpochResult:
     """This rank's epoch -> the run's: the slowest rank's times (all-reduce MAX), loss and
-    accuracy over every rank's images (sums of loss * n, correct and n)."""
+    accuracy over every rank's images (sums of loss * n, correct and n), energy over every
+    rank's device (a sum, where every rank measured it)."""
     device = _collective_device(world)
     times = [result.data_time_s, result.train_time_s, result.epoch_time_s]
     times.append(result.estimated_epoch_s or 0.0)
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     n = result.images
+    measured = result.energy_j is not None
     sums = torch.tensor(
-        [result.train_loss * n, result.train_acc * n, n], dtype=torch.float64, device=device
+        [result.train_loss * n, result.train_acc * n, n, result.energy_j or 0.0, measured],
+        dtype=torch.float64,
+        device=device,
     )
     dist.all_reduce(sums)
     data_time, train_time, epoch_time, est = slowest.tolist()
-    loss_sum, correct, images = sums.tolist()
+    loss_sum, correct, images, energy_j, ranks_measured = sums.tolist()
     mfu = execution.mfu(int(images), epoch_time)
     return replace(
         result,
@@ -298,6 +302,7 @@ def combine(result: EpochResult, world: World, execution: Execution) -> EpochRes
         train_acc=correct / images,
         images=round(images),
         mfu=mfu / world.world_size if mfu is not None else None,
+        energy_j=energy_j if ranks_measured == world.world_size else None,
     )
 
 

@@ -9,11 +9,15 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from cifarexp.config import ConfigError, check_device_name
+
+if TYPE_CHECKING:
+    from cifarexp.training.energy import EnergyCounter
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 OnBatch = Callable[[int, float, float], None]  # (batch index, batch loss, batch accuracy)
@@ -39,23 +43,31 @@ class EpochResult:
     estimated_epoch_s: float | None = None  # a whole epoch, from the throughput of max_batches
     mfu: float | None = None  # model FLOPs / epoch time / device peak; None where unknown
     comm_time_s: float | None = None  # DDP: gradient all-reduce not hidden by backward
+    energy_j: float | None = None  # the device's energy counter over the epoch (see energy)
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.epoch_time_s
 
     def metrics(self) -> dict[str, float]:
-        """The per-epoch metrics (test metrics only when evaluation ran). A partial epoch
-        (max_batches) logs its own times as partial_*, and its whole-epoch estimate as
-        epoch_time_s: a metric named like an epoch's is an epoch's."""
+        """The per-epoch metrics (test metrics only when evaluation ran; energy_j, power_w
+        and energy_per_image_mj only where a counter measured them). A partial epoch
+        (max_batches) logs its own times and energy as partial_*, and its whole-epoch
+        estimates as epoch_time_s and energy_j: a metric named like an epoch's is an epoch's."""
         values = {k: v for k, v in asdict(self).items() if k not in ("epoch", "images")}
         values["images_per_s"] = self.images_per_s
+        if self.energy_j is not None:
+            values["power_w"] = self.energy_j / self.epoch_time_s
+            values["energy_per_image_mj"] = self.energy_j / self.images * 1000
         estimate = values.pop("estimated_epoch_s")
         if estimate is not None:
             values["partial_data_s"] = values.pop("data_time_s")
             values["partial_train_s"] = values.pop("train_time_s")
             values["partial_total_s"] = values["epoch_time_s"]
             values["epoch_time_s"] = estimate
+            if self.energy_j is not None:
+                values["partial_energy_j"] = self.energy_j
+                values["energy_j"] = self.energy_j * estimate / self.epoch_time_s
         return {k: float(v) for k, v in values.items() if v is not None}
 
 
@@ -170,11 +182,13 @@ def train_one_epoch(
     on_batch: OnBatch | None = None,
     execution: Execution = Execution(),
     step: Step = train_step,
+    energy: EnergyCounter | None = None,
 ) -> EpochResult:
     """Train one epoch and time it exactly as C2 defines (data wait, computation, wall clock).
 
     `step` trains one batch (default `train_step`). With `execution.timing == "events"` see
-    `_train_one_epoch_events`.
+    `_train_one_epoch_events`. With an `energy` counter the epoch's energy is read where its
+    wall clock starts and stops, the device idle at both (no cost inside the epoch).
     """
     model.train()
     if execution.timing == "events":
@@ -188,10 +202,12 @@ def train_one_epoch(
             on_batch=on_batch,
             execution=execution,
             step=step,
+            energy=energy,
         )
     criterion = nn.CrossEntropyLoss()
     data_time = train_time = loss_sum = 0.0
     correct = seen = 0
+    start_j = _start_energy(energy, device)
     epoch_start = time.perf_counter()
     wait_start = epoch_start
     batches = iter(loader)  # starting the workers is part of waiting for the first batch
@@ -219,7 +235,8 @@ def train_one_epoch(
         if max_batches is not None and index + 1 >= max_batches:
             break
         wait_start = time.perf_counter()
-    epoch_time = time.perf_counter() - epoch_start
+    epoch_time = time.perf_counter() - epoch_start  # the last step was synchronised
+    energy_j = _energy_since(energy, start_j)
     if seen == 0:
         raise RuntimeError("the training set produced no batches")
     batches = len(loader) if isinstance(loader, Sized) else index + 1
@@ -233,6 +250,7 @@ def train_one_epoch(
         images=seen,
         estimated_epoch_s=epoch_time * batches / (index + 1) if index + 1 < batches else None,
         mfu=execution.mfu(seen, epoch_time),
+        energy_j=energy_j,
     )
 
 
@@ -247,6 +265,7 @@ def _train_one_epoch_events(
     on_batch: OnBatch | None,
     execution: Execution,
     step: Step,
+    energy: EnergyCounter | None,
 ) -> EpochResult:
     """`train_one_epoch` timed with CUDA events: the host queues work and waits once, at the end.
 
@@ -262,6 +281,7 @@ def _train_one_epoch_events(
     marks: list[tuple[torch.cuda.Event, ...]] = []
     stats: list[torch.Tensor] = []  # per step: [loss, correct], on the device
     sizes: list[int] = []
+    start_j = _start_energy(energy, device)
     epoch_start = time.perf_counter()
     asked = _event(stream)
     for index, (images, labels) in enumerate(loader):
@@ -280,6 +300,7 @@ def _train_one_epoch_events(
         asked = _event(stream)
     synchronize(device)  # the epoch's only wait
     epoch_time = time.perf_counter() - epoch_start
+    energy_j = _energy_since(energy, start_j)
     if not sizes:
         raise RuntimeError("the training set produced no batches")
     per_batch = torch.stack(stats).tolist()
@@ -298,7 +319,21 @@ def _train_one_epoch_events(
         images=seen,
         estimated_epoch_s=epoch_time * batches / len(sizes) if len(sizes) < batches else None,
         mfu=execution.mfu(seen, epoch_time),
+        energy_j=energy_j,
     )
+
+
+def _start_energy(energy: EnergyCounter | None, device: torch.device) -> float | None:
+    """The counter's joules as an epoch starts, the device idle (nothing earlier in it)."""
+    if energy is None:
+        return None
+    synchronize(device)
+    return energy.joules()
+
+
+def _energy_since(energy: EnergyCounter | None, start_j: float | None) -> float | None:
+    """The joules counted since `start_j`, the device synchronised just before."""
+    return None if energy is None or start_j is None else energy.joules() - start_j
 
 
 def _event(stream: torch.cuda.Stream) -> torch.cuda.Event:
@@ -349,13 +384,15 @@ def train(
     execution: Execution = Execution(),
     step: Step = train_step,
     combine: Callable[[EpochResult], EpochResult] | None = None,
+    energy: EnergyCounter | None = None,
 ) -> list[EpochResult]:
     """Train for `epochs`, reporting each finished epoch to `on_epoch` as soon as it ends.
 
     A compiled model (`execution.compiled`) and a `GraphedStep` must have been through
     `warm_up`; `step` trains one batch (see `train_one_epoch`). `combine`
     turns this process's epoch into the run's (several processes: see `distributed`); it
-    runs after the timed epoch and the evaluation, on every process.
+    runs after the timed epoch and the evaluation, on every process. `energy`, a counter,
+    measures each epoch's energy (see `train_one_epoch`).
     """
     results = []
     for epoch in range(1, epochs + 1):
@@ -370,6 +407,7 @@ def train(
                 on_batch=on_batch,
                 execution=execution,
                 step=step,
+                energy=energy,
             )
         if test_loader is not None:
             test_loss, test_acc = evaluate(model, test_loader, device)

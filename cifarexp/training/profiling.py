@@ -5,19 +5,25 @@ The window trains WARMUP_STEPS then ACTIVE_STEPS more batches through `engine.tr
 (the run's loader, model, optimizer and execution settings: the study's path or the fast
 path, timed as its epochs are); the active ones are recorded. From them come the trace
 (gzipped Chrome JSON: Perfetto, chrome://tracing), the top operators and kernels, the
-step's split into what the time went to (`profile_<part>_share`) and a verdict naming what
-bounds the step, with the next thing to try.
+step's split into what the time went to (`profile_<part>_share`), where the device's kernel
+time went by class of kernel, and a verdict naming what bounds the run, with the next thing
+to try. The verdict weighs two sources: the run's timed epochs say whether it waits for data
+(their data-loading share, the study's own measure: a window of a few steps after them may
+find the loader's batches prefetched), the window says what happens inside the step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import json
 import logging
 import os
+import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +34,8 @@ from torch.profiler import ProfilerActivity, record_function
 
 from cifarexp.config import GRAPHED_OPTIMIZERS, TrainConfig, flag
 from cifarexp.training.build import Training
-from cifarexp.training.engine import Batch, compiled_shapes_only, train_one_epoch
+from cifarexp.training.energy import joules_text
+from cifarexp.training.engine import Batch, EpochResult, compiled_shapes_only, train_one_epoch
 
 WARMUP_STEPS = 2  # run, not recorded: the loader's workers start again, the step settles
 ACTIVE_STEPS = 5  # recorded: a few MB of trace on a GPU, a few seconds on a CPU
@@ -49,8 +56,9 @@ PART_NAMES = {
     "comm": "communication not hidden",
     "compute": "compute",
 }
-# A part of the step at least this large bounds it (the largest such part); below all of
-# them the step is compute-bound.
+# The epochs waiting this share of their time for data are input-bound; else a part of the
+# step at least this large bounds it (the largest such part); below all of them the step is
+# compute-bound.
 INPUT_BOUND_SHARE = 0.2
 HOST_BOUND_SHARE = 0.3
 COMM_BOUND_SHARE = 0.2
@@ -61,7 +69,50 @@ KINDS = {
     "comm": "communication-bound",
     "compute": "compute-bound",
 }
+# The device's kernels by class: the class of the first row one of whose patterns is in a
+# kernel's name (lower case), else "other". cuDNN names convolution kernels by pass (fprop,
+# dgrad, wgrad); "conv" alone comes late, after the casts Triton names "convert_element_type".
+KERNEL_CLASSES = (
+    ("batch-norm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw")),
+    ("layout conversions", ("nchwtonhwc", "nhwctonchw")),
+    ("convolutions backward", ("dgrad", "wgrad", "convolution_backward")),
+    ("convolutions forward", ("fprop",)),
+    ("optimizer", ("multi_tensor_apply", "foreach", "sgd", "adam", "adagrad", "adadelta")),
+    ("elementwise", ("elementwise", "triton_poi", "relu", "clamp", "fill")),
+    ("convolutions forward", ("conv",)),  # e.g. implicit_convolve_sgemm
+)
+# What this tool's settings measured on one H200 (docs/results.md), for the verdict's advice.
+MEASURED = {
+    "cuda_graph": "the fast path with it took 1.20 s per epoch on an H200, the standard path "
+    "6.04 s",
+    "compile": "the fast path with it took 1.94 s per epoch on an H200",
+    "batch_size": "on an H200 the whole step took 2.06 ms per 128 images at batch 512, 2.95 ms "
+    "at 128",
+}
+# The kineto line torch.profiler warns with once per process; the window has one cycle.
+CLEARS_EVENTS = "Warning: Profiler clears events at the end of each cycle"
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Epochs:
+    """What a run's timed epochs measured, for the verdict: the share of their wall clock
+    spent waiting for data (C2.1 over C2.3, summed over the epochs) and, where a counter
+    measured it, their mean energy per epoch and power."""
+
+    data_share: float
+    energy_j: float | None = None
+    power_w: float | None = None
+
+    @classmethod
+    def of(cls, results: Sequence[EpochResult]) -> Epochs:
+        seconds = sum(r.epoch_time_s for r in results)
+        data_share = sum(r.data_time_s for r in results) / seconds
+        energies = [r.energy_j for r in results]
+        if None in energies:
+            return cls(data_share)
+        per_epoch = [r.metrics()["energy_j"] for r in results]  # a partial epoch's, estimated
+        return cls(data_share, sum(per_epoch) / len(results), sum(energies) / seconds)
 
 
 @dataclass(frozen=True)
@@ -69,6 +120,7 @@ class Profile:
     """What the profile of a run found (see `profile_training`)."""
 
     split: dict[str, float]  # part -> share of the step, summing to 1
+    kernels: dict[str, float]  # kernel class -> share of the kernels' time (GPU only)
     summary: pd.DataFrame  # the top operators and kernels
     verdict: str
     step_ms: float  # the mean recorded step
@@ -90,11 +142,15 @@ class Profile:
 
 
 def profile_training(
-    training: Training, folder: Path, best: tuple[int, str] | None = None
+    training: Training,
+    folder: Path,
+    best: tuple[int, str] | None = None,
+    epochs: Epochs | None = None,
 ) -> Profile | None:
     """Profile a window of `training`'s steps after its epochs: the trace is written into
     `folder` (TRACE); the rest is returned, for the run to log. `best` is the latest C3
-    sweep's best worker count on this device type and its run id, for the verdict's advice.
+    sweep's best worker count on this device type and its run id, `epochs` what the run's
+    timed epochs measured, for the verdict.
     Every process of a torchrun job trains the window (its all-reduces need them all); only
     the one that writes analyses it, and gets the Profile (the others None)."""
     start = time.perf_counter()
@@ -111,9 +167,12 @@ def profile_training(
                     "counts the GPU as idle")  # fmt: skip
     split, window_us = step_split(events, device_type, comm=training.world.world_size > 1)
     summary = top_operators(averages, window_us)
-    text = verdict(split, training.cfg, device_type, best, training.world.world_size)
+    kernels = kernel_classes(averages) if device_type == "cuda" else {}
+    text = verdict(
+        split, training.cfg, device_type, best, training.world.world_size, epochs, kernels
+    )
     step_ms = window_us / ACTIVE_STEPS / 1000
-    return Profile(split, summary, text, step_ms, time.perf_counter() - start)
+    return Profile(split, kernels, summary, text, step_ms, time.perf_counter() - start)
 
 
 def _record(training: Training, trace: Path | None) -> torch.autograd.profiler_util.EventList:
@@ -127,9 +186,12 @@ def _record(training: Training, trace: Path | None) -> torch.autograd.profiler_u
     steps = WARMUP_STEPS + ACTIVE_STEPS
     schedule = torch.profiler.schedule(wait=0, warmup=WARMUP_STEPS, active=ACTIVE_STEPS, repeat=1)
     # No shapes, no stacks: they would make the trace many times larger.
-    with torch.profiler.profile(
-        activities=activities, schedule=schedule, record_shapes=False, with_stack=False
-    ) as profiler:
+    with (
+        _without(CLEARS_EVENTS),
+        torch.profiler.profile(
+            activities=activities, schedule=schedule, record_shapes=False, with_stack=False
+        ) as profiler,
+    ):
         with compiled_shapes_only(training.execution):
             train_one_epoch(
                 training.train_model,
@@ -145,6 +207,14 @@ def _record(training: Training, trace: Path | None) -> torch.autograd.profiler_u
     if trace is not None:
         profiler.export_chrome_trace(str(trace))
     return profiler.key_averages()
+
+
+@contextlib.contextmanager
+def _without(warning: str) -> Iterator[None]:
+    """Inside, the UserWarning whose message starts with `warning` is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(warning), category=UserWarning)
+        yield
 
 
 def _window(
@@ -235,39 +305,88 @@ def top_operators(averages: Iterable, window_us: float) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["by", "name", "calls", "ms per step", "of step %"])
 
 
+def kernel_classes(averages: Iterable) -> dict[str, float]:
+    """The device's kernel time of the recorded steps by KERNEL_CLASSES (and "other"), as
+    shares of it, largest first; copies, memsets and NCCL's kernels left out."""
+    times: dict[str, float] = {}
+    for a in averages:
+        name = a.key.lower()
+        kernel = a.device_type != torch.autograd.DeviceType.CPU and a.self_device_time_total > 0
+        if not kernel or name.startswith(("memcpy", "memset")) or "nccl" in name:
+            continue
+        kind = next(
+            (k for k, patterns in KERNEL_CLASSES if any(p in name for p in patterns)),
+            "other",
+        )
+        times[kind] = times.get(kind, 0.0) + a.self_device_time_total
+    total = sum(times.values())
+    ranked = sorted(times.items(), key=lambda item: item[1], reverse=True)
+    return {kind: us / total for kind, us in ranked} if total else {}
+
+
 def verdict(
     split: Mapping[str, float],
     cfg: TrainConfig,
     device_type: str,
     best: tuple[int, str] | None = None,
     world_size: int = 1,
+    epochs: Epochs | None = None,
+    kernels: Mapping[str, float] | None = None,
 ) -> str:
-    """What bounds the step, as one sentence: the kind (KINDS), the numbers behind it and
-    the next thing to try, from the run's settings (and its processes) and what the study
-    measured (`best`: the latest C3 sweep's best worker count on this device type, and its
-    run id)."""
-    over = {part: split.get(part, 0.0) for part in BOUNDS}
-    over = {part: share for part, share in over.items() if share >= BOUNDS[part]}
-    part = max(over, key=over.__getitem__) if over else "compute"
-    share, compute = split.get(part, 0.0), split.get("compute", 0.0)
+    """What bounds the run, as one sentence naming its sources: the kind (KINDS), the
+    numbers behind it, the next thing to try, and the epochs' energy where measured.
+
+    Input-bound is judged from the timed `epochs` (their data-loading share; the window's
+    `split` where there are none), the rest from the window's `split`; where the two disagree
+    on the wait for data, it says so. A compute-bound GPU step says where its kernel time went
+    (`kernels`). The advice comes from the run's settings (and its processes), what the
+    study measured (`best`: the latest C3 sweep's best worker count on this device type, and
+    its run id) and what this tool's settings measured (MEASURED)."""
     device = "GPU" if device_type == "cuda" else "CPU"
-    if part == "data_wait":
-        found = f"the {device} waited {share:.0%} of each step for the next batch"
-        found, advice = f"{found} ({cfg.workers} workers)", _more_data(cfg, device_type, best)
-    elif part == "host":
-        found = f"the GPU waited {share:.0%} of each step for the host's launches"
-        found, advice = f"{found} (it computed {compute:.0%})", _fewer_launches(cfg, world_size)
-    elif part == "comm":
-        found = f"the GPUs waited {share:.0%} of each step for gradients all-reduced after backward"
-        advice = (
-            f"try more images per GPU ({_try(scaling='weak')}, a larger {flag('batch_size')}): "
-            "more compute to hide the all-reduce behind"
-        )
+    window_wait = split.get("data_wait", 0.0)
+    step = f"in the profiled steps the {device} {_inside(split)}"
+    waited = window_wait if epochs is None else epochs.data_share
+    if epochs is None:
+        sources = [step]
     else:
-        waited = split.get("data_wait", 0.0)
-        found = f"the {device} computed {compute:.0%} of each step (data wait {waited:.0%})"
-        advice = _faster_compute(cfg, device_type, world_size)
-    return f"{KINDS[part]}: {found}; {advice}"
+        loader = "batches made on the device" if cfg.loader == "gpu" else f"{cfg.workers} workers"
+        sources = [f"the epochs waited {waited:.0%} of their time for data ({loader})", step]
+        if waited >= INPUT_BOUND_SHARE > window_wait:
+            sources[1] += ": its batches were ready, the epochs' were not"
+        elif window_wait >= INPUT_BOUND_SHARE > waited:
+            sources[1] += ": the window waited, having started its loader again"
+    if waited >= INPUT_BOUND_SHARE:
+        part, advice = "data_wait", _more_data(cfg, device_type, best)
+    else:
+        sources.reverse()  # what happens inside the step comes first
+        over = {p: split.get(p, 0.0) for p in ("host", "comm")}
+        over = {p: share for p, share in over.items() if share >= BOUNDS[p]}
+        part = max(over, key=over.__getitem__) if over else "compute"
+        if part == "host":
+            advice = _fewer_launches(cfg, world_size)
+        elif part == "comm":
+            advice = (
+                f"try more images per GPU ({_try(scaling='weak')}, a larger "
+                f"{flag('batch_size')}): more compute to hide the all-reduce behind"
+            )
+        else:
+            if kernels:
+                shares = ", ".join(f"{kind} {share:.0%}" for kind, share in kernels.items())
+                sources.insert(1, f"its kernel time: {shares}")
+            advice = _faster_compute(cfg, device_type, world_size)
+    text = f"{KINDS[part]}: {'; '.join(sources)}; {advice}"
+    if epochs is not None and epochs.energy_j is not None:
+        text += f"; the epochs used {joules_text(epochs.energy_j)} each ({epochs.power_w:.0f} W)"
+    return text
+
+
+def _inside(split: Mapping[str, float]) -> str:
+    """What the device did in the profiled steps: "computed 23%, waited 70% for the host's
+    launches, 2% for copies, 5% for data" (the parts the split has)."""
+    waits = {"host": "the host's launches", "copy": "copies", "comm": "communication"}
+    waits["data_wait"] = "data"
+    waited = [f"{split[p]:.0%} for {what}" for p, what in waits.items() if p in split]
+    return f"computed {split.get('compute', 0.0):.0%}, waited {', '.join(waited)}"
 
 
 def _more_data(cfg: TrainConfig, device_type: str, best: tuple[int, str] | None) -> str:
@@ -307,15 +426,21 @@ def _fewer_launches(cfg: TrainConfig, world_size: int) -> str:
 
 
 def _faster_compute(cfg: TrainConfig, device_type: str, world_size: int) -> str:
+    """The settings of this tool not yet on that shorten a compute-bound step, each with
+    what it measured where known (MEASURED)."""
     if device_type != "cuda":
         return "try a GPU (`cifarexp compare-device` measures how much faster it is)"
+    tries = []
     if cfg.precision != "bf16" or not cfg.channels_last:
-        return f"try {_try(precision='bf16', channels_last=True)} (tensor cores)"
+        tries.append(f"{_try(precision='bf16', channels_last=True)} (tensor cores)")
     if cfg.compile == "none" and not cfg.cuda_graph:
-        graph = f"{_try(cuda_graph=True)} or " if _graphable(cfg, world_size) else ""
-        return f"try {graph}{_try(compile='reduce-overhead')} (fewer launches, fused kernels)"
-    larger = f"a larger {flag('batch_size')}"
-    return f"the kernels bound the step: only {larger} or a faster GPU shortens it"
+        if _graphable(cfg, world_size):
+            tries.append(f"{_try(cuda_graph=True)} ({MEASURED['cuda_graph']})")
+        tries.append(f"{_try(compile='reduce-overhead')} ({MEASURED['compile']})")
+    if cfg.loader != "gpu":
+        tries.append(f"{_try(loader='gpu')} (the batches made on the device)")
+    tries.append(f"a larger {flag('batch_size')} than {cfg.batch_size} ({MEASURED['batch_size']})")
+    return f"try {'; or '.join(tries[:2])}"
 
 
 def _try(**settings: object) -> str:
