@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, record_function
 
-from cifarexp.config import GRAPHED_OPTIMIZERS, TrainConfig, flag
+from cifarexp.config import GRAPHED_OPTIMIZERS, TrainConfig, fast_settings, flag
 from cifarexp.training.build import Training
 from cifarexp.training.energy import joules_text
 from cifarexp.training.engine import Batch, EpochResult, compiled_shapes_only, train_one_epoch
@@ -410,7 +410,22 @@ def _graphable(cfg: TrainConfig, world_size: int) -> bool:
     return cfg.optimizer in GRAPHED_OPTIMIZERS and world_size == 1
 
 
+def _fast(cfg: TrainConfig, world_size: int) -> str | None:
+    """`cifarexp time --fast`, where a run on CUDA lacks more than one of its settings."""
+    if world_size != 1:
+        return None
+    fast = fast_settings("cuda", cfg.optimizer)
+    missing = {k: v for k, v in fast.items() if getattr(cfg, k) != v}
+    if len(missing) < 2:
+        return None
+    measured = MEASURED["cuda_graph" if fast.get("cuda_graph") else "compile"]
+    return f"`cifarexp time --fast` ({_try(**missing)}; {measured})"
+
+
 def _fewer_launches(cfg: TrainConfig, world_size: int) -> str:
+    fast = _fast(cfg, world_size)
+    if fast is not None:
+        return f"try {fast}"
     events = f" with {_try(timing='events')}" if cfg.timing == "sync" else ""
     reduce_overhead = _try(compile="reduce-overhead")
     if not cfg.cuda_graph and cfg.compile in ("none", "default"):
@@ -430,6 +445,9 @@ def _faster_compute(cfg: TrainConfig, device_type: str, world_size: int) -> str:
     what it measured where known (MEASURED)."""
     if device_type != "cuda":
         return "try a GPU (`cifarexp compare-device` measures how much faster it is)"
+    fast = _fast(cfg, world_size)
+    if fast is not None:
+        return f"try {fast}"
     tries = []
     if cfg.precision != "bf16" or not cfg.channels_last:
         tries.append(f"{_try(precision='bf16', channels_last=True)} (tensor cores)")
