@@ -27,6 +27,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     import pandas as pd
 
+    from analysis.compare import Comparison
     from analysis.report import Section
     from cifarexp.study.inspection import Inspection
     from cifarexp.training.anatomy import Count
@@ -221,6 +222,17 @@ def print_answer(section: Section) -> None:
     """A command's answer: its section, then where its run is."""
     print_section(section)
     print_where(section.run_id)
+
+
+def print_comparison(comparison: Comparison, threshold: float | None) -> None:
+    """Two studies side by side: what each ran on, every figure of both, the verdict, and
+    one line per time slower beyond the threshold and the noise."""
+    for study in (comparison.baseline, comparison.yours):
+        console.print(study.about(), style="dim", highlight=False, soft_wrap=True)
+    console.print(render(comparison.table(), "Yours beside the baseline"))
+    console.print(comparison.summary(threshold), style="bold", highlight=False, soft_wrap=True)
+    for line in comparison.slower(threshold):
+        console.print(line, style="bold red", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- Q1-Q4
