@@ -20,6 +20,9 @@ from cifarexp import tracking
 from cifarexp.config import CifarexpError, ConfigError
 from cifarexp.study.catalogue import SECTIONS
 
+CAPTION = (
+    f"{measures.SPREAD}; within noise: the two sides' epochs overlap; ratio: yours / the baseline's"
+)
 BASELINE_GRAMMAR = (
     "give a tracking URI (sqlite:///other.db, http://HOST:PORT), an experiment name, or "
     "run ids separated by commas"
@@ -163,6 +166,10 @@ def _given_runs(run_ids: tuple[str, ...]) -> dict[str, str]:
 
 # ---------------------------------------------------------------- the comparison
 
+# The verdicts in the order the summary counts them.
+VERDICTS = ["slower", "faster", "more", "less", "within noise", "higher", "lower", "same",
+            "differs", "not comparable", "missing in the baseline", "missing in yours"]  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Row:
@@ -271,11 +278,9 @@ class Comparison:
 
     def summary(self, threshold: float | None) -> str:
         """The verdict in a sentence: how many figures fall under each verdict."""
-        counts: dict[str, int] = {}
-        for row in self.rows:
-            verdict = row.verdict.split(":")[0]
-            counts[verdict] = counts.get(verdict, 0) + 1
-        text = ", ".join(f"{n} {verdict}" for verdict, n in counts.items()) or "nothing to compare"
+        verdicts = [row.verdict.split(":")[0] for row in self.rows]
+        shown = sorted(set(verdicts), key=lambda v: (VERDICTS.index(v) if v in VERDICTS else 99, v))
+        text = ", ".join(f"{verdicts.count(v)} {v}" for v in shown) or "nothing to compare"
         if threshold is None:
             return f"Yours against the baseline: {text}."
         slower = [f"{r.item} {r.figure}" for r in self.rows if r.slower_than(threshold)]
@@ -367,6 +372,7 @@ def write(comparison: Comparison, out: Path, threshold: float | None) -> Path:
         *(f"- {md_text(s.about())}" for s in (comparison.baseline, comparison.yours)),
     ]
     lines += ["", md_text(comparison.summary(threshold)), "", markdown_table(table), ""]
+    lines += [f"*{md_text(CAPTION)}*", ""]
     lines += [f"- {md_text(line)}" for line in comparison.slower(threshold)]
     for name, figure in comparison.figures().items():
         figure.savefig(out / f"{name}.png", dpi=110)

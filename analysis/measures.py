@@ -67,6 +67,9 @@ INDEPENDENT = {
 }
 
 
+SPREAD = "times: the median over the epochs (min–max)"
+
+
 @dataclass(frozen=True)
 class Measure:
     """One figure of an item: per-epoch values (times, energy) or one value, with the
@@ -99,7 +102,8 @@ class Measure:
         return {k: v for k, v in self.settings.items() if k not in ignored}
 
     def shown(self) -> str:
-        """The figure as a reader reads it: median and min–max over the epochs for a time."""
+        """The figure as a reader reads it: a time's median over the epochs, then their
+        min–max (SPREAD)."""
         if self.kind == TEXT:
             return self.text
         if self.kind == ACCURACY:
@@ -111,10 +115,7 @@ class Measure:
         unit = "s" if self.kind == TIME else "J"
         if len(self.values) == 1:
             return f"{self.value:.2f} {unit} (1 epoch)"
-        return (
-            f"{self.value:.2f} {unit} ({self.low:.2f}–{self.high:.2f} over "
-            f"{len(self.values)} epochs)"
-        )
+        return f"{self.value:.2f} {unit} ({self.low:.2f}–{self.high:.2f})"
 
 
 def run_settings(run: Mapping[str, object]) -> dict[str, str]:

@@ -23,13 +23,17 @@ def baseline(tmp_path, empty_store) -> tuple[str, MlflowClient]:
     return uri, MlflowClient(uri)
 
 
-def log_time(client: MlflowClient, *, slower: float = 1.0, **params: object) -> str:
-    """A finished `time` run (C2) of three epochs around 10 s, each `slower` times longer."""
+def log_time(
+    client: MlflowClient, *, slower: float = 1.0, joules: float | None = None, **params: object
+) -> str:
+    """A finished `time` run (C2) of three epochs around 10 s, each `slower` times longer
+    (and around `joules` each, if given)."""
     experiment = client.create_experiment(f"cifarexp-time-{len(client.search_experiments())}")
+    energy = [{"energy_j": joules * k} if joules else {} for k in (1.0, 1.02, 0.99)]
     return log_run(
         client, experiment, command="time", exercise="C2", params={**STUDY_PARAMS, **params},
-        epochs=[epoch(0.2 * slower, 9.6 * slower, total * slower, 1.0, 0.6)
-                for total in (10.0, 10.2, 9.9)],
+        epochs=[{**epoch(0.2 * slower, 9.6 * slower, total * slower, 1.0, 0.6), **joules_of}
+                for total, joules_of in zip((10.0, 10.2, 9.9), energy, strict=True)],
     )  # fmt: skip
 
 
@@ -57,7 +61,7 @@ def test_identical_studies_are_within_noise_and_the_check_passes(cli, client, ba
     is_time = table.index.get_level_values("figure").str.contains(" s/epoch| s \\(| s$")
     assert set(table.loc[is_time, "verdict"]) == {"within noise"}
     assert set(table.loc[~is_time, "verdict"]) == {"same"}
-    assert table.loc[("C2", "epoch s"), "yours"] == "14.00 s (13.50–14.50 over 2 epochs)"
+    assert table.loc[("C2", "epoch s"), "yours"] == "14.00 s (13.50–14.50)"
     assert "nothing slower beyond 5% and the noise" in one_message(result.output)
     assert "slower:" not in result.output
     # and it is logged as its own run: the table, the plots, the verdict as its description
@@ -134,6 +138,22 @@ def test_a_dataset_that_differs_leaves_times_comparable_but_not_accuracies(
     )
 
 
+def test_energy_is_compared_where_both_sides_logged_it_and_never_fails_the_check(
+    cli, client, baseline, tmp_path
+):
+    uri, other = baseline
+    log_time(other, joules=2000)
+    log_time(client, joules=3000)
+    result = cli("compare", "--baseline", uri, "--fail-if-slower", "5%", "--out", "cmp")
+    assert result.exit_code == 0, result.output
+    energy = compared(tmp_path / "cmp").loc[("C2", "energy J/epoch")]
+    assert (energy["baseline"], energy["yours"]) == (
+        "2000.00 J (1980.00–2040.00)",
+        "3000.00 J (2970.00–3060.00)",
+    )
+    assert energy["verdict"] == "more" and energy["ratio"] == pytest.approx(1.5)
+
+
 def test_an_item_one_side_lacks_is_missing_not_zero(cli, client, baseline, tmp_path):
     # given a whole study as the baseline, and only C2 in yours
     uri, other = baseline
@@ -202,7 +222,7 @@ def test_the_report_shows_the_reference_beside_each_item(client, tmp_path):
     assert "**C2: beside the reference study**" in text
     c2 = pd.read_csv(tmp_path / "out" / "c2_reference.csv").set_index("figure")
     assert c2.loc["epoch s", "reference"] == "66.8 s for 5 epochs"
-    assert c2.loc["epoch s", "yours"] == "14.00 s (13.50–14.50 over 2 epochs)"
+    assert c2.loc["epoch s", "yours"] == "14.00 s (13.50–14.50)"
     assert c2.loc["epoch s", "yours / reference"] == pytest.approx(14.0 / 13.36, rel=1e-4)
     assert c2.loc["epoch s", "comparable"].startswith("no: an older GPU, model unknown")
     c6 = pd.read_csv(tmp_path / "out" / "c6_reference.csv").set_index("figure")

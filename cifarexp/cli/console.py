@@ -229,7 +229,11 @@ def print_comparison(comparison: Comparison, threshold: float | None) -> None:
     one line per time slower beyond the threshold and the noise."""
     for study in (comparison.baseline, comparison.yours):
         console.print(study.about(), style="dim", highlight=False, soft_wrap=True)
-    console.print(render(comparison.table(), "Yours beside the baseline"))
+    from analysis.compare import CAPTION
+
+    table = render(comparison.table(), "Yours beside the baseline")
+    table.caption = CAPTION
+    console.print(table)
     console.print(comparison.summary(threshold), style="bold", highlight=False, soft_wrap=True)
     for line in comparison.slower(threshold):
         console.print(line, style="bold red", highlight=False, soft_wrap=True)
