@@ -103,10 +103,10 @@ class Study:
         )
 
 
-def read_yours() -> Study:
-    """The latest finished run of each item in this store, as the report takes them."""
+def latest(label: str) -> Study:
+    """The latest finished run of each item in the store read, as the report takes them."""
     found = {item: queries.exercise(item) for item in SECTIONS}
-    return Study("yours", tracking.shown_uri(), {k: v for k, v in found.items() if v})
+    return Study(label, tracking.shown_uri(), {k: v for k, v in found.items() if v})
 
 
 def read_baseline(source: Source) -> Study:
@@ -114,10 +114,9 @@ def read_baseline(source: Source) -> Study:
     if source.uri is not None:
         try:
             with tracking.reading(source.uri):
-                study = read_yours()  # that store's latest finished runs
+                return latest("baseline")
         except CifarexpError as exc:
             raise ConfigError(exc.message, "baseline") from None
-        return Study("baseline", source.shown, study.exercises)
     if source.experiment is not None:
         run_ids = _experiment_runs(source.experiment)
     else:
@@ -246,7 +245,7 @@ class Row:
         b, y = self.baseline, self.yours
         return (
             f"slower: {self.item} {self.figure}: {y.value:.2f} s against {b.value:.2f} s "
-            f"({self.ratio - 1:+.1%}, beyond {threshold:.0%} and beyond both sides' epochs)"
+            f"({self.ratio - 1:+.1%}, beyond {percent(threshold)} and beyond both sides' epochs)"
         )
 
 
@@ -285,9 +284,9 @@ class Comparison:
             return f"Yours against the baseline: {text}."
         slower = [f"{r.item} {r.figure}" for r in self.rows if r.slower_than(threshold)]
         check = (
-            f"{len(slower)} slower beyond {threshold:.0%} and the noise ({'; '.join(slower)})"
+            f"{len(slower)} slower beyond {percent(threshold)} and the noise ({'; '.join(slower)})"
             if slower
-            else f"nothing slower beyond {threshold:.0%} and the noise"
+            else f"nothing slower beyond {percent(threshold)} and the noise"
         )
         return f"Yours against the baseline: {text}. Regression check: {check}."
 
@@ -319,6 +318,11 @@ def compare(baseline: Study, yours: Study) -> Comparison:
         for item, figure in keys
     ]
     return Comparison(baseline, yours, rows)
+
+
+def percent(fraction: float) -> str:
+    """0.05 as '5%', 0.025 as '2.5%'."""
+    return f"{100 * fraction:g}%"
 
 
 PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%?")

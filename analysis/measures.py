@@ -49,21 +49,21 @@ NOT_SETTINGS = frozenset(
 )  # fmt: skip
 # ... and the params a kind of figure does not depend on. Synthetic data is stored and
 # transformed as CIFAR-10 is (timings mean the same); how batches are loaded or executed
-# does not change what the model learns, nor the step size the work a step does; the
-# model's anatomy depends on none of them.
+# does not change what the model learns; the model's anatomy depends on none of them.
 LOADING = frozenset(
     {"workers", "pin_memory", "persistent_workers", "loader", "timing", "compile",
      "cuda_graph", "channels_last", "warmup", "precision"}
 )  # fmt: skip
-STEP_SIZE = frozenset({"lr", "momentum", "weight_decay"})  # the same work whatever their values
+# An epoch does the same work whatever the step size and however many epochs follow it.
+PER_EPOCH = frozenset({"dataset", "lr", "momentum", "weight_decay", "epochs"})
 INDEPENDENT = {
-    TIME: STEP_SIZE | {"dataset"},
-    ENERGY: STEP_SIZE | {"dataset"},
+    TIME: PER_EPOCH,
+    ENERGY: PER_EPOCH,
     ACCURACY: LOADING - {"precision"},
     COUNT: LOADING | {"dataset", "train_size", "batch_size", "epochs", "lr"},
-    RATIO: STEP_SIZE | {"dataset"},
-    WORKERS: STEP_SIZE | {"dataset"},
-    TEXT: frozenset({"dataset"}),
+    RATIO: PER_EPOCH,
+    WORKERS: PER_EPOCH,
+    TEXT: PER_EPOCH,
 }
 
 

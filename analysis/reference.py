@@ -103,20 +103,22 @@ def _row(reference: Reference, yours: Measure | None) -> dict[str, object]:
 
 
 def _comparable(reference: Reference, yours: Measure | None) -> str:
-    """'yes', or 'no: ' and why not (the reference's caveat, settings that differ)."""
+    """'yes', or 'no: ' and why not (the reference's caveat, settings that differ); '–'
+    where you have no such figure."""
     if reference.value is None:
         return f"no: the reference's answer is wrong ({reference.caveat})"
+    if yours is None:
+        return "–"  # nothing of yours to compare
     why = [reference.caveat] if reference.caveat else []
-    if yours is not None:
-        relevant = yours.relevant
-        differ = [
-            f"{k} {relevant[k]} (the reference's {v})"
-            for k, v in SETTINGS.items()
-            if k in relevant and relevant[k] != v
-        ]
-        if yours.kind == measures.ACCURACY and relevant.get("dataset", "cifar10") != "cifar10":
-            differ.insert(0, f"dataset {relevant['dataset']}")
-        why += [f"yours trained with {', '.join(differ)}"] if differ else []
+    relevant = yours.relevant
+    differ = [
+        f"{k} {relevant[k]} (the reference's {v})"
+        for k, v in SETTINGS.items()
+        if k in relevant and relevant[k] != v
+    ]
+    if yours.kind == measures.ACCURACY and relevant.get("dataset", "cifar10") != "cifar10":
+        differ.insert(0, f"dataset {relevant['dataset']}")
+    why += [f"yours trained with {', '.join(differ)}"] if differ else []
     if why:
         return f"no: {'; '.join(why)}"
     return f"yes: {reference.note}" if reference.note else "yes"

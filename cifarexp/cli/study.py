@@ -129,7 +129,7 @@ def compare_(
     session = open_session(ctx)
     from cifarexp.cli.console import print_comparison
 
-    result = compare.compare(compare.read_baseline(source), compare.read_yours())
+    result = compare.compare(compare.read_baseline(source), compare.latest("yours"))
     try:
         compare.write(result, out, threshold)
     except OSError as exc:
