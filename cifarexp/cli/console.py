@@ -224,16 +224,17 @@ def print_answer(section: Section) -> None:
     print_where(section.run_id)
 
 
-def print_comparison(comparison: Comparison, threshold: float | None) -> None:
-    """Two studies side by side: what each ran on, every figure of both, the verdict, and
-    one line per time slower beyond the threshold and the noise."""
-    for study in (comparison.baseline, comparison.yours):
-        console.print(study.about(), style="dim", highlight=False, soft_wrap=True)
+def print_comparison(comparison: Comparison, threshold: float | None, *, quiet: bool) -> None:
+    """Two studies side by side: what each ran on and every figure of both (unless `quiet`),
+    the verdict, and one line per time slower beyond the threshold and the noise."""
     from analysis.compare import CAPTION
 
-    table = render(comparison.table(), "Yours beside the baseline")
-    table.caption = CAPTION
-    console.print(table)
+    for study in [] if quiet else (comparison.baseline, comparison.yours):
+        console.print(study.about(), style="dim", highlight=False, soft_wrap=True)
+    if not quiet:
+        table = render(comparison.table(), "Yours beside the baseline")
+        table.caption = CAPTION
+        console.print(table)
     console.print(comparison.summary(threshold), style="bold", highlight=False, soft_wrap=True)
     for line in comparison.slower(threshold):
         console.print(line, style="bold red", highlight=False, soft_wrap=True)

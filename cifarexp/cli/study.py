@@ -134,7 +134,7 @@ def compare_(
         compare.write(result, out, threshold)
     except OSError as exc:
         raise _unwritable(out, exc) from None
-    print_comparison(result, threshold)
+    print_comparison(result, threshold, quiet=quiet)
     log_comparison(session, result, out, source, threshold)
     if result.slower(threshold):
         raise typer.Exit(1)
