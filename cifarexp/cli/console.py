@@ -228,11 +228,12 @@ def print_comparison(comparison: Comparison, threshold: float | None, *, quiet: 
     """Two studies side by side: what each ran on and every figure of both (unless `quiet`),
     the verdict, and one line per time slower beyond the threshold and the noise."""
     from analysis.compare import CAPTION
+    from cifarexp.study.catalogue import TITLES
 
     for study in [] if quiet else (comparison.baseline, comparison.yours):
         console.print(study.about(), style="dim", highlight=False, soft_wrap=True)
     if not quiet:
-        table = render(comparison.table(), "Yours beside the baseline")
+        table = render(comparison.table(), TITLES["comparison"])
         table.caption = CAPTION
         console.print(table)
     console.print(comparison.summary(threshold), style="bold", highlight=False, soft_wrap=True)

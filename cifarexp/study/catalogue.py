@@ -90,7 +90,7 @@ ITEMS: dict[str, Item] = {
         "How does this study compare with a baseline study: faster, slower, within noise?",
         "",
         "cifarexp compare --baseline SOURCE",
-        {"comparison": "Two studies side by side"},
+        {"comparison": "Yours beside the baseline"},
     ),
 }
 # The items of the report's sections, in order (the profiles come last, from every run).
