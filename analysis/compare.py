@@ -21,7 +21,8 @@ from cifarexp.config import CifarexpError, ConfigError
 from cifarexp.study.catalogue import SECTIONS
 
 CAPTION = (
-    f"{measures.SPREAD}; within noise: the two sides' epochs overlap; ratio: yours / the baseline's"
+    f"{measures.SPREAD}; within noise: the two sides' epochs overlap; ratio: yours / the "
+    "baseline's; not comparable: the settings that differ, the baseline's vs yours"
 )
 BASELINE_GRAMMAR = (
     "give a tracking URI (sqlite:///other.db, http://HOST:PORT), an experiment name, or "

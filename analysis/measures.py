@@ -131,8 +131,8 @@ def measures(ex: Exercise) -> list[Measure]:
     """The figures of one item (an Exercise), in the order a reader reads them."""
     found = []
     for run in ex.runs.to_dict("records"):
-        variant = run.get(f"tags.{tracking.VARIANT}") or ""
-        suffix = f" ({variant})" if variant else ""
+        variant = run.get(f"tags.{tracking.VARIANT}")
+        suffix = f" ({variant})" if isinstance(variant, str) and variant else ""
         settings = run_settings(run)
         epochs = _epochs_of(ex, run["run_id"])
         metrics = [*TIMED.get(ex.name, ()), "energy_j"] if ex.name in TIMED else []
@@ -171,11 +171,14 @@ def _answers(ex: Exercise) -> list[Measure]:
     if ex.name == "C3" and pd.notna(parent.get("metrics.best_workers")):
         best = int(parent["metrics.best_workers"])
         found.append(Measure("C3", "best workers", WORKERS, (best,), "", settings))
-        at_best = ex.runs[ex.runs.get("params.workers", pd.Series(dtype=object)) == str(best)]
-        if not at_best.empty:
-            run = at_best.iloc[0]
-            epochs = _epochs_of(ex, run["run_id"])["data_time_s"].dropna()
-            kept = {k: v for k, v in run_settings(run).items() if k != "workers"}
+        at_best = [
+            run
+            for run in ex.runs.to_dict("records")
+            if run.get("params.workers") == str(best) and run.get("params.loader") != "gpu"
+        ]
+        if at_best:
+            epochs = _epochs_of(ex, at_best[0]["run_id"])["data_time_s"].dropna()
+            kept = {k: v for k, v in run_settings(at_best[0]).items() if k != "workers"}
             name = "data-loading s/epoch (best count)"
             found.append(Measure("C3", name, TIME, tuple(epochs), "", kept))
     if ex.name == "C5":
