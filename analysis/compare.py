@@ -16,12 +16,14 @@ from matplotlib.figure import Figure
 from analysis import measures, queries
 from analysis.measures import ACCURACY, ENERGY, RATIO, TIME, Measure
 from analysis.report import markdown_table, md_text
+from analysis.tables import EPOCH_NOISE
 from cifarexp import tracking
 from cifarexp.config import CifarexpError, ConfigError
 from cifarexp.study.catalogue import SECTIONS
 
 CAPTION = (
-    f"{measures.SPREAD}; within noise: the two sides' epochs overlap; ratio: yours / the "
+    f"{measures.SPREAD}; within noise: the two sides' epochs overlap, or differ by "
+    f"{EPOCH_NOISE:.0%} at most; ratio: yours / the "
     "baseline's; not comparable: the settings that differ, the baseline's vs yours"
 )
 BASELINE_GRAMMAR = (
@@ -202,10 +204,12 @@ class Row:
 
     @property
     def within_noise(self) -> bool:
-        """Whether the two sides' epochs overlap: some epoch of one took as long as some epoch
-        of the other (every epoch of yours must be slower for a slow-down)."""
+        """Whether the two sides' epochs overlap (some epoch of one took as long as some epoch
+        of the other: every epoch of yours must be slower for a slow-down), or their medians
+        differ by less than EPOCH_NOISE (a figure of one epoch has no spread of its own)."""
         b, y = self.baseline, self.yours
-        return y.low <= b.high and b.low <= y.high
+        overlap = y.low <= b.high and b.low <= y.high
+        return overlap or abs(y.value - b.value) <= EPOCH_NOISE * max(y.value, b.value)
 
     @property
     def verdict(self) -> str:

@@ -112,6 +112,24 @@ def test_a_slow_down_under_the_threshold_or_without_one_does_not_fail(cli, clien
     )  # --quiet: the verdict without the table
 
 
+def test_one_epoch_each_is_within_noise_up_to_1_percent(cli, client, baseline, tmp_path):
+    # given one epoch on each side: 10.00 s, then 10.05 s and 10.50 s
+    uri, other = baseline
+    one_epoch = lambda c, total: log_run(  # noqa: E731
+        c, c.create_experiment(f"t{total}"), command="time", exercise="C2",
+        params=STUDY_PARAMS, epochs=[epoch(0.2, 9.6, total, 1.0, 0.6)],
+    )  # fmt: skip
+    one_epoch(other, 10.0)
+    one_epoch(client, 10.05)
+    # when compared, then 0.5% is within noise (no spread to judge it by: 1% is the floor)
+    assert cli("compare", "--baseline", uri, "--out", "cmp").exit_code == 0
+    assert compared(tmp_path / "cmp").loc[("C2", "epoch s"), "verdict"] == "within noise"
+    # and 5% is slower
+    one_epoch(client, 10.5)
+    assert cli("compare", "--baseline", uri, "--out", "cmp").exit_code == 0
+    assert compared(tmp_path / "cmp").loc[("C2", "epoch s"), "verdict"] == "slower"
+
+
 def test_figures_measured_with_other_settings_are_not_comparable(cli, client, baseline, tmp_path):
     # given a baseline at batch 128 and yours at batch 16, 20% slower
     uri, other = baseline
