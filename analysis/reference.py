@@ -42,7 +42,7 @@ def _accuracy(item: str, variant: str, value: float) -> Reference:
     return Reference(item, f"final accuracy ({variant})", value, value, f"{value:.1%}", "", ONE_RUN)
 
 
-# The reference report's figures (SPEC.md §2): batch 128, all 50,000 CIFAR-10 images, 5
+# The reference report's figures, as it gave them: batch 128, all 50,000 CIFAR-10 images, 5
 # epochs, lr 0.1, on one GPU (2 DataLoader workers for C2, the best count after C3).
 REFERENCE = [
     _one("C2", "data-loading s/epoch", 0.19, "≈ 0.19 s per epoch", UNSYNCED),
