@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import plots, queries, tables
+from analysis import plots, queries, reference, tables
 from cifarexp import tracking
 from cifarexp.config import ConfigError
 from cifarexp.study.catalogue import ITEMS, SECTIONS, TITLES
@@ -129,6 +129,7 @@ def section(item: str, ex: queries.Exercise | None) -> Section:
     result = Section(item, ITEMS[item].heading, ITEMS[item].command)
     if ex is not None:
         result.tables, result.figures, result.text = BUILDERS[item](ex)
+        result.tables |= reference.beside(item, ex)
         result.notes = warnings(ex)
         result.dataset, result.run_id = ex.dataset, ex.parent_id
         result.settings = ex.params

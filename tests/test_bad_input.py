@@ -15,7 +15,7 @@ from tests.conftest import TINY_ARGS, all_runs, one_message, without
 USAGE, RUNTIME = 2, 1
 TRAINING = ["time", "sweep-workers", "compare-device", "compare-optim", "no-bn"]
 COMMANDS = {command.name for command in app.registered_commands if not command.hidden}
-OTHERS = [name for name in ("inspect", "report", "lab") if name in COMMANDS]
+OTHERS = [name for name in ("inspect", "report", "lab", "compare") if name in COMMANDS]
 # The valid arguments each command gets besides the bad one (lab's would run the study, but
 # every case below fails before anything runs).
 BASE = {
@@ -27,6 +27,7 @@ BASE = {
     "inspect": ["--quiet"],
     "report": ["--quiet", "--out", "report"],
     "lab": ["--quiet", "--preset", "quick", "--dataset", "synthetic", "--device", "cpu"],
+    "compare": ["--quiet", "--baseline", "no-such-experiment"],
 }
 CIFAR10 = ["--dataset", "cifar10", "--data-dir"]
 
@@ -123,6 +124,13 @@ OWN = {
         (["--dataset", "imagenet"], "--dataset", USAGE),
         (["--device", "tpu"], "--device", USAGE),
         (["--out", "afile/report"], "--out", RUNTIME),
+    ],
+    "compare": [
+        (["--baseline", "sqlite:///afile"], "--baseline", USAGE),  # not a database
+        (["--baseline", "sqlite:///afolder"], "--baseline", USAGE),
+        (["--baseline", ""], "--baseline", USAGE),
+        (["--fail-if-slower", "x"], "--fail-if-slower", USAGE),
+        (["--out", "afile/compare"], "--out", RUNTIME),
     ],
 }
 SKIP = {  # options a command does not have (its own option of that name is tested in OWN)

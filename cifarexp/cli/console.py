@@ -27,6 +27,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     import pandas as pd
 
+    from analysis.compare import Comparison
     from analysis.report import Section
     from cifarexp.study.inspection import Inspection
     from cifarexp.training.anatomy import Count
@@ -224,6 +225,23 @@ def print_answer(section: Section) -> None:
     """A command's answer: its section, then where its run is."""
     print_section(section)
     print_where(section.run_id)
+
+
+def print_comparison(comparison: Comparison, threshold: float | None, *, quiet: bool) -> None:
+    """Two studies side by side: what each ran on and every figure of both (unless `quiet`),
+    the verdict, and one line per time slower beyond the threshold and the noise."""
+    from analysis.compare import CAPTION
+    from cifarexp.study.catalogue import TITLES
+
+    for study in [] if quiet else (comparison.baseline, comparison.yours):
+        console.print(study.about(), style="dim", highlight=False, soft_wrap=True)
+    if not quiet:
+        table = render(comparison.table(), TITLES["comparison"])
+        table.caption = CAPTION
+        console.print(table)
+    console.print(comparison.summary(threshold), style="bold", highlight=False, soft_wrap=True)
+    for line in comparison.slower(threshold):
+        console.print(line, style="bold red", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- Q1-Q4

@@ -348,3 +348,24 @@ PresetName = Annotated[
         "--preset",
     ),
 ]
+BaselineSource = Annotated[
+    str,
+    _option(
+        "The study to compare yours with: another tracking store (sqlite:///other.db, its "
+        "latest finished runs), an experiment of this store, or run ids (comma-separated).",
+        RUN,
+        "--baseline",
+    ),
+]
+FailIfSlower = Annotated[
+    str | None,
+    _option(
+        "Exit 1, with a line for each, if a time is slower than the baseline's by more than "
+        "this percentage (e.g. 5%) and beyond the spread of both sides' epochs.",
+        RUN,
+        "--fail-if-slower",
+    ),
+]
+CompareOut = Annotated[
+    Path, _option("Folder for compare.md, comparison.csv and the plots.", RUN, "--out")
+]

@@ -13,6 +13,7 @@ from cifarexp.cli.base import answer, command, open_session, parse_list
 from cifarexp.config import OPTIMIZERS, CifarexpError, TrainConfig, UserError
 
 if TYPE_CHECKING:
+    from analysis.compare import Comparison, Source
     from cifarexp.study.session import Session
 
 D = TrainConfig()  # the study's defaults, shown by --help
@@ -106,6 +107,58 @@ def lab_(
         if step.answered:  # logged on its run now: a later step may read it (the best count)
             answer(session, step.item, run_id, show=False)
     write_and_log_report(report.build_report(), out, session, quiet=quiet)
+
+
+@command("compare")
+def compare_(
+    ctx: typer.Context,
+    baseline: opt.BaselineSource,
+    fail_if_slower: opt.FailIfSlower = None,
+    out: opt.CompareOut = Path("compare"),
+    tracking_uri: opt.TrackingUri = None,
+    experiment: opt.Experiment = None,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Your study beside a baseline study (another store, an experiment, run ids), figure by
+    figure, within noise or not; with --fail-if-slower, a regression check for CI."""
+    from analysis import compare
+
+    source = compare.parse_source(baseline)
+    threshold = compare.parse_threshold(fail_if_slower) if fail_if_slower is not None else None
+    make_out_dir(out)
+    session = open_session(ctx)
+    from cifarexp.cli.console import print_comparison
+
+    result = compare.compare(compare.read_baseline(source), compare.latest("yours"))
+    try:
+        compare.write(result, out, threshold)
+    except OSError as exc:
+        raise _unwritable(out, exc) from None
+    print_comparison(result, threshold, quiet=quiet)
+    log_comparison(session, result, out, source, threshold)
+    if result.slower(threshold):
+        raise typer.Exit(1)
+
+
+def log_comparison(
+    session: Session, result: Comparison, out: Path, source: Source, threshold: float | None
+) -> None:
+    """The comparison as its own run: the table, the folder's plots and compare.md, the
+    verdict as its description."""
+    from cifarexp.cli.console import print_where
+    from cifarexp.study.catalogue import Labels
+
+    labels = Labels("compare", "compare")
+    params = {"baseline": source.shown, "fail_if_slower": threshold, "out": str(out)}
+    with session.tracker.start_run(
+        session.experiment_of("compare"), run_name=f"compare with {source.text}"[:200],
+        tags=labels.tags(), params=params, about=labels.about(),
+    ) as run_id:  # fmt: skip
+        session.tracker.log_artifacts(out)
+        session.tracker.log_table(result.table(), "comparison")
+    if run_id is not None:
+        session.tracker.describe(run_id, result.description(threshold))
+    print_where(run_id)
 
 
 def make_out_dir(out: Path) -> None:

@@ -89,10 +89,22 @@ ITEMS: dict[str, Item] = {
         {"profiles": "Profiles: what bounds each profiled run's step, and the step's split"},
     ),
     "report": Item("The study's tables and plots, built from the store.", "", "cifarexp report"),
+    "compare": Item(
+        "How does this study compare with a baseline study: faster, slower, within noise?",
+        "",
+        "cifarexp compare --baseline SOURCE",
+        {"comparison": "Yours beside the baseline"},
+    ),
 }
 # The items of the report's sections, in order (the profiles come last, from every run).
 SECTIONS = ("C2", "C3", "C5", "C5-scaling", "C6", "C7", "Q1-Q4")
 TITLES = {name: title for item in ITEMS.values() for name, title in item.tables.items()}
+# Each item's figures beside the reference study's (analysis/reference.py builds them).
+REFERENCE_TABLES = {
+    item: f"{item.lower().replace('-', '_')}_reference"
+    for item in ("C2", "C3", "C5", "C6", "C7", "Q1-Q4")
+}
+TITLES |= {name: f"{item}: beside the reference study" for item, name in REFERENCE_TABLES.items()}
 
 
 @dataclass(frozen=True)

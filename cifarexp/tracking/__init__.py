@@ -15,6 +15,7 @@ from cifarexp.tracking.names import (
     ERROR,
     EXERCISE,
     NOTE,
+    PARENT,
     PRESET,
     TAG,
     VARIANT,
@@ -25,22 +26,24 @@ from cifarexp.tracking.names import (
     default_experiment,
 )
 from cifarexp.tracking.queries import (
+    experiment_id,
     finished_children,
     finished_top_level,
     is_run_id,
     latest_sweep,
     load_text,
     metric_history,
+    reading,
     search_runs,
     where,
 )
-from cifarexp.tracking.store import STORE_ERRORS, shown_uri
+from cifarexp.tracking.store import STORE_ERRORS, redact, shown_uri
 from cifarexp.tracking.tracker import Tracker
 
 __all__ = [
     "COMMAND", "COMMIT", "DATASET", "DEVICE", "DIVERGED", "ENERGY", "ERROR", "EXERCISE", "NOTE",
-    "PRESET", "STORE_ERRORS", "TAG", "VARIANT", "VARIANTS", "VERDICT", "VERSION",
-    "WORKERS_FROM", "Tracker", "default_experiment", "finished_children",
+    "PARENT", "PRESET", "STORE_ERRORS", "TAG", "VARIANT", "VARIANTS", "VERDICT", "VERSION",
+    "WORKERS_FROM", "Tracker", "default_experiment", "experiment_id", "finished_children",
     "finished_top_level", "is_run_id", "latest_sweep", "load_text", "metric_history",
-    "search_runs", "shown_uri", "where",
+    "reading", "redact", "search_runs", "shown_uri", "where",
 ]  # fmt: skip

@@ -5,14 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from cifarexp.config import CifarexpError
 from cifarexp.tracking.names import DATASET, DEVICE, EXERCISE, PARENT, SETTINGS, VARIANT
-from cifarexp.tracking.store import redact
+from cifarexp.tracking.store import STORE_SCHEMES, redact, root_cause, sqlite_path
 
 
 def current_uri() -> str:
@@ -133,6 +136,41 @@ def unfinished(exercise: str, params: Mapping[str, object]) -> pd.Series | None:
         if same:
             return None if run["status"] == "FINISHED" else run
     return None
+
+
+# ---------------------------------------------------------------- another study's store
+
+
+def experiment_id(name: str) -> str | None:
+    """The id of the experiment `name` in the store, else None."""
+    experiment = mlflow.get_experiment_by_name(name)
+    return None if experiment is None else experiment.experiment_id
+
+
+@contextmanager
+def reading(uri: str) -> Iterator[None]:
+    """Every query inside reads the store at `uri` (another study's, never created nor
+    changed here), then the session's store again. A URI that names no store, or a store
+    that cannot be read, is one CifarexpError."""
+    scheme = uri.partition(":")[0].split("+")[0]
+    if scheme not in STORE_SCHEMES:
+        raise CifarexpError(f"{redact(uri)!r} is not a tracking URI (e.g. sqlite:///other.db)")
+    if scheme == "sqlite":
+        path = Path(sqlite_path(uri))
+        if not uri.startswith("sqlite:///") or not path.is_file() or not path.stat().st_size:
+            raise CifarexpError(f"no tracking store at {redact(uri)} (no such database file)")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        try:
+            mlflow.MlflowClient().search_experiments(max_results=1)
+        except Exception as exc:  # a missing driver, not a database, an older schema, ...
+            raise CifarexpError(
+                f"cannot read the tracking store {redact(uri)} ({root_cause(exc)})"
+            ) from None
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 # ---------------------------------------------------------------- who runs a comparison
