@@ -14,7 +14,6 @@ EPOCH_METRICS = [
     "data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc", "images_per_s",
     "test_loss", "test_acc", "mfu", "comm_time_s", "energy_j", "power_w", "energy_per_image_mj",
     "partial_data_s", "partial_train_s", "partial_total_s",  # an epoch cut at max_batches
-    "energy_j",  # where the device counts its energy
 ]  # fmt: skip
 
 
