@@ -64,8 +64,9 @@ def _app(
 
 def command(name: str, *, under_torchrun: bool = False, hidden: bool = False) -> Callable:
     """Register `fn` as the command `name` (`hidden` from --help). Errors meant for the user
-    become one line: bad input exits 2, runtime failures exit 1, Ctrl-C exits 130; never a
-    traceback. Only an `under_torchrun` command runs under torchrun (or --nproc N)."""
+    become one line: bad input exits 2, runtime failures exit 1, a stop signal 128 + its
+    number (Ctrl-C 130, SIGTERM 143); never a traceback. Only an `under_torchrun` command
+    runs under torchrun (or --nproc N)."""
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)  # typer reads fn's own signature through it
@@ -198,9 +199,9 @@ def user_errors(ctx: typer.Context | None = None) -> Iterator[None]:
     except UserError as exc:
         _print_error(_message(exc))
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        _print_interrupted(ctx.obj if ctx is not None else None)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as stop:
+        _print_interrupted(ctx.obj if ctx is not None else None, stop)
+        raise typer.Exit(processes.exit_code(stop)) from None
     except Exception as exc:
         from cifarexp.tracking import STORE_ERRORS
 
@@ -218,16 +219,18 @@ def _print_error(message: str) -> None:
     err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def _print_interrupted(session: Session | None) -> None:
+def _print_interrupted(session: Session | None, stop: KeyboardInterrupt) -> None:
     """What a stop left in the store, as the session's tracker saw it (None: stopped before
-    the session opened)."""
+    the session opened); the signal named unless it was Ctrl-C's."""
     from cifarexp.cli.console import err_console
 
+    name = processes.signal_name(stop)
+    what = "Interrupted" if name == "SIGINT" else f"Interrupted by {name}"
     ended = session.tracker.last_ended() if session is not None else None
     if ended is None or ended[1] != "FINISHED":
-        err_console.print("Interrupted: finished epochs are in the store; the run is KILLED.")
+        err_console.print(f"{what}: finished epochs are in the store; the run is KILLED.")
     else:
-        err_console.print(f"Interrupted after run {ended[0]} had FINISHED; nothing is lost.")
+        err_console.print(f"{what} after run {ended[0]} had FINISHED; nothing is lost.")
 
 
 def main() -> None:
