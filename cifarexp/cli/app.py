@@ -209,6 +209,26 @@ def user_errors(ctx: typer.Context | None = None) -> Iterator[None]:
             raise
         _print_error(str(exc))
         raise typer.Exit(1) from None
+    else:
+        _check_output(ctx.obj if ctx is not None else None)
+
+
+def _check_output(session: Session | None) -> None:
+    """A command whose output could not be written (stdout on a full disk, or a pipe closed
+    early) did its work, and its runs ended as they should: it says so on stderr (if that
+    can be written) and exits 1, the output being lost."""
+    from cifarexp.cli.console import lost_output
+
+    lost = lost_output()
+    if lost is None:
+        return
+    ended = session.tracker.last_ended() if session is not None else None
+    runs = f"run {ended[0]} is {ended[1]}" if ended else "nothing was lost in the store"
+    _print_error(
+        f"cannot write the output ({lost.strerror or lost}): what this command printed is "
+        f"lost; {runs}"
+    )
+    raise typer.Exit(1)
 
 
 def _print_error(message: str) -> None:
@@ -234,6 +254,9 @@ def _print_interrupted(session: Session | None, stop: KeyboardInterrupt) -> None
 
 
 def main() -> None:
+    from cifarexp.cli.console import guard_output
+
+    guard_output()  # a terminal that cannot be written never fails a run (see _check_output)
     under_torchrun = processes.launched()
     processes.handle_stops(under_torchrun=under_torchrun)
     try:
