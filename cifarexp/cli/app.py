@@ -203,11 +203,11 @@ def user_errors(ctx: typer.Context | None = None) -> Iterator[None]:
         _print_interrupted(ctx.obj if ctx is not None else None, stop)
         raise typer.Exit(processes.exit_code(stop)) from None
     except Exception as exc:
-        from cifarexp.tracking import STORE_ERRORS
+        from cifarexp.tracking import STORE_ERRORS, store_error
 
         if not isinstance(exc, STORE_ERRORS):
             raise
-        _print_error(str(exc))
+        _print_error(store_error(exc))
         raise typer.Exit(1) from None
     else:
         _check_output(ctx.obj if ctx is not None else None)

@@ -231,9 +231,11 @@ def _store_failed(tracker: Tracker, run_id: str, exc: BaseException) -> str:
         logged = f"epochs logged: {epochs[0]}-{epochs[-1]}"
     else:
         logged = f"epochs logged: {', '.join(map(str, epochs))}"
+    ended = tracker.last_ended() == (run_id, "FAILED")  # one try, on a failing store
     return (
         f"the tracking store {shown_uri()} failed during run {run_id} "
-        f"({root_cause(exc)}); {logged}; the run is left unfinished"
+        f"({root_cause(exc)}); {logged}; the run is "
+        f"{'FAILED' if ended else 'left unfinished'}"
     )
 
 

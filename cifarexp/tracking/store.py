@@ -22,7 +22,8 @@ from mlflow.exceptions import MlflowException
 from cifarexp import processes
 from cifarexp.config import CifarexpError, ConfigError
 
-STORE_ERRORS: tuple[type[Exception], ...] = (MlflowException,)  # failures of the store itself
+# Failures of the store itself: MLflow's, and SQLite's where cifarexp reads the file itself.
+STORE_ERRORS: tuple[type[Exception], ...] = (MlflowException, sqlite3.DatabaseError)
 # Tracking URI schemes MLflow can keep runs in (+driver allowed); never the legacy file store.
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 # MLflow retries a failed HTTP request 7 times with exponential backoff (minutes) and waits
@@ -148,6 +149,12 @@ def shown_uri() -> str:
     return redact(mlflow.get_tracking_uri())
 
 
+def store_error(exc: BaseException) -> str:
+    """A failure of the store in use as one line: the store, and what SQLite or the server
+    said (never the SQL MLflow sent)."""
+    return f"the tracking store {shown_uri()} failed ({root_cause(exc)})"
+
+
 def root_cause(exc: BaseException) -> str:
     """The first line of the deepest error behind `exc` (what SQLite or the system said, not
     the wrapper around it: "database or disk is full", not "Query-invoked autoflush")."""
@@ -212,6 +219,7 @@ def _schema(path: Path, shown: str, source: Source) -> str:
                 found = db.execute("select version_num from alembic_version").fetchone()
                 version = found[0] if found else None
             runs = db.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
+            _check_pages(db)
             db.execute("begin immediate")  # a write, undone: fails on a read-only file or folder
             db.execute("create table cifarexp_write_check (x)")
             db.rollback()
@@ -227,6 +235,26 @@ def _schema(path: Path, shown: str, source: Source) -> str:
             f"`mlflow db upgrade {shown}`",
         )
     return state
+
+
+def check_whole(uri: str) -> None:
+    """A sqlite store read through, every page, from a connection of its own: MLflow's keeps
+    pages in its cache and writes only those it changes, so a file damaged under it (written
+    over by something else) takes its writes without an error. sqlite3.DatabaseError if a
+    page is damaged, or the file is gone. Reads the whole file (SQLite's quick_check); other
+    stores answer for themselves."""
+    if not uri.startswith("sqlite:///"):
+        return
+    read_only = Path(sqlite_path(uri)).resolve().as_uri() + "?mode=ro"  # never creates it
+    with contextlib.closing(sqlite3.connect(read_only, uri=True, timeout=20)) as db:
+        _check_pages(db)
+
+
+def _check_pages(db: sqlite3.Connection) -> None:
+    found = [row[0] for row in db.execute("pragma quick_check(1)")]
+    if found != ["ok"]:
+        problem = found[0].splitlines()[-1] if found else "no answer"
+        raise sqlite3.DatabaseError(f"database disk image is malformed: {problem}")
 
 
 @contextmanager
@@ -274,7 +302,7 @@ def retry_locked(write: Callable[[], None], *, races: tuple[str, ...] = ()) -> N
         try:
             write()
             return
-        except MlflowException as exc:
+        except STORE_ERRORS as exc:
             if not any(text in str(exc) for text in ("database is locked", *races)):
                 raise
         time.sleep(delay)

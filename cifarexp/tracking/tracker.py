@@ -18,7 +18,7 @@ from mlflow.entities import Metric, RunData, RunTag
 from cifarexp.config import CifarexpError
 from cifarexp.tracking import lifecycle
 from cifarexp.tracking.names import APPENDED, NOTE, REUSED_FROM, TAG
-from cifarexp.tracking.store import open_store, retry_locked
+from cifarexp.tracking.store import check_whole, open_store, retry_locked
 from cifarexp.training.distributed import World
 
 if TYPE_CHECKING:
@@ -134,11 +134,14 @@ class Tracker:
             retry_locked(lambda: mlflow.log_metrics(dict(metrics), step=step))
 
     def log_epoch(self, result: EpochResult) -> None:
-        """The per-epoch metrics of one finished epoch, step = epoch number."""
+        """The per-epoch metrics of one finished epoch, step = epoch number; then the store
+        is read through (`store.check_whole`: MLflow's own connection may not see that the
+        file was damaged under it), so that a run stops at the epoch after the damage."""
         if not self.writes:
             return
         retry_locked(lambda: mlflow.log_metrics(result.metrics(), step=result.epoch))
         self.epochs_logged.setdefault(mlflow.active_run().info.run_id, []).append(result.epoch)
+        retry_locked(lambda: check_whole(self.uri))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.writes:
