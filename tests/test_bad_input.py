@@ -117,12 +117,15 @@ OWN = {
         (["--runs", ""], "--runs", USAGE),
         (["--runs", "C3=nosuchrun"], "--runs", USAGE),
         (["--out", "afile/report"], "--out", RUNTIME),
+        (["--out", "mlartifacts"], "--out", USAGE),  # the store's own artifact folder
+        (["--out", "afile"], "--out", USAGE),  # a file
     ],
     "lab": [
         (["--preset", "huge"], "--preset", USAGE),
         (["--dataset", "imagenet"], "--dataset", USAGE),
         (["--device", "tpu"], "--device", USAGE),
         (["--out", "afile/report"], "--out", RUNTIME),
+        (["--out", "mlartifacts"], "--out", USAGE),
     ],
 }
 SKIP = {  # options a command does not have (its own option of that name is tested in OWN)

@@ -33,13 +33,13 @@ from cifarexp.tracking.queries import (
     search_runs,
     where,
 )
-from cifarexp.tracking.store import STORE_ERRORS, shown_uri, store_error
+from cifarexp.tracking.store import STORE_ERRORS, artifact_root, shown_uri, store_error
 from cifarexp.tracking.tracker import Tracker
 
 __all__ = [
     "COMMAND", "COMMIT", "DATASET", "DEVICE", "DIVERGED", "ERROR", "EXERCISE", "NOTE",
     "PRESET", "STORE_ERRORS", "TAG", "VARIANT", "VARIANTS", "VERDICT", "VERSION",
-    "WORKERS_FROM", "Tracker", "default_experiment",
+    "WORKERS_FROM", "Tracker", "artifact_root", "default_experiment",
     "finished_children", "finished_top_level", "is_run_id", "latest_sweep", "load_text",
     "metric_history", "search_runs", "shown_uri", "store_error", "where",
 ]  # fmt: skip

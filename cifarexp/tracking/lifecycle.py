@@ -29,6 +29,7 @@ from cifarexp.tracking.store import (
     STORE_ERRORS,
     Source,
     StoreFailed,
+    artifact_root,
     locked,
     root_cause,
     shown_uri,
@@ -134,9 +135,8 @@ def _set_experiment(name: str, about: str) -> None:
     """Make `name` the active experiment; with a local sqlite store its artifacts go into
     `mlartifacts/` beside the database file (never the legacy ./mlruns). A new one is
     described by `about` and opens on its runs in the UI."""
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
-        root = Path(sqlite_path(uri)).resolve().parent / "mlartifacts"
+    root = artifact_root(mlflow.get_tracking_uri())
+    if root is not None and mlflow.get_experiment_by_name(name) is None:
         with contextlib.suppress(MlflowException):  # created meanwhile by another command
             mlflow.create_experiment(name, artifact_location=root.as_uri())
     experiment = mlflow.set_experiment(name)

@@ -131,6 +131,14 @@ def sqlite_path(uri: str) -> str:
     return uri.removeprefix("sqlite:///").split("?")[0]
 
 
+def artifact_root(uri: str) -> Path | None:
+    """Where the experiments of a sqlite store keep their artifacts: `mlartifacts/` beside
+    the database file (never the legacy ./mlruns); None for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(sqlite_path(uri)).resolve().parent / "mlartifacts"
+
+
 def redact(uri: str) -> str:
     """`uri` with any password replaced by ***, as cifarexp shows or writes it."""
     try:
@@ -276,7 +284,7 @@ def _build(path: Path, shown: str, source: Source) -> None:
     for stale in path.parent.glob(f".{path.name}.new-*"):  # a build interrupted earlier
         stale.unlink(missing_ok=True)
     building = path.with_name(f".{path.name}.new-{os.getpid()}")
-    artifacts = (path.parent.resolve() / "mlartifacts").as_uri()
+    artifacts = artifact_root(f"sqlite:///{path}").as_uri()
     with processes.uninterruptible():  # a few seconds; a stop waits, then comes
         try:
             with open(building, "xb"):  # the folder takes files: else fail now, not in retries
