@@ -96,9 +96,11 @@ def open_session(ctx: typer.Context, **given: Any) -> Session:
         processes.relaunch(options["nproc"], sys.argv[1:])
     from cifarexp.cli import console
     from cifarexp.study.session import Session
-    from cifarexp.tracking import Tracker
+    from cifarexp.tracking import Tracker, check_experiment
     from cifarexp.training.distributed import world_from_environment
 
+    if options["experiment"] is not None:
+        check_experiment(options["experiment"])
     console.show_notices()
     world = world_from_environment(options["device"])
     tracker = Tracker.open(options["tracking_uri"], world, system_metrics=options["system_metrics"])

@@ -21,6 +21,7 @@ from cifarexp.tracking.names import (
     VERDICT,
     VERSION,
     WORKERS_FROM,
+    check_experiment,
     default_experiment,
 )
 from cifarexp.tracking.queries import (
@@ -39,7 +40,7 @@ from cifarexp.tracking.tracker import Tracker
 __all__ = [
     "COMMAND", "COMMIT", "DATASET", "DEVICE", "DIVERGED", "ERROR", "EXERCISE", "NOTE",
     "PRESET", "STORE_ERRORS", "TAG", "VARIANT", "VARIANTS", "VERDICT", "VERSION",
-    "WORKERS_FROM", "Tracker", "artifact_root", "default_experiment",
+    "WORKERS_FROM", "Tracker", "artifact_root", "check_experiment", "default_experiment",
     "finished_children", "finished_top_level", "is_run_id", "latest_sweep", "load_text",
     "metric_history", "search_runs", "shown_uri", "store_error", "where",
 ]  # fmt: skip

@@ -119,7 +119,8 @@ def _check_uri(uri: str, source: Source) -> None:
             "sqlite:///PATH.db",
         )
     try:
-        host = urllib.parse.urlsplit(uri).hostname
+        parts = urllib.parse.urlsplit(uri)
+        host, _ = parts.hostname, parts.port  # a port past 65535, or not a number, is an error
     except ValueError as exc:
         raise source.error(ConfigError, f"{shown} is not a valid URL ({exc})") from None
     if scheme in ("http", "https") and not host:
