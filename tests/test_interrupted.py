@@ -1,6 +1,6 @@
 """Interrupted runs and comparisons: Ctrl-C, SIGTERM, every other stop signal and SIGKILL
 leave nothing the analysis mistakes for a result, and `--resume` finishes only what is
-missing."""
+missing (and trains nothing for a comparison that has finished)."""
 
 from __future__ import annotations
 
@@ -326,3 +326,40 @@ def test_every_stop_signal_ends_the_run_killed_with_its_exit_code(
     [run] = all_runs(client)
     assert run.info.status == "KILLED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+
+
+def test_resume_of_a_finished_comparison_shows_its_answer_and_trains_nothing(
+    cli, client, monkeypatch
+):
+    # Given a comparison that has finished,
+    assert cli(*COMPARE_OPTIM).exit_code == 0
+    [parent] = [run for run in all_runs(client) if PARENT not in run.data.tags]
+    before = runs_by_status(client)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr("cifarexp.training.build.Training.train", no_training)
+
+    # when it is run again with --resume,
+    result = cli(*COMPARE_OPTIM, "--resume")
+
+    # then it says it has finished, shows its answer, and nothing trains or changes.
+    assert result.exit_code == 0, result.output
+    assert f"Already finished: run {parent.info.run_id} has these settings" in result.output
+    assert "Nothing to resume" not in result.output
+    assert "C6: " in result.output and "Source: runs" in result.output  # its answer
+    assert runs_by_status(client) == before
+    again = client.get_run(parent.info.run_id)
+    assert again.info.end_time == parent.info.end_time
+    assert again.data.metrics == parent.data.metrics
+
+
+def test_resume_with_nothing_to_resume_says_it_starts_a_new_comparison(cli, client):
+    # Given no comparison with these settings, when --resume is asked for,
+    result = cli(*COMPARE_OPTIM, "--resume")
+    # then it says it starts a new one, and does.
+    assert result.exit_code == 0, result.output
+    assert "Nothing to resume: no run with these settings; starting a new one." in result.output
+    [parent] = [run for run in all_runs(client) if PARENT not in run.data.tags]
+    assert_one_complete_comparison(client, parent.info.run_id)

@@ -23,6 +23,7 @@ from cifarexp.cli.options import Sets
 from cifarexp.config import ConfigError, TrainConfig, UserError, flag
 
 if TYPE_CHECKING:
+    from analysis import report
     from cifarexp.study.session import Session
     from cifarexp.tracking import Tracker
 
@@ -139,17 +140,25 @@ def _config_options(fn: Callable) -> tuple[tuple[str, str], ...]:
 def answer(session: Session, item: str, run_id: str | None, *, show: bool = True) -> None:
     """The answer of `item`, built from the store (`analysis`), logged onto its run
     `run_id` (its description; a comparison's parent also gets its tables, plots and
-    headline metrics) and, if `show`, printed with where the run is. Nothing on a rank of a
-    torchrun job that does not write (no run id)."""
+    headline metrics) if this command ran it, and, if `show`, printed with where the run
+    is. Nothing on a rank of a torchrun job that does not write (no run id)."""
     if run_id is None:
         return
     from analysis import report
     from cifarexp.cli.console import print_answer
-    from cifarexp.study.catalogue import ITEMS, description
 
     section = report.summarize(item, run_id)
+    if session.tracker.ended_here(run_id):  # else it finished before (--resume): logged then
+        _log_answer(session.tracker, item, run_id, section)
+    if show:
+        print_answer(section)
+
+
+def _log_answer(tracker: Tracker, item: str, run_id: str, section: report.Section) -> None:
+    from cifarexp.study.catalogue import ITEMS, description
+
     if ITEMS[item].compares:
-        session.tracker.log_answer(
+        tracker.log_answer(
             run_id,
             tables=section.tables,
             figures=section.figures,
@@ -157,9 +166,7 @@ def answer(session: Session, item: str, run_id: str | None, *, show: bool = True
             metrics=section.metrics(),
             tags=section.tags(),
         )
-    session.tracker.describe(run_id, description(item, section.answer, section.settings))
-    if show:
-        print_answer(section)
+    tracker.describe(run_id, description(item, section.answer, section.settings))
 
 
 # ---------------------------------------------------------------- parsing and errors

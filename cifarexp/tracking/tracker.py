@@ -90,6 +90,10 @@ class Tracker:
         `--workers best` count came from, or the lab's preset."""
         self.later_tags.update(tags)
 
+    def ended_here(self, run_id: str) -> bool:
+        """Whether this process ended the run `run_id` (else it was there already)."""
+        return any(ended == run_id for ended, _ in self.ended)
+
     def last_ended(self) -> tuple[str, str] | None:
         """The (run id, status) of the run this process ended last, if any."""
         return self.ended[-1] if self.ended else None
