@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import re
+import secrets
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -320,9 +325,60 @@ def build_report(run_ids: Mapping[str, str] | None = None) -> list[Section]:
     return [*items, profiles_section()]
 
 
+REPORT_FILE = re.compile(r"report\.md|\w+\.(csv|png)")  # what a report folder holds
+
+
+def check_out(out: Path, store_folders: list[Path]) -> Path:
+    """The folder `out` names (links followed), where a report can be written (checked
+    before anything runs): a ConfigError where it cannot be used (it is, holds or lies in
+    one of `store_folders`, the store's own; it holds files that are no report's, which the
+    report would replace); an OSError where it cannot be written."""
+    target = out.resolve()
+    for folder in map(Path.resolve, store_folders):
+        if target == folder or folder in target.parents or target in folder.parents:
+            raise ConfigError(
+                f"{out} is, or holds, or lies in {folder}, where the tracking store keeps "
+                "its runs' files (the report is logged there too); give another folder",
+                "out",
+            )
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder", "out")
+    if target.exists():
+        others = [p.name for p in target.iterdir() if not REPORT_FILE.fullmatch(p.name)]
+        if others:
+            raise ConfigError(
+                f"{out} holds {others[0]!r}, which is no part of a report, and the report "
+                "replaces the whole folder; give a new folder, or one an earlier report made",
+                "out",
+            )
+        for path in [target, *target.iterdir()]:  # replaced, or removed, as a whole
+            if not os.access(path, os.W_OK):
+                raise PermissionError(errno.EACCES, f"{path} cannot be replaced")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _new_folder(target).rmdir()  # the report can be made beside it
+    return target
+
+
 def write_report(sections: list[Section], out: Path, tracking_uri: str) -> Path:
-    """`out`/report.md with every table and plot in study order, one CSV per table, PNGs."""
-    out.mkdir(parents=True, exist_ok=True)
+    """`out`/report.md with every table and plot in study order, one CSV per table, PNGs.
+
+    Written whole or not at all: into a new folder beside `out`, each file flushed to the
+    disk, then moved into place (an earlier report there is replaced), so that a full disk
+    or a stop halfway leaves the earlier report, or nothing, never half a report."""
+    target = out.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _new_folder(target)
+    try:
+        _write_files(sections, staging, tracking_uri)
+        _sync(staging)
+        _replace(target, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out / "report.md"
+
+
+def _write_files(sections: list[Section], out: Path, tracking_uri: str) -> None:
     lines = ["# cifarexp report", ""]
     if any(s.dataset == "synthetic" for s in sections):
         lines += [
@@ -339,16 +395,57 @@ def write_report(sections: list[Section], out: Path, tracking_uri: str) -> Path:
         lines += [f"> **{md_text(note)}**" for note in s.notes] + ([""] if s.notes else [])
         lines += [f"Source: {md_text(s.source)}.", ""]
         for name, table in s.tables.items():
-            table.to_csv(out / f"{name}.csv", index=False, float_format="%.6g")
+            csv = table.to_csv(index=False, float_format="%.6g")
+            _save(out / f"{name}.csv", csv.encode())
             lines += [f"**{TITLES[name]}**", "", markdown_table(table), ""]
         if s.text:
             lines += [s.text, ""]
         for name, figure in s.figures.items():
-            figure.savefig(out / f"{name}.png", dpi=110)
+            png = io.BytesIO()
+            figure.savefig(png, dpi=110, format="png")
+            _save(out / f"{name}.png", png.getvalue())
             lines += [f"![{TITLES[name]}]({name}.png)", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    _save(out / "report.md", "\n".join(lines).encode())
+
+
+def _new_folder(target: Path) -> Path:
+    """A new, hidden folder beside `target` (the same file system: it moves into place)."""
+    folder = target.with_name(f".{target.name}.new-{os.getpid()}-{secrets.token_hex(4)}")
+    folder.mkdir()
+    return folder
+
+
+def _save(path: Path, data: bytes) -> None:
+    """`data` into the new file `path`, on the disk before it returns (a disk that is full
+    says so here, not later)."""
+    with path.open("xb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _sync(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _replace(target: Path, new: Path) -> None:
+    """Move the folder `new` to `target`; an earlier folder there is moved aside first, then
+    removed (put back if `new` cannot take its place)."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def markdown_table(table: pd.DataFrame) -> str:

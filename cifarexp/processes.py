@@ -1,13 +1,16 @@
-"""Processes and signals: what SIGINT and SIGTERM do to a run, and the launcher that runs a
+"""Processes and signals: what a stop signal does to a run, and the launcher that runs a
 command as several processes through torchrun.
 
-A stop (SIGINT: Ctrl-C; SIGTERM: `kill`, a scheduler's limit) is recorded when it arrives
-and raised as an exception: KeyboardInterrupt, which ends the runs KILLED, or, under
-torchrun, `Stopped` for its SIGTERM, which ends them FAILED (torchrun stops every rank once
-one has failed). While a run is being started or ended (`stops_deferred`) a stop is only
-recorded, and `raise_pending` raises it once the run's status is written; a stop whose
-exception Python swallowed (one raised inside a garbage-collector callback, say) is still
-pending, so the run it interrupted cannot end FINISHED.
+A stop is any signal that would end the process and that it can catch (SIGINT: Ctrl-C;
+SIGTERM: `kill`, a scheduler's limit; SIGHUP: a closed terminal; SIGQUIT, SIGUSR1, SIGXCPU,
+...: see STOPS). It is recorded when it arrives and raised as an exception: `Interrupted`
+(a KeyboardInterrupt), which ends the runs KILLED and the process with exit code 128 +
+the signal's number, or, under torchrun, `Stopped` for its SIGTERM, which ends them FAILED
+(torchrun stops every rank once one has failed). While a run is being started or ended
+(`stops_deferred`) a stop is only recorded, and `raise_pending` raises it once the run's
+status is written; a stop whose exception Python swallowed (one raised inside a
+garbage-collector callback, say) is still pending, so the run it interrupted cannot end
+FINISHED.
 """
 
 from __future__ import annotations
@@ -28,7 +31,36 @@ from cifarexp.config import CifarexpError
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets in each process
 LAUNCH_GRACE_S = 30  # after Ctrl-C, how long a launched job gets to end its runs
 PR_SET_PDEATHSIG = 1  # prctl(2)
-STOPS = (signal.SIGINT, signal.SIGTERM)
+# Every signal whose default action ends the process and that a handler can catch, save
+# those a fault of the process itself raises (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT,
+# SIGTRAP, SIGSYS: it cannot go on after them) and SIGPIPE, which Python ignores (a write to
+# a closed pipe fails instead; see console.guard_output).
+STOPS = (
+    *(signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1),
+    *(signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGXCPU),
+    *(signal.SIGXFSZ, signal.SIGIO, signal.SIGPWR, signal.SIGSTKFLT),
+    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),  # the real-time signals
+)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal arrived (a KeyboardInterrupt, as Ctrl-C's: every run it interrupts
+    ends KILLED); the process exits with 128 + its number, as the shell reports a process
+    the signal ended."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def exit_code(stop: KeyboardInterrupt) -> int:
+    """The exit code of a process that `stop` ended: 128 + the signal's number (130 for a
+    plain KeyboardInterrupt, Ctrl-C's)."""
+    return 128 + getattr(stop, "signum", signal.SIGINT)
+
+
+def signal_name(stop: KeyboardInterrupt) -> str:
+    return signal.Signals(getattr(stop, "signum", signal.SIGINT)).name
 
 
 class Stopped(CifarexpError):
@@ -50,7 +82,7 @@ class _Stops:
         self.under_torchrun = under_torchrun
         self.stopping = False  # under torchrun: the first stop came; later ones are ignored
 
-    def handle(self, signum: int, frame: object) -> None:
+    def handle(self, signum: int) -> None:
         if self.stopping:
             return
         self.stopping = self.under_torchrun
@@ -61,22 +93,45 @@ class _Stops:
     def error(self, signum: int) -> BaseException:
         if self.under_torchrun and signum == signal.SIGTERM:
             return Stopped()
-        return KeyboardInterrupt()
+        return Interrupted(signum)
 
 
 _stops = _Stops()
 
 
 def handle_stops(*, under_torchrun: bool) -> None:
-    """Take SIGINT and SIGTERM as a run should: a stop ends the run KILLED (exit 130); under
-    torchrun its SIGTERM ends it FAILED, and once stopping, a rank ignores further stops
+    """Take every stop (STOPS) as a run should: a stop ends the run KILLED (exit 128 + the
+    signal's number: 130 for Ctrl-C, 143 for SIGTERM); under torchrun its SIGTERM ends it
+    FAILED, and once stopping, a rank ignores further stops
     (torchrun may send several: a launcher's death reaches it once per thread of that
     launcher, and each one makes it signal the ranks again; it SIGKILLs a rank that has not
     exited after its grace period)."""
     global _stops
     _stops = _Stops(under_torchrun)
     for stop in STOPS:
-        signal.signal(stop, _stops.handle)
+        signal.signal(stop, _on_signal)
+    if not isinstance(sys.unraisablehook, _QuietStops):
+        sys.unraisablehook = _QuietStops(sys.unraisablehook)
+
+
+class _QuietStops:
+    """Python's report of an exception it could not raise (in a garbage-collector callback,
+    or in a callback at a DataLoader worker's fork), except a stop's: that one is still
+    pending (see `raise_pending`), so it is no error, and its traceback is no news."""
+
+    def __init__(self, hook: Callable) -> None:
+        self.hook = hook
+
+    def __call__(self, unraisable: object) -> None:
+        if not isinstance(unraisable.exc_value, (Interrupted, Stopped)):
+            self.hook(unraisable)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """Every stop's handler; SIGUSR1 is also how `interrupt_main` reaches the main thread."""
+    if _for_main:
+        raise _for_main.pop()
+    _stops.handle(signum)
 
 
 @contextmanager
@@ -120,24 +175,20 @@ def acknowledge() -> None:
 _for_main: list[BaseException] = []  # what interrupt_main raises in the main thread
 
 
-def _raise_for_main(signum: int, frame: object) -> None:
-    if _for_main:
-        raise _for_main.pop()
-
-
 def allow_interrupts() -> bool:
     """Let `interrupt_main` reach this process's main thread (call it from there); whether
     it can (signal handlers are set from the main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         return False
-    signal.signal(signal.SIGUSR1, _raise_for_main)
+    signal.signal(signal.SIGUSR1, _on_signal)  # already so under `main`; not in a test
     return True
 
 
 def interrupt_main(error: BaseException) -> None:
     """Raise `error` in the main thread, even one blocked in a system call that would never
     return (a read from a stopped DataLoader worker): SIGUSR1 interrupts the call and its
-    handler raises `error`. Only after `allow_interrupts`; `withdraw_interrupt` cancels it."""
+    handler raises `error` (a SIGUSR1 from outside, with no error waiting, is a stop). Only
+    after `allow_interrupts`; `withdraw_interrupt` cancels it."""
     _for_main.append(error)
     signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 

@@ -61,17 +61,24 @@ class Process(Started):
         return self.popen.wait(timeout=timeout)
 
 
-def start(command: list[str], cwd: Path, name: str, env: dict[str, str] | None = None) -> Process:
-    """`command` in its own process group, output into `cwd`/`name`.log; the environment is
-    this one's (the tests' tracking store included) updated with `env`."""
+def start(
+    command: list[str],
+    cwd: Path,
+    name: str,
+    env: dict[str, str] | None = None,
+    stdout: int | None = None,
+) -> Process:
+    """`command` in its own process group, output into `cwd`/`name`.log (only its stderr if
+    `stdout`, a file descriptor, takes its stdout); the environment is this one's (the tests'
+    tracking store included) updated with `env`."""
     log_path = cwd / f"{name}.log"
     with log_path.open("w") as log:
         popen = subprocess.Popen(
             command,
             cwd=cwd,
             env={**os.environ, **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdout=log if stdout is None else stdout,
+            stderr=subprocess.STDOUT if stdout is None else log,
             start_new_session=True,
         )
     return Process(popen, log_path)
@@ -107,7 +114,9 @@ class ForkedProcess(Started):
         return self.process.exitcode
 
 
-def _run_cifarexp(args: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> None:
+def _run_cifarexp(
+    args: list[str], cwd: Path, env: dict[str, str], log_path: Path, stdout: str | None
+) -> None:
     """In the forked process: become `cifarexp ARGS` started in `cwd` with `env`."""
     multiprocessing.set_start_method(
         None, force=True
@@ -117,7 +126,7 @@ def _run_cifarexp(args: list[str], cwd: Path, env: dict[str, str], log_path: Pat
     os.environ.clear()
     os.environ.update(env)
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(log, 1)
+    os.dup2(log if stdout is None else os.open(stdout, os.O_WRONLY), 1)
     os.dup2(log, 2)
     sys.argv = ["cifarexp", *args]
     from cifarexp.cli import main
@@ -126,13 +135,19 @@ def _run_cifarexp(args: list[str], cwd: Path, env: dict[str, str], log_path: Pat
 
 
 def start_cifarexp(
-    *args: str, cwd: Path, name: str = "cifarexp", env: dict[str, str] | None = None
+    *args: str,
+    cwd: Path,
+    name: str = "cifarexp",
+    env: dict[str, str] | None = None,
+    stdout: str | None = None,
 ) -> ForkedProcess:
-    """`cifarexp ARGS` in a process of its own (see PRELOAD), output into `cwd`/`name`.log."""
+    """`cifarexp ARGS` in a process of its own (see PRELOAD), output into `cwd`/`name`.log
+    (only its stderr if `stdout`, a file's path, takes its stdout)."""
     log_path = cwd / f"{name}.log"
     log_path.touch()
+    environment = {**os.environ, **(env or {})}
     process = _forkserver.Process(
-        target=_run_cifarexp, args=(list(args), cwd, {**os.environ, **(env or {})}, log_path)
+        target=_run_cifarexp, args=(list(args), cwd, environment, log_path, stdout)
     )
     here = os.getcwd()
     os.chdir(ROOT)  # the server, started with the first process, works in no test's folder

@@ -81,6 +81,9 @@ TRACKING = [
     (["--tracking-uri", "http://[::1"], "--tracking-uri", USAGE),
     (["--tracking-uri", "sqlite:///afolder"], "--tracking-uri", RUNTIME),  # a folder
     (["--tracking-uri", "sqlite:///afile"], "--tracking-uri", RUNTIME),  # not a database
+    (["--tracking-uri", "http://127.0.0.1:99999"], "--tracking-uri", USAGE),  # no such port
+    (["--experiment", "x" * 501], "--experiment", USAGE),  # MLflow takes 500 characters
+    (["--experiment", " "], "--experiment", USAGE),
 ]
 OWN = {
     "sweep-workers": [
@@ -118,12 +121,15 @@ OWN = {
         (["--runs", ""], "--runs", USAGE),
         (["--runs", "C3=nosuchrun"], "--runs", USAGE),
         (["--out", "afile/report"], "--out", RUNTIME),
+        (["--out", "mlartifacts"], "--out", USAGE),  # the store's own artifact folder
+        (["--out", "afile"], "--out", USAGE),  # a file
     ],
     "lab": [
         (["--preset", "huge"], "--preset", USAGE),
         (["--dataset", "imagenet"], "--dataset", USAGE),
         (["--device", "tpu"], "--device", USAGE),
         (["--out", "afile/report"], "--out", RUNTIME),
+        (["--out", "mlartifacts"], "--out", USAGE),
     ],
     "compare": [
         (["--baseline", "sqlite:///afile"], "--baseline", USAGE),  # not a database
@@ -227,3 +233,21 @@ def test_a_switch_from_the_environment_is_true_or_false_and_nothing_else(cli, cl
     result = cli("time", *TINY_ARGS)
     assert result.exit_code == USAGE and "CIFAREXP_PERSISTENT_WORKERS" in one_message(result.output)
     assert all_runs(client) == [] and not Path("evil.db").exists()
+
+
+@pytest.mark.parametrize(
+    "spec", ["", "garbage", "[]", "null", '{"config": {}}', '{"config": {"epochs": 0}}']
+)
+def test_launched_run_with_a_garbage_spec_in_its_environment_is_one_line(
+    cli, client, monkeypatch, spec
+):
+    # Given the internal launched-run, reachable from the environment, with garbage in it,
+    monkeypatch.setenv("CIFAREXP_LAUNCHED_RUN", spec)
+    # when
+    result = cli("launched-run")
+    # then one line naming the variable, and no run.
+    assert result.exit_code == RUNTIME, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    [error] = result.output.strip().splitlines()
+    assert error.startswith("Error: CIFAREXP_LAUNCHED_RUN does not say what to train"), error
+    assert all_runs(client) == []

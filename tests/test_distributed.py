@@ -180,7 +180,7 @@ def test_compare_device_gpus_rejects_bad_counts_with_one_line(cli, store, args, 
 @pytest.mark.parametrize(
     ("stop", "code", "parent"),
     [
-        (signal.SIGTERM, 130, "KILLED"),
+        (signal.SIGTERM, 128 + signal.SIGTERM, "KILLED"),
         # Killed outright, the parent cannot end its own run; its torchrun job still stops.
         (signal.SIGKILL, -signal.SIGKILL, "RUNNING"),
     ],

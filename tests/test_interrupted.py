@@ -1,5 +1,6 @@
-"""Interrupted comparisons: Ctrl-C, SIGTERM and SIGKILL leave nothing the analysis mistakes
-for a result, and `--resume` finishes only what is missing."""
+"""Interrupted runs and comparisons: Ctrl-C, SIGTERM, every other stop signal and SIGKILL
+leave nothing the analysis mistakes for a result, and `--resume` finishes only what is
+missing (and trains nothing for a comparison that has finished)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import signal
 import sqlite3
 import sys
 import time
+
+import pytest
 
 from analysis import queries, report, tables
 from cifarexp import processes, tracking
@@ -134,7 +137,7 @@ def test_sigterm_ends_the_run_killed_with_its_finished_epochs(client, tmp_path):
     finally:
         process.stop()
 
-    assert code == 130, process.log()
+    assert code == 128 + signal.SIGTERM == 143, process.log()
     assert "Interrupted" in process.log() and "Traceback" not in process.log()
     run = client.get_run(run.info.run_id)
     assert run.info.status == "KILLED"
@@ -165,11 +168,11 @@ def test_a_stop_as_the_last_epoch_is_logged_ends_the_run_and_says_what_it_is(
         assert "Traceback" not in log
         outcomes.append((run.info.status, code))
         if run.info.status == "KILLED":
-            assert code == 130 and "the run is KILLED" in log, (stop, log)
+            assert code == 128 + stop and "the run is KILLED" in log, (stop, log)
         else:
             assert run.info.status == "FINISHED", (stop, run.info.status, log)
             assert (code == 0 and "Interrupted" not in log) or (
-                code == 130 and "had FINISHED" in log
+                code == 128 + stop and "had FINISHED" in log
             ), (stop, code, log)
 
 
@@ -208,8 +211,8 @@ def test_a_stop_swallowed_by_python_still_ends_the_run_killed(
     result = cli("time", *without("--epochs"), "--epochs", "3")
 
     # then the run still ends KILLED after the epoch it finished, and exits so
-    assert swallowed == [KeyboardInterrupt]
-    assert result.exit_code == 130, result.output
+    assert swallowed == [processes.Interrupted]
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
     [run] = all_runs(client)
     assert run.info.status == "KILLED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
@@ -278,3 +281,85 @@ def test_a_comparison_whose_child_was_deleted_is_reported_as_incomplete(cli, cli
     assert note.startswith("Incomplete:") and "optimizer=adam" in note
     assert "Incomplete:" in (tmp_path / "r" / "report.md").read_text()
     assert list(c6_section().tables["c6_optimizers"]["optimizer"]) == ["sgd"]
+
+
+def test_sigusr1_from_outside_ends_the_run_killed_with_its_finished_epochs(client, tmp_path):
+    # Given a run with a DataLoader worker (whose watchdog also uses SIGUSR1), and SIGUSR1,
+    # which has no handler of its own, sent to it once an epoch is in the store,
+    args = [*without("--workers", without("--epochs")), "--workers", "1", "--epochs", "20"]
+    process = start_cifarexp("time", *args, cwd=tmp_path)
+    try:
+        run = wait_for_epoch(client, process)
+        os.kill(process.pid, signal.SIGUSR1)
+        code = process.wait(timeout=60)
+    finally:
+        process.stop()
+
+    # then it ends as SIGTERM ends it: KILLED, its epochs kept, 128 + the signal's number.
+    assert code == 128 + signal.SIGUSR1, process.log()
+    assert "Interrupted by SIGUSR1" in process.log() and "Traceback" not in process.log()
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch_time_s")]
+    assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) < 20
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2, signal.SIGALRM, signal.SIGXCPU,
+     signal.SIGRTMIN],
+    ids=lambda stop: signal.Signals(stop).name,
+)  # fmt: skip
+def test_every_stop_signal_ends_the_run_killed_with_its_exit_code(
+    cli, client, after_each_epoch, stop_handlers, stop
+):
+    # Given cifarexp's handlers, and a stop signal that arrives once epoch 1 is logged,
+    processes.handle_stops(under_torchrun=False)
+    after_each_epoch(lambda result: signal.raise_signal(stop) if result.epoch == 1 else None)
+
+    # when
+    result = cli("time", *without("--epochs"), "--epochs", "3")
+
+    # then the run is KILLED after epoch 1, and the exit code names the signal.
+    assert result.exit_code == 128 + stop, result.output
+    assert f"Interrupted by {signal.Signals(stop).name}" in result.output
+    [run] = all_runs(client)
+    assert run.info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+
+
+def test_resume_of_a_finished_comparison_shows_its_answer_and_trains_nothing(
+    cli, client, monkeypatch
+):
+    # Given a comparison that has finished,
+    assert cli(*COMPARE_OPTIM).exit_code == 0
+    [parent] = [run for run in all_runs(client) if PARENT not in run.data.tags]
+    before = runs_by_status(client)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr("cifarexp.training.build.Training.train", no_training)
+
+    # when it is run again with --resume,
+    result = cli(*COMPARE_OPTIM, "--resume")
+
+    # then it says it has finished, shows its answer, and nothing trains or changes.
+    assert result.exit_code == 0, result.output
+    assert f"Already finished: run {parent.info.run_id} has these settings" in result.output
+    assert "Nothing to resume" not in result.output
+    assert "C6: " in result.output and "Source: runs" in result.output  # its answer
+    assert runs_by_status(client) == before
+    again = client.get_run(parent.info.run_id)
+    assert again.info.end_time == parent.info.end_time
+    assert again.data.metrics == parent.data.metrics
+
+
+def test_resume_with_nothing_to_resume_says_it_starts_a_new_comparison(cli, client):
+    # Given no comparison with these settings, when --resume is asked for,
+    result = cli(*COMPARE_OPTIM, "--resume")
+    # then it says it starts a new one, and does.
+    assert result.exit_code == 0, result.output
+    assert "Nothing to resume: no run with these settings; starting a new one." in result.output
+    [parent] = [run for run in all_runs(client) if PARENT not in run.data.tags]
+    assert_one_complete_comparison(client, parent.info.run_id)

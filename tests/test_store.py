@@ -4,6 +4,7 @@ fault ends in a usable store, or in one line that names the cause."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -221,3 +222,63 @@ def test_a_store_that_fails_mid_run_names_the_real_cause_and_the_epochs_logged(
     [error] = error_lines(result.output)
     assert "epochs logged: 1;" in error and "readonly database" in error
     assert "autoflush" not in result.output
+
+
+def damage(path: Path, table: str) -> None:
+    """Write garbage over the page of `table` (its root) in the file `path`, in place, as
+    something other than SQLite would."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        page_size = db.execute("pragma page_size").fetchone()[0]
+        [root] = db.execute("select rootpage from sqlite_master where name = ?", (table,))
+    with path.open("r+b") as file:
+        file.seek((root[0] - 1) * page_size)
+        file.write(bytes(range(256)) * (page_size // 256))
+
+
+def test_a_store_damaged_under_a_running_command_stops_it_saying_which_epochs_it_holds(
+    cli, client, store, after_each_epoch
+):
+    # Given a 4-epoch `time` whose store is written over with garbage once epoch 1 is in it
+    # (a page that the run's own writes never read: before, it trained on and exited 0),
+    path = Path(store.removeprefix("sqlite:///"))
+
+    def garbage(result):
+        if result.epoch == 1:
+            damage(path, "registered_models")
+
+    after_each_epoch(garbage)
+
+    # when
+    result = cli("time", *without("--epochs"), "--epochs", "4")
+
+    # then the check after the next epoch stops it: one line, the epochs the store holds.
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    [error] = error_lines(result.output)
+    assert "database disk image is malformed" in error, error
+    assert "epochs logged: 1, 2;" in error and "the run is FAILED" in error
+    [run] = all_runs(client)
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+
+
+def test_report_on_a_damaged_store_is_one_line_naming_the_store_and_sqlites_cause(
+    cli, store, tmp_path
+):
+    # Given a store with a finished run, then damaged where a report reads (its runs' tags),
+    assert cli("time", *ONE_EPOCH).exit_code == 0
+    path = Path(store.removeprefix("sqlite:///"))
+    damage(path, "tags")
+
+    # when `report` runs on it (a new process: nothing of the store in its memory),
+    process = start_cifarexp("report", "--quiet", "--out", "r", cwd=tmp_path)
+    try:
+        code = process.wait()
+    finally:
+        process.stop()
+
+    # then one line, not SQL, as any other command gets.
+    log = process.log()
+    assert code == 1 and "SELECT" not in log and "Traceback" not in log, log
+    [error] = error_lines(log)
+    assert str(path) in error and "database disk image is malformed" in error
+    assert log.strip() == error

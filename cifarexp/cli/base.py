@@ -23,6 +23,7 @@ from cifarexp.cli.options import Sets
 from cifarexp.config import ConfigError, TrainConfig, UserError, fast_settings, flag
 
 if TYPE_CHECKING:
+    from analysis import report
     from cifarexp.study.session import Session
     from cifarexp.tracking import Tracker
 
@@ -64,8 +65,9 @@ def _app(
 
 def command(name: str, *, under_torchrun: bool = False, hidden: bool = False) -> Callable:
     """Register `fn` as the command `name` (`hidden` from --help). Errors meant for the user
-    become one line: bad input exits 2, runtime failures exit 1, Ctrl-C exits 130; never a
-    traceback. Only an `under_torchrun` command runs under torchrun (or --nproc N)."""
+    become one line: bad input exits 2, runtime failures exit 1, a stop signal 128 + its
+    number (Ctrl-C 130, SIGTERM 143); never a traceback. Only an `under_torchrun` command
+    runs under torchrun (or --nproc N)."""
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)  # typer reads fn's own signature through it
@@ -95,9 +97,11 @@ def open_session(ctx: typer.Context, **given: Any) -> Session:
         processes.relaunch(options["nproc"], sys.argv[1:])
     from cifarexp.cli import console
     from cifarexp.study.session import Session
-    from cifarexp.tracking import Tracker
+    from cifarexp.tracking import Tracker, check_experiment
     from cifarexp.training.distributed import world_from_environment
 
+    if options["experiment"] is not None:
+        check_experiment(options["experiment"])
     console.show_notices()
     world = world_from_environment(options["device"])
     tracker = Tracker.open(options["tracking_uri"], world, system_metrics=options["system_metrics"])
@@ -146,17 +150,25 @@ def _config_options(fn: Callable) -> tuple[tuple[str, str], ...]:
 def answer(session: Session, item: str, run_id: str | None, *, show: bool = True) -> None:
     """The answer of `item`, built from the store (`analysis`), logged onto its run
     `run_id` (its description; a comparison's parent also gets its tables, plots and
-    headline metrics) and, if `show`, printed with where the run is. Nothing on a rank of a
-    torchrun job that does not write (no run id)."""
+    headline metrics) if this command ran it, and, if `show`, printed with where the run
+    is. Nothing on a rank of a torchrun job that does not write (no run id)."""
     if run_id is None:
         return
     from analysis import report
     from cifarexp.cli.console import print_answer
-    from cifarexp.study.catalogue import ITEMS, description
 
     section = report.summarize(item, run_id)
+    if session.tracker.ended_here(run_id):  # else it finished before (--resume): logged then
+        _log_answer(session.tracker, item, run_id, section)
+    if show:
+        print_answer(section)
+
+
+def _log_answer(tracker: Tracker, item: str, run_id: str, section: report.Section) -> None:
+    from cifarexp.study.catalogue import ITEMS, description
+
     if ITEMS[item].compares:
-        session.tracker.log_answer(
+        tracker.log_answer(
             run_id,
             tables=section.tables,
             figures=section.figures,
@@ -164,9 +176,7 @@ def answer(session: Session, item: str, run_id: str | None, *, show: bool = True
             metrics=section.metrics(),
             tags=section.tags(),
         )
-    session.tracker.describe(run_id, description(item, section.answer, section.settings))
-    if show:
-        print_answer(section)
+    tracker.describe(run_id, description(item, section.answer, section.settings))
 
 
 # ---------------------------------------------------------------- parsing and errors
@@ -208,16 +218,36 @@ def user_errors(ctx: typer.Context | None = None) -> Iterator[None]:
     except UserError as exc:
         _print_error(_message(exc))
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        _print_interrupted(ctx.obj if ctx is not None else None)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as stop:
+        _print_interrupted(ctx.obj if ctx is not None else None, stop)
+        raise typer.Exit(processes.exit_code(stop)) from None
     except Exception as exc:
-        from cifarexp.tracking import STORE_ERRORS
+        from cifarexp.tracking import STORE_ERRORS, store_error
 
         if not isinstance(exc, STORE_ERRORS):
             raise
-        _print_error(str(exc))
+        _print_error(store_error(exc))
         raise typer.Exit(1) from None
+    else:
+        _check_output(ctx.obj if ctx is not None else None)
+
+
+def _check_output(session: Session | None) -> None:
+    """A command whose output could not be written (stdout on a full disk, or a pipe closed
+    early) did its work, and its runs ended as they should: it says so on stderr (if that
+    can be written) and exits 1, the output being lost."""
+    from cifarexp.cli.console import lost_output
+
+    lost = lost_output()
+    if lost is None:
+        return
+    ended = session.tracker.last_ended() if session is not None else None
+    runs = f"run {ended[0]} is {ended[1]}" if ended else "nothing was lost in the store"
+    _print_error(
+        f"cannot write the output ({lost.strerror or lost}): what this command printed is "
+        f"lost; {runs}"
+    )
+    raise typer.Exit(1)
 
 
 def _print_error(message: str) -> None:
@@ -228,19 +258,24 @@ def _print_error(message: str) -> None:
     err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def _print_interrupted(session: Session | None) -> None:
+def _print_interrupted(session: Session | None, stop: KeyboardInterrupt) -> None:
     """What a stop left in the store, as the session's tracker saw it (None: stopped before
-    the session opened)."""
+    the session opened); the signal named unless it was Ctrl-C's."""
     from cifarexp.cli.console import err_console
 
+    name = processes.signal_name(stop)
+    what = "Interrupted" if name == "SIGINT" else f"Interrupted by {name}"
     ended = session.tracker.last_ended() if session is not None else None
     if ended is None or ended[1] != "FINISHED":
-        err_console.print("Interrupted: finished epochs are in the store; the run is KILLED.")
+        err_console.print(f"{what}: finished epochs are in the store; the run is KILLED.")
     else:
-        err_console.print(f"Interrupted after run {ended[0]} had FINISHED; nothing is lost.")
+        err_console.print(f"{what} after run {ended[0]} had FINISHED; nothing is lost.")
 
 
 def main() -> None:
+    from cifarexp.cli.console import guard_output
+
+    guard_output()  # a terminal that cannot be written never fails a run (see _check_output)
     under_torchrun = processes.launched()
     processes.handle_stops(under_torchrun=under_torchrun)
     try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -35,7 +38,60 @@ if TYPE_CHECKING:
     from cifarexp.training.profiling import Profile
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True)  # both write to sys.stdout / sys.stderr as they are now
+
+
+# ---------------------------------------------------------------- output that cannot be written
+
+
+class GuardedStream:
+    """A standard stream (stdout, stderr) whose writes never fail: the first error (a full
+    disk, a pipe whose reader has gone, as after `| head -1`) is kept in `lost`, and the
+    stream's file descriptor is pointed at /dev/null, so that nothing written later fails
+    either (Python's own flush at exit included). Printing is never why a run fails."""
+
+    def __init__(self, stream: object) -> None:
+        self.stream = stream
+        self.lost: OSError | None = None
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as exc:
+            self._lose(exc)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            self._lose(exc)
+
+    def _lose(self, exc: OSError) -> None:
+        self.lost = self.lost or exc
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.stream.fileno())
+        finally:
+            os.close(devnull)
+        with contextlib.suppress(OSError):
+            self.stream.flush()  # what the stream still holds goes to /dev/null
+
+    def __getattr__(self, name: str) -> object:  # isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
+
+
+def guard_output() -> None:
+    """Guard this process's stdout and stderr (see GuardedStream); once per process."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, GuardedStream):
+            setattr(sys, name, GuardedStream(stream))
+
+
+def lost_output() -> OSError | None:
+    """Why this process's stdout could not be written, if it could not."""
+    return getattr(sys.stdout, "lost", None)
 
 
 # ---------------------------------------------------------------- notices

@@ -69,6 +69,7 @@ def report_(
 ) -> None:
     """The study's tables and plots, from the tracking store, into a report folder."""
     session = open_session(ctx)
+    check_out(out, session)
     from analysis import report
 
     run_ids = report.pick_runs(parse_list("runs", runs)) if runs is not None else {}
@@ -95,8 +96,8 @@ def lab_(
     base = TrainConfig(
         dataset=dataset, data_dir=data_dir, device=device, profile=profile, seed=seed
     )
-    make_out_dir(out)  # a bad --out fails now, not after the whole study
     session = open_session(ctx)
+    check_out(out, session)  # a bad --out fails now, not after the whole study
     from analysis import report
     from cifarexp.cli.console import console
     from cifarexp.study import lab
@@ -125,8 +126,8 @@ def compare_(
 
     source = compare.parse_source(baseline)
     threshold = compare.parse_threshold(fail_if_slower) if fail_if_slower is not None else None
-    make_out_dir(out)
     session = open_session(ctx)
+    check_out(out, session)
     from cifarexp.cli.console import print_comparison
 
     result = compare.compare(compare.read_baseline(source), compare.latest("yours"))
@@ -161,9 +162,15 @@ def log_comparison(
     print_where(run_id)
 
 
-def make_out_dir(out: Path) -> None:
+def check_out(out: Path, session: Session) -> None:
+    """Whether the report can be written to `out` (`report.check_out`), before anything
+    runs: the store's own folders are no place for it."""
+    from analysis import report
+    from cifarexp import tracking
+
+    store = [tracking.artifact_root(session.tracker.uri)]
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        report.check_out(out, [folder for folder in store if folder is not None])
     except OSError as exc:
         raise _unwritable(out, exc) from None
 

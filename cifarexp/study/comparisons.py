@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import pandas as pd
 import torch
 
 from cifarexp import tracking
@@ -23,7 +24,7 @@ from cifarexp.study.session import Session
 from cifarexp.tracking import Tracker
 from cifarexp.tracking.lifecycle import owner_tag
 from cifarexp.tracking.names import SETTINGS
-from cifarexp.tracking.queries import settings_digest, unfinished
+from cifarexp.tracking.queries import settings_digest, with_settings
 from cifarexp.training import distributed
 from cifarexp.training.data import cpu_count
 from cifarexp.training.engine import resolve_device
@@ -42,6 +43,7 @@ class Comparison:
     parent_id: str
     reused: dict[str, str]  # variant -> finished child of a resumed run
     variants: list[str] = field(default_factory=list)  # those run (or reused), in order
+    finished: bool = False  # --resume found it finished: every variant is reused, none run
 
     def run(self, variant: str, cfg: TrainConfig, nproc: int = 1) -> str:
         """Train one variant as a child run (or reuse its finished run); its run id. With
@@ -50,6 +52,11 @@ class Comparison:
         if variant in self.reused:
             log.info(f"{variant}: reusing finished run {self.reused[variant]}")
             return self.reused[variant]
+        if self.finished:
+            raise CifarexpError(
+                f"run {self.parent_id} finished, but its run of {variant} is no longer in "
+                "the store (deleted?); run the command without --resume for a new comparison"
+            )
         labels = Labels(self.labels.command, self.labels.exercise, variant)
         finished = (self.session.finished or {}).get(cfg) if nproc == 1 else None
         if finished is not None:
@@ -78,7 +85,8 @@ def comparison(
     varies: tuple[str, ...],
 ) -> Iterator[Comparison]:
     """Open the parent run (or, with the session's `resume`, reopen the unfinished one with
-    the same settings) and yield a Comparison to run the variants in; the parent records the
+    the same settings; if the newest with these settings has finished, it is the answer and
+    nothing trains) and yield a Comparison to run the variants in; the parent records the
     variants it ran, so that one whose run is missing later is seen. The parent's params are
     `base`'s less the fields its variants vary, and `options` (which say over what they
     vary)."""
@@ -86,9 +94,17 @@ def comparison(
     device = resolve_device(base.device)
     shared = {k: v for k, v in base.as_params().items() if k not in varies}
     params = {**shared, **{k: "all" if v is None else v for k, v in options.items()}}
-    previous = unfinished(labels.exercise, params) if session.resume else None
+    previous = with_settings(labels.exercise, params) if session.resume else None
+    if previous is not None and previous["status"] == "FINISHED":
+        log.warning(
+            f"Already finished: run {previous['run_id']} has these settings; nothing to "
+            "train. Its answer:"
+        )
+        yield Comparison(labels, session, previous["run_id"], _finished_variants(previous),
+                         finished=True)  # fmt: skip
+        return
     if session.resume and previous is None:
-        log.warning("Nothing to resume: no unfinished run with these settings.")
+        log.warning("Nothing to resume: no run with these settings; starting a new one.")
     reopen = None if previous is None else previous["run_id"]
     tags = {
         **labels.tags(), tracking.DATASET: base.dataset, **environment_tags(device),
@@ -100,15 +116,16 @@ def comparison(
         session.experiment_of(labels.command), run_name=name, tags=tags, params=params,
         reopen=reopen, about=labels.about(),
     ) as parent_id:  # fmt: skip
-        reused = {}
-        if reopen is not None:
-            children = tracking.finished_children(reopen)
-            reused = dict(
-                zip(children[f"tags.{tracking.VARIANT}"], children["run_id"], strict=True)
-            )
+        reused = {} if reopen is None else _finished_variants(previous)
         comp = Comparison(labels, session, parent_id, reused)
         yield comp
         tracker.set_tags({tracking.VARIANTS: ",".join(comp.variants)})
+
+
+def _finished_variants(parent: pd.Series) -> dict[str, str]:
+    """variant -> its finished child run, of the comparison `parent`."""
+    children = tracking.finished_children(parent["run_id"])
+    return dict(zip(children[f"tags.{tracking.VARIANT}"], children["run_id"], strict=True))
 
 
 # ---------------------------------------------------------------- C3, C4: sweep-workers

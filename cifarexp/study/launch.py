@@ -54,10 +54,16 @@ def launched_run() -> LaunchedRun:
         raise CifarexpError(
             f"launched-run is internal to `cifarexp compare-device {flag('gpus')}`, which starts it"
         )
-    spec = json.loads(os.environ[LAUNCHED_RUN])
-    return LaunchedRun(
-        **spec | {"config": TrainConfig(**spec["config"]), "labels": Labels(**spec["labels"])}
-    )
+    try:
+        spec = json.loads(os.environ[LAUNCHED_RUN])
+        return LaunchedRun(
+            **spec | {"config": TrainConfig(**spec["config"]), "labels": Labels(**spec["labels"])}
+        )
+    except (ValueError, TypeError, KeyError) as exc:  # not JSON, or not a LaunchedRun's fields
+        raise CifarexpError(
+            f"{LAUNCHED_RUN} does not say what to train ({type(exc).__name__}: {exc}); "
+            f"launched-run is internal to `cifarexp compare-device {flag('gpus')}`, which sets it"
+        ) from None
 
 
 def train_launched(spec: LaunchedRun, session: Session) -> TrainingRun:

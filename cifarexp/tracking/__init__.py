@@ -23,6 +23,7 @@ from cifarexp.tracking.names import (
     VERDICT,
     VERSION,
     WORKERS_FROM,
+    check_experiment,
     default_experiment,
 )
 from cifarexp.tracking.queries import (
@@ -37,13 +38,14 @@ from cifarexp.tracking.queries import (
     search_runs,
     where,
 )
-from cifarexp.tracking.store import STORE_ERRORS, redact, shown_uri
+from cifarexp.tracking.store import STORE_ERRORS, artifact_root, redact, shown_uri, store_error
 from cifarexp.tracking.tracker import Tracker
 
 __all__ = [
     "COMMAND", "COMMIT", "DATASET", "DEVICE", "DIVERGED", "ENERGY", "ERROR", "EXERCISE", "NOTE",
     "PARENT", "PRESET", "STORE_ERRORS", "TAG", "VARIANT", "VARIANTS", "VERDICT", "VERSION",
-    "WORKERS_FROM", "Tracker", "default_experiment", "experiment_id", "finished_children",
-    "finished_top_level", "is_run_id", "latest_sweep", "load_text", "metric_history",
-    "reading", "redact", "search_runs", "shown_uri", "where",
+    "WORKERS_FROM", "Tracker", "artifact_root", "check_experiment", "default_experiment",
+    "experiment_id", "finished_children", "finished_top_level", "is_run_id", "latest_sweep",
+    "load_text", "metric_history", "reading", "redact", "search_runs", "shown_uri",
+    "store_error", "where",
 ]  # fmt: skip

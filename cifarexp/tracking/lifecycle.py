@@ -29,6 +29,7 @@ from cifarexp.tracking.store import (
     STORE_ERRORS,
     Source,
     StoreFailed,
+    artifact_root,
     locked,
     root_cause,
     shown_uri,
@@ -134,9 +135,8 @@ def _set_experiment(name: str, about: str) -> None:
     """Make `name` the active experiment; with a local sqlite store its artifacts go into
     `mlartifacts/` beside the database file (never the legacy ./mlruns). A new one is
     described by `about` and opens on its runs in the UI."""
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
-        root = Path(sqlite_path(uri)).resolve().parent / "mlartifacts"
+    root = artifact_root(mlflow.get_tracking_uri())
+    if root is not None and mlflow.get_experiment_by_name(name) is None:
         with contextlib.suppress(MlflowException):  # created meanwhile by another command
             mlflow.create_experiment(name, artifact_location=root.as_uri())
     experiment = mlflow.set_experiment(name)
@@ -231,9 +231,11 @@ def _store_failed(tracker: Tracker, run_id: str, exc: BaseException) -> str:
         logged = f"epochs logged: {epochs[0]}-{epochs[-1]}"
     else:
         logged = f"epochs logged: {', '.join(map(str, epochs))}"
+    ended = tracker.last_ended() == (run_id, "FAILED")  # one try, on a failing store
     return (
         f"the tracking store {shown_uri()} failed during run {run_id} "
-        f"({root_cause(exc)}); {logged}; the run is left unfinished"
+        f"({root_cause(exc)}); {logged}; the run is "
+        f"{'FAILED' if ended else 'left unfinished'}"
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cifarexp.config import ConfigError
+
 TAG = "cifarexp."  # prefix of every tag this project sets
 COMMAND, EXERCISE, VARIANT, DATASET, DEVICE = (
     TAG + name for name in ("command", "exercise", "variant", "dataset", "device")
@@ -22,8 +24,19 @@ WORKERS_FROM = TAG + "workers_from"  # the sweep run whose best count `--workers
 PRESET = TAG + "preset"  # the lab preset (full, quick) a run was made by
 REUSED_FROM = TAG + "reused_from"  # the finished run, of the same settings, a run copies
 PARENT = "mlflow.parentRunId"
+EXPERIMENT_NAME_MAX = 500  # MLflow's limit (characters)
 
 
 def default_experiment(command: str) -> str:
     """Each command's MLflow experiment, unless one is named."""
     return f"cifarexp-{command}"
+
+
+def check_experiment(name: str) -> None:
+    """A name MLflow takes for an experiment, else a ConfigError naming --experiment."""
+    if not name.strip():
+        raise ConfigError("give a name, not an empty one", "experiment")
+    if len(name) > EXPERIMENT_NAME_MAX:
+        raise ConfigError(
+            f"{len(name)} characters; MLflow takes at most {EXPERIMENT_NAME_MAX}", "experiment"
+        )

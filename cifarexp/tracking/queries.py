@@ -123,10 +123,10 @@ def settings_digest(params: Mapping[str, object]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def unfinished(exercise: str, params: Mapping[str, object]) -> pd.Series | None:
+def with_settings(exercise: str, params: Mapping[str, object]) -> pd.Series | None:
     """The newest top-level run of `exercise` (C3, C5, C5-scaling, ...) with these settings,
-    if it did not finish (FAILED, KILLED, or RUNNING because its process was killed outright
-    or is still running: see `start_run`'s reopen)."""
+    whatever its status: FINISHED, or unfinished (FAILED, KILLED, or RUNNING because its
+    process was killed outright or is still running: see `start_run`'s reopen)."""
     found = top_level(search_runs(tag_filter({EXERCISE: exercise})))
     digest = settings_digest(params)
     for _, run in found.iterrows():
@@ -134,7 +134,7 @@ def unfinished(exercise: str, params: Mapping[str, object]) -> pd.Series | None:
             str(run.get(f"params.{k}")) == str(v) for k, v in params.items()
         )
         if same:
-            return None if run["status"] == "FINISHED" else run
+            return run
     return None
 
 

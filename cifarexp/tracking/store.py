@@ -22,7 +22,8 @@ from mlflow.exceptions import MlflowException
 from cifarexp import processes
 from cifarexp.config import CifarexpError, ConfigError
 
-STORE_ERRORS: tuple[type[Exception], ...] = (MlflowException,)  # failures of the store itself
+# Failures of the store itself: MLflow's, and SQLite's where cifarexp reads the file itself.
+STORE_ERRORS: tuple[type[Exception], ...] = (MlflowException, sqlite3.DatabaseError)
 # Tracking URI schemes MLflow can keep runs in (+driver allowed); never the legacy file store.
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 # MLflow retries a failed HTTP request 7 times with exponential backoff (minutes) and waits
@@ -118,7 +119,8 @@ def _check_uri(uri: str, source: Source) -> None:
             "sqlite:///PATH.db",
         )
     try:
-        host = urllib.parse.urlsplit(uri).hostname
+        parts = urllib.parse.urlsplit(uri)
+        host, _ = parts.hostname, parts.port  # a port past 65535, or not a number, is an error
     except ValueError as exc:
         raise source.error(ConfigError, f"{shown} is not a valid URL ({exc})") from None
     if scheme in ("http", "https") and not host:
@@ -128,6 +130,14 @@ def _check_uri(uri: str, source: Source) -> None:
 def sqlite_path(uri: str) -> str:
     """The file of a sqlite:///PATH URI (its query left out)."""
     return uri.removeprefix("sqlite:///").split("?")[0]
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where the experiments of a sqlite store keep their artifacts: `mlartifacts/` beside
+    the database file (never the legacy ./mlruns); None for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(sqlite_path(uri)).resolve().parent / "mlartifacts"
 
 
 def redact(uri: str) -> str:
@@ -146,6 +156,12 @@ def redact(uri: str) -> str:
 def shown_uri() -> str:
     """The tracking URI in use, as cifarexp shows it (credentials masked)."""
     return redact(mlflow.get_tracking_uri())
+
+
+def store_error(exc: BaseException) -> str:
+    """A failure of the store in use as one line: the store, and what SQLite or the server
+    said (never the SQL MLflow sent)."""
+    return f"the tracking store {shown_uri()} failed ({root_cause(exc)})"
 
 
 def root_cause(exc: BaseException) -> str:
@@ -212,6 +228,7 @@ def _schema(path: Path, shown: str, source: Source) -> str:
                 found = db.execute("select version_num from alembic_version").fetchone()
                 version = found[0] if found else None
             runs = db.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
+            _check_pages(db)
             db.execute("begin immediate")  # a write, undone: fails on a read-only file or folder
             db.execute("create table cifarexp_write_check (x)")
             db.rollback()
@@ -227,6 +244,26 @@ def _schema(path: Path, shown: str, source: Source) -> str:
             f"`mlflow db upgrade {shown}`",
         )
     return state
+
+
+def check_whole(uri: str) -> None:
+    """A sqlite store read through, every page, from a connection of its own: MLflow's keeps
+    pages in its cache and writes only those it changes, so a file damaged under it (written
+    over by something else) takes its writes without an error. sqlite3.DatabaseError if a
+    page is damaged, or the file is gone. Reads the whole file (SQLite's quick_check); other
+    stores answer for themselves."""
+    if not uri.startswith("sqlite:///"):
+        return
+    read_only = Path(sqlite_path(uri)).resolve().as_uri() + "?mode=ro"  # never creates it
+    with contextlib.closing(sqlite3.connect(read_only, uri=True, timeout=20)) as db:
+        _check_pages(db)
+
+
+def _check_pages(db: sqlite3.Connection) -> None:
+    found = [row[0] for row in db.execute("pragma quick_check(1)")]
+    if found != ["ok"]:
+        problem = found[0].splitlines()[-1] if found else "no answer"
+        raise sqlite3.DatabaseError(f"database disk image is malformed: {problem}")
 
 
 @contextmanager
@@ -248,7 +285,7 @@ def _build(path: Path, shown: str, source: Source) -> None:
     for stale in path.parent.glob(f".{path.name}.new-*"):  # a build interrupted earlier
         stale.unlink(missing_ok=True)
     building = path.with_name(f".{path.name}.new-{os.getpid()}")
-    artifacts = (path.parent.resolve() / "mlartifacts").as_uri()
+    artifacts = artifact_root(f"sqlite:///{path}").as_uri()
     with processes.uninterruptible():  # a few seconds; a stop waits, then comes
         try:
             with open(building, "xb"):  # the folder takes files: else fail now, not in retries
@@ -274,7 +311,7 @@ def retry_locked(write: Callable[[], None], *, races: tuple[str, ...] = ()) -> N
         try:
             write()
             return
-        except MlflowException as exc:
+        except STORE_ERRORS as exc:
             if not any(text in str(exc) for text in ("database is locked", *races)):
                 raise
         time.sleep(delay)

@@ -18,7 +18,7 @@ from mlflow.entities import Metric, RunData, RunTag
 from cifarexp.config import CifarexpError
 from cifarexp.tracking import lifecycle
 from cifarexp.tracking.names import APPENDED, NOTE, REUSED_FROM, TAG
-from cifarexp.tracking.store import open_store, retry_locked
+from cifarexp.tracking.store import check_whole, open_store, retry_locked
 from cifarexp.training.distributed import World
 
 if TYPE_CHECKING:
@@ -95,6 +95,10 @@ class Tracker:
         `--workers best` count came from, or the lab's preset."""
         self.later_tags.update(tags)
 
+    def ended_here(self, run_id: str) -> bool:
+        """Whether this process ended the run `run_id` (else it was there already)."""
+        return any(ended == run_id for ended, _ in self.ended)
+
     def last_ended(self) -> tuple[str, str] | None:
         """The (run id, status) of the run this process ended last, if any."""
         return self.ended[-1] if self.ended else None
@@ -139,11 +143,14 @@ class Tracker:
             retry_locked(lambda: mlflow.log_metrics(dict(metrics), step=step))
 
     def log_epoch(self, result: EpochResult) -> None:
-        """The per-epoch metrics of one finished epoch, step = epoch number."""
+        """The per-epoch metrics of one finished epoch, step = epoch number; then the store
+        is read through (`store.check_whole`: MLflow's own connection may not see that the
+        file was damaged under it), so that a run stops at the epoch after the damage."""
         if not self.writes:
             return
         retry_locked(lambda: mlflow.log_metrics(result.metrics(), step=result.epoch))
         self.epochs_logged.setdefault(mlflow.active_run().info.run_id, []).append(result.epoch)
+        retry_locked(lambda: check_whole(self.uri))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.writes:
