@@ -325,7 +325,7 @@ def build_report(run_ids: Mapping[str, str] | None = None) -> list[Section]:
     return [*items, profiles_section()]
 
 
-REPORT_FILE = re.compile(r"report\.md|\w+\.(csv|png)")  # what a report folder holds
+REPORT_FILE = re.compile(r"(report|compare)\.md|\w+\.(csv|png)")  # a report's or a comparison's
 
 
 def check_out(out: Path, store_folders: list[Path]) -> Path:
