@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"  # no .pyc for all of torch: imports compile what they use
+	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
