@@ -50,7 +50,8 @@ class Comparison:
         `nproc` > 1 it trains data-parallel in that many processes under torchrun."""
         self.variants.append(variant)
         if variant in self.reused:
-            log.info(f"{variant}: reusing finished run {self.reused[variant]}")
+            if not self.finished:  # else "Already finished" said it for all of them
+                log.info(f"{variant}: reusing finished run {self.reused[variant]}")
             return self.reused[variant]
         if self.finished:
             raise CifarexpError(
@@ -58,11 +59,11 @@ class Comparison:
                 "the store (deleted?); run the command without --resume for a new comparison"
             )
         labels = Labels(self.labels.command, self.labels.exercise, variant)
-        finished = (self.session.finished or {}).get(cfg) if nproc == 1 else None
-        if finished is not None:
-            log.info(f"{variant}: the same settings as finished run {finished}: reused")
+        same = (self.session.finished or {}).get(cfg) if nproc == 1 else None
+        if same is not None:  # the lab trained this config already
+            log.info(f"{variant}: the same settings as finished run {same}: reused")
             return self.session.tracker.copy_run(
-                finished, run_name=variant, tags=labels.tags(), parent=self.parent_id
+                same, run_name=variant, tags=labels.tags(), parent=self.parent_id
             )
         if nproc == 1:
             run = run_training(cfg, labels, self.session, run_name=variant, parent=self.parent_id)

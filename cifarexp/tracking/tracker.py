@@ -115,7 +115,7 @@ class Tracker:
 
     def append_description(self, paragraph: str) -> None:
         """Add a paragraph to the active run's description, after what it holds already;
-        kept (in APPENDED) when `log_answer` writes the description later."""
+        kept (in APPENDED) when `describe` writes the description later."""
         if not self.writes:
             return
         tags = _active_run_data().tags
