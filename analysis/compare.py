@@ -14,8 +14,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import measures, queries
+from analysis.folder import csv_bytes, markdown_table, md_text, png_bytes, write_folder
 from analysis.measures import ACCURACY, ENERGY, RATIO, TIME, Measure
-from analysis.report import markdown_table, md_text
 from analysis.tables import EPOCH_NOISE
 from cifarexp import tracking
 from cifarexp.config import CifarexpError, ConfigError
@@ -371,10 +371,9 @@ def times_plot(item: str, rows: list[Row]) -> Figure:
 
 def write(comparison: Comparison, out: Path, threshold: float | None) -> Path:
     """`out`/compare.md (the sides, the table, the verdict, the plots), comparison.csv and
-    one PNG per item with times."""
-    out.mkdir(parents=True, exist_ok=True)
+    one PNG per item with times; written whole or not at all (`folder.write_folder`)."""
     table = comparison.table()
-    table.to_csv(out / "comparison.csv", index=False, float_format="%.6g")
+    files = {"comparison.csv": csv_bytes(table)}
     lines = [
         "# cifarexp compare",
         "",
@@ -384,8 +383,8 @@ def write(comparison: Comparison, out: Path, threshold: float | None) -> Path:
     lines += [f"*{md_text(CAPTION)}*", ""]
     lines += [f"- {md_text(line)}" for line in comparison.slower(threshold)]
     for name, figure in comparison.figures().items():
-        figure.savefig(out / f"{name}.png", dpi=110)
+        files[f"{name}.png"] = png_bytes(figure)
         lines += ["", f"![{name}]({name}.png)"]
-    path = out / "compare.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    files["compare.md"] = ("\n".join(lines) + "\n").encode()
+    write_folder(out, files)
+    return out / "compare.md"

@@ -233,7 +233,7 @@ def render(frame: pd.DataFrame, title: str, *, footer: Sequence[Sequence[object]
     """A rich table of a DataFrame, its values formatted as the report formats them."""
     from pandas.api.types import is_numeric_dtype
 
-    from analysis.report import format_value
+    from analysis.folder import format_value
 
     table = Table(title=title, title_justify="left")
     for column in frame.columns:

@@ -163,14 +163,14 @@ def log_comparison(
 
 
 def check_out(out: Path, session: Session) -> None:
-    """Whether the report can be written to `out` (`report.check_out`), before anything
-    runs: the store's own folders are no place for it."""
-    from analysis import report
+    """Whether the report (or a comparison) can be written to `out` (`folder.check_out`),
+    before anything runs: the store's own folders are no place for it."""
+    from analysis import folder
     from cifarexp import tracking
 
-    store = [tracking.artifact_root(session.tracker.uri)]
+    store = tracking.artifact_root(session.tracker.uri)
     try:
-        report.check_out(out, [folder for folder in store if folder is not None])
+        folder.check_out(out, [] if store is None else [store])
     except OSError as exc:
         raise _unwritable(out, exc) from None
 

@@ -1,0 +1,157 @@
+"""A folder of markdown, CSVs and PNGs (the report, a comparison), written whole or not at
+all; the markdown and the numbers as the terminal shows them."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from cifarexp.config import ConfigError
+
+FOLDER_FILE = re.compile(r"(report|compare)\.md|\w+\.(csv|png)")  # what such a folder holds
+
+
+def check_out(out: Path, store_folders: list[Path]) -> Path:
+    """The folder `out` names (links followed), where a report or a comparison can be
+    written (checked before anything runs): a ConfigError where it cannot be used (it is,
+    holds or lies in one of `store_folders`, the store's own; it holds files that are no
+    report's, which the report would replace); an OSError where it cannot be written."""
+    target = out.resolve()
+    for folder in map(Path.resolve, store_folders):
+        if target == folder or folder in target.parents or target in folder.parents:
+            raise ConfigError(
+                f"{out} is, or holds, or lies in {folder}, where the tracking store keeps "
+                "its runs' files (the report is logged there too); give another folder",
+                "out",
+            )
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder", "out")
+    if target.exists():
+        others = [p.name for p in target.iterdir() if not FOLDER_FILE.fullmatch(p.name)]
+        if others:
+            raise ConfigError(
+                f"{out} holds {others[0]!r}, which is no part of a report, and the report "
+                "replaces the whole folder; give a new folder, or one an earlier report made",
+                "out",
+            )
+        for path in [target, *target.iterdir()]:  # replaced, or removed, as a whole
+            if not os.access(path, os.W_OK):
+                raise PermissionError(errno.EACCES, f"{path} cannot be replaced")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _new_folder(target).rmdir()  # the report can be made beside it
+    return target
+
+
+def write_folder(out: Path, files: Mapping[str, bytes]) -> None:
+    """`files` (name -> content) as the folder `out`, whole or not at all: written into a new
+    folder beside `out`, each file flushed to the disk, then moved into place (an earlier
+    folder there is replaced), so that a full disk or a stop halfway leaves the earlier
+    folder, or nothing, never half of one."""
+    target = out.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _new_folder(target)
+    try:
+        for name, data in files.items():
+            _save(staging / name, data)
+        _sync(staging)
+        _replace(target, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def csv_bytes(table: pd.DataFrame) -> bytes:
+    """A table as CSV, 6 significant digits."""
+    return table.to_csv(index=False, float_format="%.6g").encode()
+
+
+def png_bytes(figure: Figure) -> bytes:
+    png = io.BytesIO()
+    figure.savefig(png, dpi=110, format="png")
+    return png.getvalue()
+
+
+def _new_folder(target: Path) -> Path:
+    """A new, hidden folder beside `target` (the same file system: it moves into place)."""
+    folder = target.with_name(f".{target.name}.new-{os.getpid()}-{secrets.token_hex(4)}")
+    folder.mkdir()
+    return folder
+
+
+def _save(path: Path, data: bytes) -> None:
+    """`data` into the new file `path`, on the disk before it returns (a disk that is full
+    says so here, not later)."""
+    with path.open("xb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _sync(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _replace(target: Path, new: Path) -> None:
+    """Move the folder `new` to `target`; an earlier folder there is moved aside first, then
+    removed (put back if `new` cannot take its place)."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table, numbers formatted as in the terminal."""
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(table[c]) else "---"
+                          for c in table.columns) + "|"  # fmt: skip
+    rows = [
+        "| "
+        + " | ".join(md_text(format_value(c, v)) for c, v in zip(table.columns, row, strict=True))
+        + " |"
+        for row in table.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *rows])
+
+
+MARKDOWN = re.compile(r"([\\`*_{}\[\]<>#|~!])")  # what markdown would read as its syntax
+
+
+def md_text(text: object) -> str:
+    """Text from the store or the user (a URI, a run's settings, a device name) as plain
+    markdown: one line, markdown's syntax characters escaped."""
+    return MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def format_value(column: object, value: object) -> str:
+    """Seconds with 2 decimals, accuracies and '%' columns as percentages, losses with 4."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "–"
+    if isinstance(value, float):
+        name = str(column)
+        if "acc" in name or name.endswith("%"):
+            return f"{value:.1%}"
+        if "loss" in name:
+            return f"{value:.4f}"
+        return f"{value:.2f}"
+    return str(value)
