@@ -128,10 +128,23 @@ class _QuietStops:
 
 
 def _on_signal(signum: int, frame: object) -> None:
-    """Every stop's handler; SIGUSR1 is also how `interrupt_main` reaches the main thread."""
+    """Every stop's handler; SIGUSR1 is also how `interrupt_main` reaches the main thread.
+
+    A stop turns PyTorch's SIGCHLD check off: the same signal often reaches the DataLoader's
+    workers too (Ctrl-C in a terminal, `timeout`, a scheduler signalling the process group),
+    and the check would raise their death as a worker failure wherever the main thread is
+    then, the run's ending included. A worker that dies on its own is still found, by the
+    DataLoader's own poll."""
     if _for_main:
         raise _for_main.pop()
+    # (A no-op handler, not SIG_DFL: a SIGCHLD already arriving would raise "ignored due
+    # to race condition".)
+    signal.signal(signal.SIGCHLD, _no_check)
     _stops.handle(signum)
+
+
+def _no_check(signum: int, frame: object) -> None:
+    """SIGCHLD once stopping: the children's death is expected."""
 
 
 @contextmanager
