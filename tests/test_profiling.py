@@ -6,7 +6,6 @@ import gzip
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -317,9 +316,8 @@ def test_the_verdict_names_what_bounds_the_run_its_sources_and_what_to_try(
 def test_a_compute_bound_step_says_where_its_kernel_time_went_and_what_its_epochs_used():
     # Given the fast path's profiled kernels (names as cuDNN, PyTorch and Triton give them,
     # µs of device time) and epochs that used 300 J each at 250 W
-    averages = [
-        SimpleNamespace(key=name, device_type=torch.autograd.DeviceType.CUDA,
-                        self_device_time_total=us)
+    events = [
+        {"cat": "kernel", "name": name, "dur": us}
         for name, us in [
             ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", 250),
             ("sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", 200),
@@ -330,12 +328,13 @@ def test_a_compute_bound_step_says_where_its_kernel_time_went_and_what_its_epoch
             ("void at::native::multi_tensor_apply_kernel<FusedSgdMathFunctor<float>>", 30),
             ("void at::native::reduce_kernel<512, 1>", 40),
             ("triton_poi_fused__to_copy_convert_element_type_0", 10),  # a cast: no convolution
-            ("Memcpy HtoD (Pageable -> Device)", 500),  # a copy: no kernel
         ]
-    ] + [SimpleNamespace(key="aten::add_", device_type=torch.autograd.DeviceType.CPU,
-                         self_device_time_total=0)]  # fmt: skip
-    # When the kernels are classed and the verdict given
-    kernels = kernel_classes(averages)
+    ] + [
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD (Pageable -> Device)", "dur": 500},
+        {"cat": "gpu_user_annotation", "name": "ProfilerStep#2", "dur": 1000},  # spans kernels
+        {"cat": "cpu_op", "name": "aten::add_", "dur": 7},
+    ]  # fmt: skip
+    kernels = kernel_classes(events)
     split = {"data_wait": 0.0, "host": 0.1, "copy": 0.0, "compute": 0.9}
     text = verdict(split, FAST, "cuda", epochs=Epochs(0.0, 300.0, 250.0), kernels=kernels)
     # Then the classes share the kernel time, largest first, and the verdict names them,

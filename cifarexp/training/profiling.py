@@ -167,7 +167,7 @@ def profile_training(
                     "counts the GPU as idle")  # fmt: skip
     split, window_us = step_split(events, device_type, comm=training.world.world_size > 1)
     summary = top_operators(averages, window_us)
-    kernels = kernel_classes(averages) if device_type == "cuda" else {}
+    kernels = kernel_classes(events) if device_type == "cuda" else {}
     text = verdict(
         split, training.cfg, device_type, best, training.world.world_size, epochs, kernels
     )
@@ -305,20 +305,20 @@ def top_operators(averages: Iterable, window_us: float) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["by", "name", "calls", "ms per step", "of step %"])
 
 
-def kernel_classes(averages: Iterable) -> dict[str, float]:
-    """The device's kernel time of the recorded steps by KERNEL_CLASSES (and "other"), as
-    shares of it, largest first; copies, memsets and NCCL's kernels left out."""
+def kernel_classes(events: Iterable[Mapping]) -> dict[str, float]:
+    """The device's kernel time in the trace's `events` by KERNEL_CLASSES (and "other"), as
+    shares of it, largest first. Only kernels count: not copies, memsets, NCCL's kernels, nor
+    the GPU-side mirrors of annotated ranges (`gpu_user_annotation`), which span kernels."""
     times: dict[str, float] = {}
-    for a in averages:
-        name = a.key.lower()
-        kernel = a.device_type != torch.autograd.DeviceType.CPU and a.self_device_time_total > 0
-        if not kernel or name.startswith(("memcpy", "memset")) or "nccl" in name:
+    for event in events:
+        name = event.get("name", "").lower()
+        if event.get("cat") != "kernel" or "nccl" in name:
             continue
         kind = next(
             (k for k, patterns in KERNEL_CLASSES if any(p in name for p in patterns)),
             "other",
         )
-        times[kind] = times.get(kind, 0.0) + a.self_device_time_total
+        times[kind] = times.get(kind, 0.0) + float(event.get("dur", 0.0))
     total = sum(times.values())
     ranked = sorted(times.items(), key=lambda item: item[1], reverse=True)
     return {kind: us / total for kind, us in ranked} if total else {}
