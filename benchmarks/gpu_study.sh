@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The study's GPU measurements, run on a GPU machine from the repository root:
-#   bash benchmarks/gpu_study.sh PART...   with PART = core | study | fast | warmup | profile |
-#                                        energy | scaling | scaling-events | scaling-fast
+#   bash benchmarks/gpu_study.sh PART...   with PART = core | study | fast | lab | warmup |
+#                                        profile | energy | scaling | scaling-events | scaling-fast
 # Each part writes its printed tables under $OUT (default ./gpu-out) and leaves mlflow.db
 # in the working directory (copied to $OUT after each step), so parts share one store.
 set -uo pipefail
@@ -37,11 +37,28 @@ for part in "${@:-core}"; do case "$part" in
     python3 -m cifarexp report --out report > "$OUT/report.txt" 2>&1
     tar czf "$OUT/report.tgz" report
     ;;
-  fast)  # the GPU tests; bare loop, standard path, fast path (CUDA graph), the floor and
-    # the fast path with reduce-overhead, alternated in rounds; the harness's overhead
-    run gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
-    run epoch_time python3 benchmarks/epoch_time.py --workers 8 --paths abcde --rounds 3
-    run overhead python3 benchmarks/overhead.py --train-size 50000 --workers 8 --rounds 5
+  fast)  # the GPU tests; paths a-d, f, g alternated in rounds; the harness's overhead; a
+    # 5-epoch run of the standard path, of --fast and of --fast with the compiled step, the
+    # last with an empty compile cache (cold) and then again (warm)
+    run gpu_tests timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
+    run epoch_time timeout 300 python3 benchmarks/epoch_time.py --workers 8 --paths abcdfg \
+      --rounds 5 --epochs 1
+    run overhead timeout 120 python3 benchmarks/overhead.py --train-size 50000 --workers 8 --rounds 5
+    run standard5 python3 -m cifarexp time "${FULL[@]}" --epochs 5 --workers 8
+    run fast5 python3 -m cifarexp time "${FULL[@]}" --epochs 5 --fast
+    export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cold
+    run compiled5_cold python3 -m cifarexp time "${FULL[@]}" --epochs 5 --fast --compile default
+    run compiled1_warm python3 -m cifarexp time "${FULL[@]}" --epochs 1 --fast --compile default
+    unset TORCHINDUCTOR_CACHE_DIR
+    ;;
+  lab)  # the full lab into its own store, its report (with the reference column), and the
+    # counter's joules against MLflow's sampled power over the lab's newest runs
+    run lab timeout 420 python3 -m cifarexp lab --preset full --dataset synthetic \
+      --tracking-uri sqlite:///h200.db
+    cp h200.db "$OUT/"
+    python3 -m cifarexp report --tracking-uri sqlite:///h200.db --out report > "$OUT/report.txt" 2>&1
+    tar czf "$OUT/report.tgz" report
+    run energy_check_lab python3 benchmarks/energy_check.py --tracking-uri sqlite:///h200.db
     ;;
   warmup)  # C2 with and without the warm-up, on the GPU and on the CPU
     run c2_warm python3 -m cifarexp time "${FULL[@]}" --epochs 3 --workers 8
@@ -62,12 +79,10 @@ for part in "${@:-core}"; do case "$part" in
     tar czf "$OUT/report.tgz" report
     ;;
   energy)  # the verdict on the study's path (2 workers) and on the fast path, each with its
-    # epochs' data share and J/epoch; each optimizer's J/epoch; NVML's joules against MLflow's
-    # sampled power integrated over the same epochs (docs/energy.md)
+    # epochs' data share and J/epoch; NVML's joules against MLflow's sampled power
+    # integrated over the same epochs (docs/energy.md); each optimizer's J/epoch: part lab
     run verdict_study python3 -m cifarexp time "${FULL[@]}" --epochs 3 --workers 2 --profile
-    run verdict_fast python3 -m cifarexp time "${FULL[@]}" --epochs 5 --loader gpu \
-      --precision bf16 --channels-last --cuda-graph --timing events --profile
-    run c6_optim python3 -m cifarexp compare-optim "${FULL[@]}" --workers "${WORKERS:-8}"
+    run verdict_fast python3 -m cifarexp time "${FULL[@]}" --epochs 5 --fast --profile
     run energy_check python3 benchmarks/energy_check.py
     grep -l "clears events" "$OUT"/verdict_*.txt > "$OUT/kineto_lines.txt" 2>&1
     ;;
