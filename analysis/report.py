@@ -115,7 +115,17 @@ def _c7(ex: queries.Exercise) -> tuple[dict, dict, str]:
 
 
 def _q(ex: queries.Exercise) -> tuple[dict, dict, str]:
-    return {"q1_q4": tables.q1_q4_answers(queries.answers(ex))}, {}, ""
+    answers = queries.answers(ex)
+    if not answers:  # a store copied without its artifact folder, say
+        return (
+            {},
+            {},
+            (
+                f"The inspect run {ex.parent_id} has no readable answers.json among its "
+                "artifacts: is its artifact location (e.g. ./mlartifacts) beside the store?"
+            ),
+        )
+    return {"q1_q4": tables.q1_q4_answers(answers)}, {}, ""
 
 
 # item -> the builder of its tables, plots and text

@@ -1,5 +1,8 @@
 """The analysis on a store filled with hand-logged runs of known values."""
 
+from pathlib import Path
+from urllib.parse import urlparse
+
 import pandas as pd
 import pytest
 
@@ -98,6 +101,17 @@ def test_q1_q4_answers_come_from_the_inspect_run(study):
     assert answers["adam: optimizer state elements"] == "22,347,986"
     assert answers["sgd: keeps momentum_buffer"] == "11,173,962"
     assert {"adam: keeps exp_avg", "adam: keeps exp_avg_sq"} <= set(answers)
+
+
+def test_a_store_copied_without_its_artifacts_reports_q1_q4_missing_not_a_traceback(client, study):
+    # Given the inspect run's answers.json gone (a store copied without ./mlartifacts)
+    uri = client.get_run(study["Q1-Q4"]).info.artifact_uri
+    (Path(urlparse(uri).path) / "answers.json").unlink()
+    # when its section is built
+    section = report.section("Q1-Q4", queries.exercise("Q1-Q4"))
+    # then it says what is missing, and the reference's figures still stand beside
+    assert "q1_q4" not in section.tables and "q1_q4_reference" in section.tables
+    assert f"inspect run {study['Q1-Q4']} has no readable answers.json" in section.text
 
 
 def test_only_finished_runs_count_and_the_newest_child_per_variant_wins(client, study):
