@@ -14,6 +14,7 @@ EPOCH_METRICS = [
     "data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc", "images_per_s",
     "test_loss", "test_acc", "mfu", "comm_time_s", "energy_j", "power_w", "energy_per_image_mj",
     "partial_data_s", "partial_train_s", "partial_total_s",  # an epoch cut at max_batches
+    "other_cpu_load_cpus",  # the CPUs other processes used while the epoch ran
 ]  # fmt: skip
 
 
@@ -87,6 +88,19 @@ class Exercise:
         return {
             name or run_id: epoch
             for name, run_id, epoch in zip(names, rows["run_id"], rows[column], strict=True)
+        }
+
+    @property
+    def disturbed(self) -> dict[str, str]:
+        """Variant (or run id) -> why its timing cannot be trusted (TIMING_DISTURBED)."""
+        column = f"tags.{tracking.TIMING_DISTURBED}"
+        if column not in self.runs:
+            return {}
+        rows = self.runs[self.runs[column].notna() & (self.runs[column] != "")]
+        names = rows.get(f"tags.{tracking.VARIANT}", rows["run_id"]).fillna("")
+        return {
+            name or run_id: reason
+            for name, run_id, reason in zip(names, rows["run_id"], rows[column], strict=True)
         }
 
     @property

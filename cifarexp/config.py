@@ -98,6 +98,11 @@ def preset_text(name: str) -> str:
 
 
 WORKERS_TOLERANCE = 0.03  # C3: a worker count must cut data-loading time by more than this
+# A run's timing is disturbed (docs/timing.md: "Disturbed timings") when other processes kept
+# more than this share of the CPUs it may run on busy, on average over its epochs...
+OTHER_CPU_SHARE = 0.25
+# ... or when its epoch times vary by more than this, (max - min) / median, over 2+ epochs.
+EPOCH_SPREAD_TOLERANCE = 0.25
 
 # A config field shown to the user as its flag: --field-name, except for these.
 FLAGS = {

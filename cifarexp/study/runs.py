@@ -21,7 +21,7 @@ from cifarexp.config import CifarexpError, TrainConfig
 from cifarexp.study.catalogue import Labels
 from cifarexp.study.session import Session
 from cifarexp.tracking import Tracker
-from cifarexp.training import models, profiling
+from cifarexp.training import models, noise, profiling
 from cifarexp.training.build import Training, build_training
 from cifarexp.training.data import cpu_count
 from cifarexp.training.engine import EpochResult
@@ -114,6 +114,7 @@ def run_training(
                 processes.raise_pending()  # a stop whose exception Python swallowed
 
             results = training.train(on_epoch, on_batch=display.on_batch)
+            note_disturbance(tracker, results)
             if cfg.profile:  # after the last epoch is logged: never inside a timed epoch
                 profile = profile_and_log(tracker, training, results)
                 if profile is not None:
@@ -150,6 +151,15 @@ def note_divergence(tracker: Tracker, result: EpochResult, labels: Labels) -> No
         f"{name}the training loss is {result.train_loss} in epoch {result.epoch}: the run "
         "diverged (it goes on; the report marks it)"
     )
+
+
+def note_disturbance(tracker: Tracker, results: list[EpochResult]) -> None:
+    """Why the run's timing cannot be trusted, if it cannot (`noise.disturbance`: other
+    processes' CPU use, its epochs' spread), as the TIMING_DISTURBED tag; the answer built
+    from the store says it."""
+    reason = noise.disturbance(results, cpu_count())
+    if reason is not None:
+        tracker.set_tags({tracking.TIMING_DISTURBED: reason})
 
 
 def log_summary(tracker: Tracker, training: Training) -> None:

@@ -18,6 +18,7 @@ from cifarexp.tracking.names import (
     PARENT,
     PRESET,
     TAG,
+    TIMING_DISTURBED,
     VARIANT,
     VARIANTS,
     VERDICT,
@@ -43,8 +44,9 @@ from cifarexp.tracking.tracker import Tracker
 
 __all__ = [
     "COMMAND", "COMMIT", "DATASET", "DEVICE", "DIVERGED", "ENERGY", "ERROR", "EXERCISE", "NOTE",
-    "PARENT", "PRESET", "STORE_ERRORS", "TAG", "VARIANT", "VARIANTS", "VERDICT", "VERSION",
-    "WORKERS_FROM", "Tracker", "artifact_root", "check_experiment", "default_experiment",
+    "PARENT", "PRESET", "STORE_ERRORS", "TAG", "TIMING_DISTURBED", "VARIANT", "VARIANTS",
+    "VERDICT", "VERSION", "WORKERS_FROM", "Tracker", "artifact_root", "check_experiment",
+    "default_experiment",
     "experiment_id", "finished_children", "finished_top_level", "is_run_id", "latest_sweep",
     "load_text", "metric_history", "reading", "redact", "search_runs", "shown_uri",
     "store_error", "where",

@@ -17,6 +17,9 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 DIVERGED = TAG + "diverged"  # the epoch from which the training loss is not finite
 VERDICT = TAG + "verdict"  # what bounds a profiled run's step (see profiling)
 ENERGY = TAG + "energy"  # what counted each epoch's energy, or why nothing did (see energy)
+# Why a run's timing cannot be trusted (other processes' CPU use, its epochs' spread; see
+# training.noise); on a comparison's parent, its disturbed variants with their reasons.
+TIMING_DISTURBED = TAG + "timing_disturbed"
 # A comparison's parent: a digest of its settings (set as it is created, so that --resume
 # finds it even if it was killed at once), the process that runs it, the variants it ran.
 SETTINGS, OWNER, VARIANTS = TAG + "settings", TAG + "owner", TAG + "variants"

@@ -32,6 +32,7 @@ from cifarexp.training.engine import (
 )
 from cifarexp.training.gpu_loader import GpuLoader
 from cifarexp.training.models import build_model
+from cifarexp.training.noise import OtherLoad, find_other_load
 from cifarexp.training.optim import build_optimizer
 from cifarexp.training.warmup import GraphedStep, warm_up
 
@@ -53,6 +54,7 @@ class Training:
     step: Step  # one batch's training step: engine.train_step, or a GraphedStep (cuda_graph)
     combine: Combiner  # this process's epoch -> the run's
     energy: EnergyCounter | str  # the device's energy counter, or why it has none
+    other_load: OtherLoad | None = None  # the CPUs other processes use (None: cannot say)
 
     @property
     def energy_counter(self) -> EnergyCounter | None:
@@ -111,6 +113,7 @@ class Training:
             step=self.step,
             combine=self.combine,
             energy=self.energy_counter,
+            other_load=self.other_load,
         )
 
 
@@ -161,6 +164,7 @@ def build_training(cfg: TrainConfig, world: World = World()) -> Training:
         step=graphed_step(cfg, optimizer) if cfg.cuda_graph else train_step,
         combine=combine,
         energy=find_counter(device, world.world_size),
+        other_load=find_other_load(whole_job=world.joined),
     )
 
 

@@ -18,6 +18,7 @@ from cifarexp.config import ConfigError, check_device_name
 
 if TYPE_CHECKING:
     from cifarexp.training.energy import EnergyCounter
+    from cifarexp.training.noise import OtherLoad
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 OnBatch = Callable[[int, float, float], None]  # (batch index, batch loss, batch accuracy)
@@ -44,6 +45,8 @@ class EpochResult:
     mfu: float | None = None  # model FLOPs / epoch time / device peak; None where unknown
     comm_time_s: float | None = None  # DDP: gradient all-reduce not hidden by backward
     energy_j: float | None = None  # the device's energy counter over the epoch (see energy)
+    # CPUs that other processes kept busy on average while the epoch ran (see noise)
+    other_cpu_load_cpus: float | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -385,6 +388,7 @@ def train(
     step: Step = train_step,
     combine: Callable[[EpochResult], EpochResult] | None = None,
     energy: EnergyCounter | None = None,
+    other_load: OtherLoad | None = None,
 ) -> list[EpochResult]:
     """Train for `epochs`, reporting each finished epoch to `on_epoch` as soon as it ends.
 
@@ -392,10 +396,12 @@ def train(
     `warm_up`; `step` trains one batch (see `train_one_epoch`). `combine`
     turns this process's epoch into the run's (several processes: see `distributed`); it
     runs after the timed epoch and the evaluation, on every process. `energy`, a counter,
-    measures each epoch's energy (see `train_one_epoch`).
+    measures each epoch's energy (see `train_one_epoch`); `other_load`, the CPUs other
+    processes used while it ran, read just before and after it (see `noise`).
     """
     results = []
     for epoch in range(1, epochs + 1):
+        cpu_start = other_load.start() if other_load is not None else None
         with compiled_shapes_only(execution):
             result = train_one_epoch(
                 model,
@@ -409,6 +415,8 @@ def train(
                 step=step,
                 energy=energy,
             )
+        if other_load is not None and cpu_start is not None:  # outside the timed epoch
+            result = replace(result, other_cpu_load_cpus=other_load.since(cpu_start))
         if test_loader is not None:
             test_loss, test_acc = evaluate(model, test_loader, device)
             result = replace(result, test_loss=test_loss, test_acc=test_acc)
