@@ -122,16 +122,44 @@ def _replace(target: Path, new: Path) -> None:
 
 def markdown_table(table: pd.DataFrame) -> str:
     """A GitHub-flavoured markdown table, numbers formatted as in the terminal."""
-    header = "| " + " | ".join(map(str, table.columns)) + " |"
-    rule = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(table[c]) else "---"
-                          for c in table.columns) + "|"  # fmt: skip
-    rows = [
-        "| "
-        + " | ".join(md_text(format_value(c, v)) for c, v in zip(table.columns, row, strict=True))
-        + " |"
-        for row in table.itertuples(index=False)
-    ]
-    return "\n".join([header, rule, *rows])
+    columns, right, rows = displayed(table)
+    header = "| " + " | ".join(columns) + " |"
+    rule = "|" + "|".join("---:" if r else "---" for r in right) + "|"
+    lines = ["| " + " | ".join(md_text(value) for value in row) + " |" for row in rows]
+    return "\n".join([header, rule, *lines])
+
+
+SPREAD_LOW, SPREAD_HIGH = " min", " max"  # a timing's range over the epochs (analysis.noise)
+
+
+def displayed(table: pd.DataFrame) -> tuple[list[str], list[bool], list[list[str]]]:
+    """A table as a reader reads it: its columns, whether each is right-aligned (numbers),
+    and its rows' values as text. A timing with its range over the epochs (columns `X`,
+    `X min`, `X max`, kept apart in CSVs) is one column: "5.62 (5.42–6.07)", or "5.62"
+    where they are one."""
+    ranged = {
+        str(c)
+        for c in table.columns
+        if f"{c}{SPREAD_LOW}" in table.columns and f"{c}{SPREAD_HIGH}" in table.columns
+    }
+    hidden = {f"{c}{end}" for c in ranged for end in (SPREAD_LOW, SPREAD_HIGH)}
+    columns = [c for c in table.columns if str(c) not in hidden]
+    right = [pd.api.types.is_numeric_dtype(table[c]) for c in columns]
+    at = {str(c): i for i, c in enumerate(table.columns)}
+    rows = []
+    for row in table.itertuples(index=False):  # each value of its column's type
+        values = []
+        for c in columns:
+            text = format_value(c, row[at[str(c)]])
+            if str(c) in ranged:
+                low, high = (
+                    format_value(c, row[at[f"{c}{end}"]]) for end in (SPREAD_LOW, SPREAD_HIGH)
+                )
+                if text != "–" and low != high:
+                    text = f"{text} ({low}–{high})"
+            values.append(text)
+        rows.append(values)
+    return [str(c) for c in columns], right, rows
 
 
 MARKDOWN = re.compile(r"([\\`*_{}\[\]<>#|~!])")  # what markdown would read as its syntax

@@ -93,15 +93,27 @@ class Exercise:
     @property
     def disturbed(self) -> dict[str, str]:
         """Variant (or run id) -> why its timing cannot be trusted (TIMING_DISTURBED)."""
-        column = f"tags.{tracking.TIMING_DISTURBED}"
-        if column not in self.runs:
+        rows = self._disturbed_runs()
+        if rows.empty:
             return {}
-        rows = self.runs[self.runs[column].notna() & (self.runs[column] != "")]
         names = rows.get(f"tags.{tracking.VARIANT}", rows["run_id"]).fillna("")
         return {
             name or run_id: reason
-            for name, run_id, reason in zip(names, rows["run_id"], rows[column], strict=True)
+            for name, run_id, reason in zip(
+                names, rows["run_id"], rows[f"tags.{tracking.TIMING_DISTURBED}"], strict=True
+            )
         }
+
+    @property
+    def disturbed_ids(self) -> list[str]:
+        """The runs whose timing was disturbed."""
+        return list(self._disturbed_runs()["run_id"])
+
+    def _disturbed_runs(self) -> pd.DataFrame:
+        column = f"tags.{tracking.TIMING_DISTURBED}"
+        if column not in self.runs:
+            return self.runs.iloc[:0]
+        return self.runs[self.runs[column].notna() & (self.runs[column] != "")]
 
     @property
     def parent_id(self) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import plots, queries, reference, tables
+from analysis import noise, plots, queries, reference, tables
 from analysis.folder import csv_bytes, markdown_table, md_text, png_bytes, write_folder
 from cifarexp import tracking
 from cifarexp.config import ConfigError
@@ -33,6 +33,7 @@ class Section:
     dataset: str = ""
     run_id: str = ""  # the top-level run it came from
     settings: dict[str, str] = field(default_factory=dict)  # that run's params
+    disturbed: dict[str, str] = field(default_factory=dict)  # variant -> why its timing was
 
     @property
     def missing(self) -> bool:
@@ -43,12 +44,18 @@ class Section:
         return headline(self)
 
     def tags(self) -> dict[str, str]:
-        """The answers that are no numbers, logged as tags on the section's parent run."""
+        """The answers that are no numbers, logged as tags on the section's parent run: the
+        best optimizer (C6), the variants whose timing was disturbed, with why."""
+        tags = {}
+        if self.disturbed:
+            tags[tracking.TIMING_DISTURBED] = "; ".join(
+                f"{variant}: {why}" for variant, why in self.disturbed.items()
+            )
         c6 = self.tables.get("c6_optimizers")
         if c6 is None or c6.empty:
-            return {}
+            return tags
         best = c6.loc[c6["final accuracy"].idxmax(), "optimizer"]
-        return {f"{tracking.TAG}best_optimizer": str(best)}
+        return tags | {f"{tracking.TAG}best_optimizer": str(best)}
 
     @property
     def answer(self) -> str:
@@ -140,7 +147,8 @@ def section(item: str, ex: queries.Exercise | None) -> Section:
     if ex is not None:
         result.tables, result.figures, result.text = BUILDERS[item](ex)
         result.tables |= reference.beside(item, ex)
-        result.notes = warnings(ex)
+        result.notes = warnings(ex) + timing_notes(item, ex, result.tables)
+        result.disturbed = ex.disturbed
         result.dataset, result.run_id = ex.dataset, ex.parent_id
         result.settings = ex.params
         runs = (
@@ -189,6 +197,35 @@ def warnings(ex: queries.Exercise) -> list[str]:
     return notes
 
 
+# The comparisons whose timings are compared in a note: item -> (metric, what it is, the
+# tolerance under which a difference is noise whatever the epochs' spread).
+NOISE_COMPARED = {
+    "C5": ("epoch_time_s", "epoch time", tables.EPOCH_NOISE),
+    "C6": ("train_time_s", "training time per epoch", tables.EPOCH_NOISE),
+}
+
+
+def timing_notes(item: str, ex: queries.Exercise, built: Mapping[str, pd.DataFrame]) -> list[str]:
+    """The runs whose timing was disturbed, with why; for a comparison of timings (C5, C6),
+    the variants whose time is within noise of the fastest's (C3's best count and C4's
+    shortest epoch take noise into account themselves)."""
+    notes = noise.disturbed_notes(ex)
+    if item in NOISE_COMPARED and not ex.epochs.empty:
+        metric, what, tolerance = NOISE_COMPARED[item]
+        times = noise.spread(ex, {metric: metric})
+        disturbed = set(ex.disturbed_ids)
+        runs = ex.runs.set_index("run_id").loc[times.index]
+        names = list(runs.get(f"tags.{tracking.VARIANT}", pd.Series(list(times.index))))
+        timings = [
+            noise.Timing(row[metric], row[metric + noise.LOW], row[metric + noise.HIGH],
+                         run_id in disturbed)
+            for run_id, row in times.iterrows()
+        ]  # fmt: skip
+        note = noise.within_noise_note(names, timings, what, tolerance)
+        notes += [note] if note else []
+    return notes
+
+
 def summarize(item: str, run_id: str) -> Section:
     """The section of `item` from the run `run_id` (a comparison's parent, say)."""
     return section(item, queries.exercise(item, run_id=run_id))
@@ -233,15 +270,24 @@ def answer(section: Section) -> str:
     """See `Section.answer`."""
     t, m = section.tables, headline(section)
     if "c2_epochs" in t:
-        mean = t["c2_epochs"].iloc[-1]
+        c2 = t["c2_epochs"].set_index("epoch")
+        mean = c2.loc["mean"]
         energy = (
             f" It used {joules_text(mean[tables.ENERGY])} ({mean[tables.POWER]:.0f} W)."
             if tables.ENERGY in mean
             else ""
         )
+        if "median" not in c2.index:  # one epoch
+            return (
+                f"The epoch took {mean['total s']:.2f} s: {mean['data-loading s']:.2f} s "
+                f"waiting for data and {mean['training s']:.2f} s computing.{energy}"
+            )
+        epochs = c2[[not isinstance(label, str) for label in c2.index]]
+        median, low, high = c2.loc["median"], epochs.min(), epochs.max()
+        parts = [f"{median[c]:.2f} s ({low[c]:.2f}–{high[c]:.2f})" for c in tables.TIMES.values()]
         return (
-            f"An epoch took {mean['total s']:.2f} s on average: {mean['data-loading s']:.2f} s "
-            f"waiting for data and {mean['training s']:.2f} s computing.{energy}"
+            f"An epoch took {parts[2]} over its {len(epochs)} epochs (median, min–max): "
+            f"{parts[0]} waiting for data and {parts[1]} computing.{energy}"
         )
     if "c3_workers" in t:
         return f"The best count is {m['best_workers']} workers. {section.text}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from analysis.noise import Timing, disturbed_column, spread
 from analysis.queries import Exercise
 from cifarexp import tracking
 from cifarexp.config import WORKERS_TOLERANCE
@@ -15,6 +16,7 @@ EPOCH_NOISE = 0.01  # a difference under 1% of the epoch is noise, however small
 TIMES = {"data_time_s": DATA, "train_time_s": TRAIN, "epoch_time_s": TOTAL}
 ENERGY, POWER, EPOCH_J = "energy J", "power W", "J/epoch"  # where a counter measured them
 ENERGY_VS_CPU = "energy vs cpu"  # the CPU's J/epoch over this device's
+C6_TIME = "training s/epoch"  # C6: the median over the epochs, with its min and max
 
 
 def per_run_means(ex: Exercise, first_epoch: int = 1) -> pd.DataFrame:
@@ -35,37 +37,36 @@ def measured(frame: pd.DataFrame, column: str) -> bool:
 def c2_epochs(ex: Exercise) -> pd.DataFrame:
     """C2: the untimed warm-up as its own line (when the run had one: its seconds as the
     total), one row per epoch (data-loading, training, total, energy and power where
-    measured, loss, accuracy), then the epochs' totals (times and energy summed) and means,
-    which never include the warm-up."""
+    measured, loss, accuracy), then the epochs' totals (times and energy summed), means
+    and, over 2 epochs or more, medians, which never include the warm-up."""
     names = {**TIMES, "energy_j": ENERGY, "power_w": POWER}
     frame = ex.epochs.rename(columns={**names, "train_loss": "loss", "train_acc": "accuracy"})
     energy = [c for c in (ENERGY, POWER) if measured(frame, c)]
     columns = ["epoch", DATA, TRAIN, TOTAL, *energy, "loss", "accuracy"]
     frame = frame[columns].astype({"epoch": object})
     total = {"epoch": "total", **frame[[DATA, TRAIN, TOTAL, *energy[:1]]].sum()}
-    mean = {"epoch": "mean", **frame.drop(columns="epoch").mean()}
+    summary = [total, {"epoch": "mean", **frame.drop(columns="epoch").mean()}]
+    if len(frame) > 1:
+        summary.append({"epoch": "median", **frame.drop(columns="epoch").median()})
     warmup = ex.runs.get("metrics.warmup_s", pd.Series(dtype=float)).dropna()
     first = [{"epoch": "warm-up", TOTAL: warmup.iloc[0]}] if len(warmup) else []
-    rows = [pd.DataFrame(first, columns=frame.columns), frame, pd.DataFrame([total, mean])]
+    rows = [pd.DataFrame(first, columns=frame.columns), frame, pd.DataFrame(summary)]
     return pd.concat([r for r in rows if not r.empty], ignore_index=True)
 
 
 def c3_workers(ex: Exercise) -> pd.DataFrame:
-    """C3: per DataLoader worker count the mean epoch times, the best count marked; a
+    """C3: per DataLoader worker count the epoch times (the median over the epochs, their
+    min and max), the best count marked, the runs whose timing was disturbed marked; a
     `--loader gpu` run, if the sweep has one, as a last row for comparison."""
     runs = per_run_means(ex)
     is_gpu_loader = runs.get("params.loader", pd.Series("torch", index=runs.index)) == "gpu"
-    table = pd.DataFrame(
-        {
-            "workers": [
-                GPU_LOADER if gpu else int(w)
-                for gpu, w in zip(is_gpu_loader, runs["params.workers"], strict=True)
-            ],
-            DATA: runs["data_time_s"],
-            TRAIN: runs["train_time_s"],
-            TOTAL: runs["epoch_time_s"],
-        }
-    )
+    times = spread(ex, TIMES).loc[runs["run_id"]].reset_index(drop=True)
+    workers = [
+        GPU_LOADER if gpu else int(w)
+        for gpu, w in zip(is_gpu_loader, runs["params.workers"], strict=True)
+    ]
+    table = pd.concat([pd.DataFrame({"workers": workers}), times], axis=1)
+    table = table.assign(**disturbed_column(ex, runs["run_id"]))
     counts = table[~is_gpu_loader].sort_values("workers")
     table["best"] = ""
     if not counts.empty:
@@ -80,12 +81,19 @@ def worker_counts(c3: pd.DataFrame) -> pd.DataFrame:
 
 def smallest_within_noise(counts: pd.DataFrame, column: str) -> pd.Series:
     """The row of the smallest worker count whose `column` (seconds) is within noise of the
-    lowest: less than WORKERS_TOLERANCE of it, or EPOCH_NOISE of that run's epoch, above it.
-    For data-loading time: where it stops falling (C3), ties going to the smaller count."""
+    lowest: less than WORKERS_TOLERANCE of it, or EPOCH_NOISE of that run's epoch, above it;
+    or within the noise of their epochs (`noise.Timing.within_noise`). For data-loading
+    time: where it stops falling (C3), ties going to the smaller count."""
     counts = worker_counts(counts).sort_values("workers")
     lowest = counts.loc[counts[column].idxmin()]
     noise = max(WORKERS_TOLERANCE * lowest[column], EPOCH_NOISE * lowest[TOTAL])
-    return counts[counts[column] <= lowest[column] + noise].iloc[0]
+    close = [
+        row[column] <= lowest[column] + noise
+        or Timing.of(row, column).within_noise(Timing.of(lowest, column), WORKERS_TOLERANCE)
+        is not None
+        for _, row in counts.iterrows()
+    ]
+    return counts[close].iloc[0]
 
 
 def shortest_epoch(c3: pd.DataFrame) -> int:
@@ -93,10 +101,18 @@ def shortest_epoch(c3: pd.DataFrame) -> int:
     beyond noise (the workers then cost the epoch more than they save of its wait)."""
     counts = worker_counts(c3)
     best = best_workers(c3)
-    best_epoch = counts.loc[counts["workers"] == best, TOTAL].iloc[0]
-    if best_epoch <= counts[TOTAL].min() * (1 + WORKERS_TOLERANCE):
+    if shortest_within_noise(c3) is not None:
         return best
     return int(smallest_within_noise(counts, TOTAL)["workers"])
+
+
+def shortest_within_noise(c3: pd.DataFrame) -> str | None:
+    """Why the best count's epoch is as short as the shortest epoch but for noise, or None
+    when it is longer beyond noise (`noise.Timing.within_noise`, WORKERS_TOLERANCE)."""
+    counts = worker_counts(c3).set_index("workers", drop=False)
+    best = counts.loc[best_workers(c3)]
+    shortest = counts.loc[counts[TOTAL].idxmin()]
+    return Timing.of(best, TOTAL).within_noise(Timing.of(shortest, TOTAL), WORKERS_TOLERANCE)
 
 
 def best_workers(c3: pd.DataFrame) -> int:
@@ -161,6 +177,14 @@ def c4_explanation(c3: pd.DataFrame, cpus: str = "?") -> str:
             else f"even the best count leaves the device waiting longer than it computes, so "
             f"the {cpus} CPUs are the bottleneck: keeping the data on the GPU (--loader gpu) "
             "removes it. "
+        )
+    shortest = counts.loc[counts[TOTAL].idxmin()]
+    why = shortest_within_noise(c3)
+    if shortest.name != best.name and why is not None:
+        text += (
+            f"The shortest epoch, with {shortest.name} workers ({shortest[TOTAL]:.2f} s against "
+            f"{best[TOTAL]:.2f} s with {best.name}), is within noise of the best count's: "
+            f"{why}. "
         )
     if fastest.name != best.name:
         more, fewer = (fastest, best) if fastest.name > best.name else (best, fastest)
@@ -238,20 +262,20 @@ def c5_scaling(ex: Exercise) -> pd.DataFrame:
 
 
 def c6_optimizers(ex: Exercise) -> pd.DataFrame:
-    """C6: per optimizer the average training time per epoch, its energy where measured,
-    the last epoch's loss and accuracy (the per-epoch values: `c6_per_epoch`)."""
+    """C6: per optimizer the training time per epoch (the median over the epochs, their
+    min and max), its energy where measured, the last epoch's loss and accuracy (the
+    per-epoch values: `c6_per_epoch`); the runs whose timing was disturbed marked."""
     runs = per_run_means(ex)
     final = _last_epoch(ex, runs)
+    times = spread(ex, {"train_time_s": C6_TIME}).loc[runs["run_id"]].reset_index(drop=True)
     energy = {EPOCH_J: runs["energy_j"]} if measured(runs, "energy_j") else {}
-    return pd.DataFrame(
-        {
-            "optimizer": runs["params.optimizer"],
-            "avg training s/epoch": runs["train_time_s"],
-            **energy,
-            "final loss": final["train_loss"],
-            "final accuracy": final["train_acc"],
-        }
+    table = pd.concat([runs[["params.optimizer"]].set_axis(["optimizer"], axis=1), times], axis=1)
+    table = table.assign(
+        **energy,
+        **{"final loss": final["train_loss"], "final accuracy": final["train_acc"]},
+        **disturbed_column(ex, runs["run_id"]),
     )
+    return table
 
 
 def c6_per_epoch(ex: Exercise, metric: str) -> pd.DataFrame:

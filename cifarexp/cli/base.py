@@ -176,7 +176,7 @@ def _log_answer(tracker: Tracker, item: str, run_id: str, section: report.Sectio
             metrics=section.metrics(),
             tags=section.tags(),
         )
-    tracker.describe(run_id, description(item, section.answer, section.settings))
+    tracker.describe(run_id, description(item, section.answer, section.settings, section.notes))
 
 
 # ---------------------------------------------------------------- parsing and errors

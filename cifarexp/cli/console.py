@@ -162,7 +162,7 @@ class EpochProgress:
             f"{self._prefix()}epoch {result.epoch}/{self.epochs}  "
             f"data {result.data_time_s:.2f} s  train {result.train_time_s:.2f} s  "
             f"total {result.epoch_time_s:.2f} s  loss {result.train_loss:.3f}  "
-            f"acc {result.train_acc:.1%}",
+            f"acc {result.train_acc:.1%}{_others(result)}",
             highlight=False,
             soft_wrap=True,  # one line per epoch, however narrow the log
         )
@@ -194,6 +194,12 @@ class EpochProgress:
                 highlight=False,
                 soft_wrap=True,
             )
+
+
+def _others(result: EpochResult) -> str:
+    """The CPUs other processes used while the epoch ran, where measured."""
+    load = result.other_cpu_load_cpus
+    return "" if load is None else f"  other processes {load:.1f} CPUs"
 
 
 class _Rate(ProgressColumn):
@@ -231,18 +237,14 @@ def progress(label: str, epochs: int, batches: int) -> Iterator[EpochProgress]:
 
 def render(frame: pd.DataFrame, title: str, *, footer: Sequence[Sequence[object]] = ()) -> Table:
     """A rich table of a DataFrame, its values formatted as the report formats them."""
-    from pandas.api.types import is_numeric_dtype
-
-    from analysis.folder import format_value
+    from analysis.folder import displayed, format_value
 
     table = Table(title=title, title_justify="left")
-    for column in frame.columns:
-        justify = "right" if is_numeric_dtype(frame[column]) else "left"
-        table.add_column(str(column), justify=justify)
-    for row in frame.itertuples(index=False):
-        table.add_row(
-            *(format_value(name, value) for name, value in zip(frame.columns, row, strict=True))
-        )
+    columns, right, rows = displayed(frame)  # a timing with its range as one column
+    for column, numbers in zip(columns, right, strict=True):
+        table.add_column(column, justify="right" if numbers else "left")
+    for row in rows:
+        table.add_row(*row)
     if footer:
         table.add_section()
     for row in footer:

@@ -3,7 +3,7 @@ its tables' titles, in the study's order; how a run is placed and named in it.""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cifarexp.tracking import COMMAND, EXERCISE, VARIANT
@@ -45,7 +45,8 @@ ITEMS: dict[str, Item] = {
         "C3, C4: how many DataLoader workers",
         "cifarexp sweep-workers",
         {
-            "c3_workers": "C3: epoch times per DataLoader worker count",
+            "c3_workers": "C3: epoch times per DataLoader worker count (median, min–max over "
+            "the epochs)",
             "c4_one_vs_best": "C4: 1 worker vs the best count (and the shortest epoch's)",
         },
         compares=True,
@@ -69,7 +70,8 @@ ITEMS: dict[str, Item] = {
         "C6: five optimizers",
         "cifarexp compare-optim --workers best",
         {
-            "c6_optimizers": "C6: optimizers, average training time per epoch and the final epoch",
+            "c6_optimizers": "C6: optimizers, training time per epoch (median, min–max over the "
+            "epochs) and the final epoch",
             "c6_accuracy": "C6: top-1 training accuracy per epoch",
             "c6_loss": "C6: training loss per epoch",
         },
@@ -128,7 +130,11 @@ class Labels:
         return f"`cifarexp {self.command}` ({self.exercise}): {ITEMS[self.exercise].question}"
 
 
-def description(exercise: str, answer: str, settings: Mapping[str, object]) -> str:
-    """A run's description (markdown): the study's question, its answer, the settings."""
+def description(
+    exercise: str, answer: str, settings: Mapping[str, object], notes: Sequence[str] = ()
+) -> str:
+    """A run's description (markdown): the study's question, its answer, what a reader must
+    know before trusting it (`notes`: a disturbed timing, a divergence), the settings."""
     shown = ", ".join(f"{k}={v}" for k, v in settings.items())
-    return f"**{ITEMS[exercise].question}**\n\n{answer}\n\nSettings: {shown}."
+    warned = "".join(f"> **{note}**\n\n" for note in notes)
+    return f"**{ITEMS[exercise].question}**\n\n{answer}\n\n{warned}Settings: {shown}."
