@@ -127,7 +127,10 @@ def c4_one_vs_best(c3: pd.DataFrame) -> pd.DataFrame:
     if not (c3["workers"] == 1).any():
         return pd.DataFrame()
     roles = {1: [], best_workers(c3): ["best"]}
-    roles.setdefault(shortest_epoch(c3), []).append("shortest epoch")
+    shortest, counts = shortest_epoch(c3), worker_counts(c3)
+    best_epoch = counts.loc[counts["workers"] == best_workers(c3), TOTAL].iloc[0]
+    if shortest != best_workers(c3) or best_epoch <= counts[TOTAL].min():  # else: noise
+        roles.setdefault(shortest, []).append("shortest epoch")
     rows = c3.set_index("workers").loc[list(roles)].reset_index()
     table = rows[["workers", DATA, TRAIN, TOTAL]].rename(columns={TRAIN: "computing s"})
     table["waiting %"] = table[DATA] / table[TOTAL]

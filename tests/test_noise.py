@@ -25,8 +25,13 @@ def cpu_burner():
     """A process that keeps one CPU busy, outside this process tree (the process that
     started it has exited), killed after the test."""
     burn = "while True: pass"
-    start = f"import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', {burn!r}]).pid)"
-    started = subprocess.run([sys.executable, "-c", start], capture_output=True, text=True)
+    start = (  # the burner's output goes nowhere: the pipe read here ends with its starter
+        "import subprocess as s, sys; print(s.Popen([sys.executable, '-c', "
+        f"{burn!r}], stdin=s.DEVNULL, stdout=s.DEVNULL, stderr=s.DEVNULL).pid)"
+    )
+    started = subprocess.run(
+        [sys.executable, "-c", start], capture_output=True, text=True, timeout=60, check=True
+    )
     pid = int(started.stdout)
     try:
         assert pid not in {p.pid for p in psutil.Process().children(recursive=True)}
