@@ -94,7 +94,7 @@ def profile_split(profiles: pd.DataFrame) -> Figure:
     left = np.zeros(len(profiles))
     names = [f"{run}\n{bound}" for run, bound in profiles[["run", "bound"]].itertuples(index=False)]
     for part in parts:
-        shares = 100 * profiles[part].fillna(0).to_numpy()
+        shares = profiles[part].fillna(0).to_numpy()  # percent
         bars = ax.barh(names, shares, left=left, label=part.removesuffix(" %"))
         labels = [f"{share:.0f}%" if share >= 5 else "" for share in shares]
         ax.bar_label(bars, labels=labels, label_type="center", fontsize=8)

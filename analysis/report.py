@@ -47,7 +47,7 @@ class Section:
         c6 = self.tables.get("c6_optimizers")
         if c6 is None or c6.empty:
             return {}
-        best = c6.loc[c6["final accuracy"].idxmax(), "optimizer"]
+        best = c6.loc[c6[tables.FINAL_ACCURACY].idxmax(), "optimizer"]
         return {f"{tracking.TAG}best_optimizer": str(best)}
 
     @property
@@ -213,19 +213,20 @@ def headline(section: Section) -> dict[str, float]:
         if not ratios.empty:  # both the CPU and a GPU measured it
             metrics["cpu_gpu_energy_ratio"] = float(ratios.max())
     for _, row in section.tables.get("c6_optimizers", pd.DataFrame()).iterrows():
-        metrics[f"final_acc_{row['optimizer']}"] = float(row["final accuracy"])
+        metrics[f"final_acc_{row['optimizer']}"] = float(row[tables.FINAL_ACCURACY]) / 100
         metrics[f"final_loss_{row['optimizer']}"] = float(row["final loss"])
         if pd.notna(row.get(tables.EPOCH_J)):
             metrics[f"epoch_j_{row['optimizer']}"] = float(row[tables.EPOCH_J])
     c7 = section.tables.get("c7_batch_norm", pd.DataFrame())
-    final = dict(zip(c7.get("model", []), c7.get("final accuracy", []), strict=True))
-    metrics |= {f"final_acc_{m.lower().replace(' ', '_')}": float(a) for m, a in final.items()}
-    if {"BN", "no BN"} <= final.keys():  # what BatchNorm adds to the final accuracy
-        metrics["acc_gap"] = float(final["BN"] - final["no BN"])
+    final = dict(zip(c7.get("model", []), c7.get(tables.FINAL_ACCURACY, []), strict=True))
+    metrics |= {f"final_acc_{m.lower().replace(' ', '_')}": a / 100 for m, a in final.items()}
+    if {"BN", "no BN"} <= final.keys():  # what BatchNorm adds to the final accuracy (0-1)
+        metrics["acc_gap"] = float(final["BN"] - final["no BN"]) / 100
     if "c5_scaling" in section.tables:  # the efficiency at the most GPUs, per mode
         for mode, rows in section.tables["c5_scaling"].groupby("scaling"):
             if mode != "–":
-                metrics[f"{mode}_scaling_efficiency"] = float(rows["efficiency %"].iloc[-1])
+                efficiency = float(rows[tables.EFFICIENCY].iloc[-1]) / 100  # a fraction, 0-1
+                metrics[f"{mode}_scaling_efficiency"] = efficiency
     return metrics
 
 
@@ -260,18 +261,19 @@ def answer(section: Section) -> str:
         modes = [f"{k.removesuffix('_scaling_efficiency')} {v:.1%}" for k, v in m.items()]
         return f"Scaling efficiency at {gpus} GPUs: {', '.join(modes)}."
     if "c6_optimizers" in t:
-        c6 = t["c6_optimizers"].sort_values("final accuracy", ascending=False)
+        c6 = t["c6_optimizers"].sort_values(tables.FINAL_ACCURACY, ascending=False)
         ranked = ", ".join(
-            f"{name} {acc:.1%}"
-            for name, acc in zip(c6["optimizer"], c6["final accuracy"], strict=True)
+            f"{name} {acc:.1f}%"
+            for name, acc in zip(c6["optimizer"], c6[tables.FINAL_ACCURACY], strict=True)
         )
         energy = _energy_per_epoch(t["c6_optimizers"], "optimizer")
         return f"Final training accuracy, best first: {ranked}.{energy}"
     if "c7_batch_norm" in t:
         c7 = t["c7_batch_norm"]
-        final = dict(zip(c7["model"], c7["final accuracy"], strict=True))
-        text = ", ".join(f"{model} {acc:.1%}" for model, acc in final.items())
-        gap = f" (BatchNorm adds {m['acc_gap']:.1%})" if "acc_gap" in m else ""
+        final = dict(zip(c7["model"], c7[tables.FINAL_ACCURACY], strict=True))
+        text = ", ".join(f"{model} {acc:.1f}%" for model, acc in final.items())
+        points = 100 * m.get("acc_gap", 0.0)
+        gap = f" (BatchNorm adds {points:.1f} percentage points)" if "acc_gap" in m else ""
         return f"Final training accuracy: {text}{gap}."
     return ""
 

@@ -111,7 +111,7 @@ def test_compare_optim_has_a_child_per_optimizer_and_per_epoch_curves(cli, clien
     c6 = csv(client, parent.info.run_id, "c6_optimizers.csv")
     assert list(c6["optimizer"]) == ["sgd", "adam"]
     accuracy = csv(client, parent.info.run_id, "c6_accuracy.csv")
-    assert list(accuracy.columns) == ["optimizer", "accuracy 1", "accuracy 2"]
+    assert list(accuracy.columns) == ["optimizer", "accuracy 1 %", "accuracy 2 %"]
     assert list(csv(client, parent.info.run_id, "c6_loss.csv")["optimizer"]) == ["sgd", "adam"]
     assert "c6_optimizers.png" in artifacts(client, parent.info.run_id)
 

@@ -299,7 +299,7 @@ def top_operators(averages: Iterable, window_us: float) -> pd.DataFrame:
                     "name": a.key,
                     "calls": a.count,
                     "ms per step": us / ACTIVE_STEPS / 1000,
-                    "of step %": us / window_us,
+                    "of step %": 100 * us / window_us,
                 }
             )
     return pd.DataFrame(rows, columns=["by", "name", "calls", "ms per step", "of step %"])
