@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from cifarexp import tracking
 from cifarexp.config import ConfigError
 
-FOLDER_FILE = re.compile(r"(report|compare)\.md|\w+\.(csv|png)")  # what such a folder holds
+FOLDER_FILE = re.compile(r"(report|compare)\.(md|html)|\w+\.(csv|png)")  # what such a folder holds
 
 
 def check_out(out: Path, store_folders: list[Path]) -> Path:

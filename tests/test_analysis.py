@@ -150,6 +150,10 @@ def test_report_writes_every_item_in_study_order_with_csvs_and_plots(study, tmp_
             "c7_batch_norm.csv", "q1_q4.csv"} <= files  # fmt: skip
     assert {"c3_workers.png", "c5_devices.png", "c6_optimizers.png", "c7_batch_norm.png"} <= files
     assert pd.read_csv(tmp_path / "out" / "c3_workers.csv")["workers"].tolist() == [0, 1, 4, 8]
+    # report.html: the same report as MLflow's artifact view shows it, the plots inlined
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == len([f for f in files if ".png" in f])
+    assert "<table" in html and "final accuracy %" in html and "](" not in html
 
 
 def test_every_csv_column_says_its_unit_and_holds_numbers_in_it(study, tmp_path):
@@ -245,7 +249,11 @@ def test_report_cli_names_missing_items_with_the_command_to_run(cli, client, tmp
         if r.data.tags.get("cifarexp.command") == "report"
     ]
     assert report_run.info.status == "FINISHED"
-    assert "report.md" in {a.path for a in client.list_artifacts(report_run.info.run_id)}
+    logged = {a.path for a in client.list_artifacts(report_run.info.run_id)}
+    assert {"report.md", "report.html"} <= logged  # the HTML: what MLflow's artifact view shows
+    note = report_run.data.tags["mlflow.note.content"]  # the report run's description
+    assert "An epoch took 3.00 s on average" in note
+    assert "not run yet; run `cifarexp sweep-workers`" in note
 
 
 def test_report_runs_option_picks_runs_and_rejects_malformed_pairs(cli, study, tmp_path):

@@ -12,6 +12,10 @@ def test_time_logs_params_tags_one_point_per_epoch_and_the_summary(cli, client):
     result = cli("time", *TINY_ARGS, "--run-name", "tiny")
     assert result.exit_code == 0, result.output
     assert "data-loading s" in result.output and "total" in result.output
+    # the one-sentence answer that the run's description holds, after the table
+    [run] = all_runs(client)
+    assert "An epoch took" in result.output
+    assert run.data.tags["mlflow.note.content"].split("\n\n")[1] in " ".join(result.output.split())
 
     [run] = all_runs(client)
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny"

@@ -42,6 +42,19 @@ def test_auto_sweep_stops_once_data_time_stops_falling(times, counts):
     assert auto_sweep(times.__getitem__, limit=16) == counts
 
 
+@pytest.mark.parametrize(
+    ("cpus", "times", "counts"),
+    [
+        (2, {0: 10, 2: 6, 4: 5.9}, [0, 2, 4]),  # 2 CPUs: 2 workers tried, 4 no better: stop
+        (2, {0: 10, 2: 10, 4: 5, 8: 5}, [0, 2, 4, 8]),  # 2 no better never ends the sweep
+        (6, {0: 10, 4: 6, 6: 5, 8: 5}, [0, 4, 6, 8]),  # 6 between 4 and 8
+        (8, {0: 10, 4: 6, 8: 5.9}, [0, 4, 8]),  # on a step: nothing added
+    ],
+)
+def test_auto_sweep_tries_the_cpu_count_between_steps(cpus, times, counts):
+    assert auto_sweep(times.__getitem__, limit=16, cpus=cpus) == counts
+
+
 def test_sweep_workers_logs_children_tables_plot_and_best(cli, client):
     result = cli("sweep-workers", *without("--workers", ONE_EPOCH), "--workers", "0,1")
     assert result.exit_code == 0, result.output
@@ -105,6 +118,7 @@ def test_compare_device_estimates_the_cpu_epoch_from_its_first_batches(cli, clie
 def test_compare_optim_has_a_child_per_optimizer_and_per_epoch_curves(cli, client):
     result = cli("compare-optim", *TINY_ARGS, "--optimizers", "sgd,adam")
     assert result.exit_code == 0, result.output
+    assert "Final training accuracy, best first: " in result.output  # its answer, printed
     parent, children = parent_and_children(client)
     assert parent.data.tags["cifarexp.exercise"] == "C6"
     assert [c.data.params["optimizer"] for c in children] == ["sgd", "adam"]

@@ -272,8 +272,11 @@ def print_section(section: Section) -> None:
     for name, table in section.tables.items():
         if not table.empty:
             console.print(render(table, f"{TITLES[name]} ({section.dataset})"))
-    if section.text:
+    answer = section.answer  # the sentence the run's description holds
+    if section.text and section.text not in answer:
         console.print(section.text, highlight=False)
+    if answer:
+        console.print(answer, style="bold", highlight=False)
     console.print(f"Source: {section.source}.", style="dim", highlight=False)
 
 
