@@ -22,7 +22,7 @@ from analysis.folder import (
     write_folder,
 )
 from cifarexp import tracking
-from cifarexp.config import ConfigError
+from cifarexp.config import ConfigError, plural
 from cifarexp.study.catalogue import ITEMS, SECTIONS, TITLES
 from cifarexp.training.energy import joules_text
 
@@ -254,7 +254,7 @@ def answer(section: Section) -> str:
             f"waiting for data and {mean['training s']:.2f} s computing.{energy}"
         )
     if "c3_workers" in t:
-        return f"The best count is {m['best_workers']} workers. {section.text}"
+        return f"The best count is {plural(m['best_workers'], 'worker')}. {section.text}"
     if "c5_devices" in t:
         rows = t["c5_devices"]
         epochs = ", ".join(
@@ -268,7 +268,7 @@ def answer(section: Section) -> str:
     if "c5_scaling" in t:
         gpus = t["c5_scaling"]["GPUs"].max()
         modes = [f"{k.removesuffix('_scaling_efficiency')} {v:.1%}" for k, v in m.items()]
-        return f"Scaling efficiency at {gpus} GPUs: {', '.join(modes)}."
+        return f"Scaling efficiency at {plural(gpus, 'GPU')}: {', '.join(modes)}."
     if "c6_optimizers" in t:
         c6 = t["c6_optimizers"].sort_values(tables.FINAL_ACCURACY, ascending=False)
         ranked = ", ".join(

@@ -6,7 +6,7 @@ import pandas as pd
 
 from analysis.queries import Exercise
 from cifarexp import tracking
-from cifarexp.config import WORKERS_TOLERANCE
+from cifarexp.config import WORKERS_TOLERANCE, plural
 from cifarexp.training import profiling
 
 DATA, TRAIN, TOTAL = "data-loading s", "training s", "total s"
@@ -155,7 +155,7 @@ def c4_explanation(c3: pd.DataFrame, cpus: str = "?") -> str:
         )
     else:
         text += (
-            f"With {best.name} workers the wait is {best[DATA]:.2f} s "
+            f"With {plural(best.name, 'worker')} the wait is {best[DATA]:.2f} s "
             f"({best[DATA] / best[TOTAL]:.0%} of {best[TOTAL]:.2f} s). Workers decode and "
             "augment batches in parallel while the device computes; "
         ) + (
@@ -171,12 +171,13 @@ def c4_explanation(c3: pd.DataFrame, cpus: str = "?") -> str:
     if fastest.name != best.name:
         more, fewer = (fastest, best) if fastest.name > best.name else (best, fastest)
         text += (
-            f"Yet the shortest epoch was with {fastest.name} workers ({fastest[TOTAL]:.2f} s "
-            f"against {best[TOTAL]:.2f} s with {best.name}): "
+            f"Yet the shortest epoch was with {plural(fastest.name, 'worker')} "
+            f"({fastest[TOTAL]:.2f} s against {best[TOTAL]:.2f} s with {best.name}): "
         ) + (
             f"the workers compete with training for the {cpus} CPUs, and computing took "
-            f"{more[TRAIN]:.2f} s with {more.name} workers against {fewer[TRAIN]:.2f} s with "
-            f"{fewer.name}. To train on these CPUs, the epoch's count is the one to use."
+            f"{more[TRAIN]:.2f} s with {plural(more.name, 'worker')} against "
+            f"{fewer[TRAIN]:.2f} s with {fewer.name}. To train on these CPUs, the epoch's "
+            "count is the one to use."
             if more[TRAIN] > fewer[TRAIN]
             else "the data wait is not all a loader costs an epoch."
         )

@@ -87,6 +87,12 @@ def fast_flags(device_type: str) -> list[str]:
     ]
 
 
+def plural(count: float, word: str) -> str:
+    """`count` and `word`, the word in the plural unless the count is 1: "1 epoch",
+    "5 epochs", "0 workers"."""
+    return f"{count:,} {word}" if count == 1 else f"{count:,} {word}s"
+
+
 def preset_text(name: str) -> str:
     """What a lab preset trains, in one line (its lr against the study's where it differs)."""
     sizes = PRESETS[name]
@@ -94,7 +100,7 @@ def preset_text(name: str) -> str:
     lr = f"lr {sizes['lr']:g}"
     if sizes["lr"] != STUDY_LR:
         lr += f" (the study's {STUDY_LR:g} x {sizes['batch_size']}/{STUDY_BATCH})"
-    return f"{images}, batch {sizes['batch_size']}, {lr}, {sizes['epochs']} epochs"
+    return f"{images}, batch {sizes['batch_size']}, {lr}, {plural(sizes['epochs'], 'epoch')}"
 
 
 WORKERS_TOLERANCE = 0.03  # C3: a worker count must cut data-loading time by more than this

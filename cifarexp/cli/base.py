@@ -27,6 +27,29 @@ if TYPE_CHECKING:
     from cifarexp.study.session import Session
     from cifarexp.tracking import Tracker
 
+
+def _keep_option_names_whole() -> None:
+    """--help never cuts an option's name: in a narrow terminal (80 columns) rich shrank
+    every column of typer's options table alike ("--persistent-wor…"); the columns that
+    hold option names now keep their width, and the help text beside them wraps instead."""
+    from rich.table import Table
+    from typer import rich_utils
+
+    class OptionsTable(Table):
+        def add_row(self, *renderables: Any, **settings: Any) -> None:
+            super().add_row(*renderables, **settings)
+            for column, cell in zip(self.columns, renderables, strict=False):
+                if str(cell).startswith("-"):  # --name, -h, --no-name
+                    column.no_wrap = True
+                else:  # a word too long for its column folds onto the next line
+                    column.overflow = "fold"
+
+    if getattr(rich_utils, "Table", None) is Table:
+        rich_utils.Table = OptionsTable
+
+
+_keep_option_names_whole()
+
 app = typer.Typer(
     help="Where the time of a ResNet-18 / CIFAR-10 training run goes, tracked with MLflow.",
     no_args_is_help=True,

@@ -42,6 +42,9 @@ class Sets:
 
 
 def _option(help: str, panel: str, *names: str, **settings: object) -> typer.models.OptionInfo:
+    """An option in `panel`; a switch's environment variable (`_env`, MLproject's plumbing)
+    is not shown: its long name cut the option names in an 80-column --help."""
+    settings.setdefault("show_envvar", False)
     return typer.Option(*names, help=help, rich_help_panel=panel, **settings)
 
 
@@ -113,7 +116,12 @@ Eval = Annotated[
 Epochs = Annotated[int, _option("Epochs to train (the study: 5).", TRAINING), Sets("epochs")]
 OptimizerName = Annotated[
     Optimizer,
-    _option("The optimizer (C6 compares all five).", TRAINING, "--optimizer"),
+    _option(
+        "sgd, nesterov, adagrad, adadelta or adam (C6 compares all five).",
+        TRAINING,
+        "--optimizer",
+        metavar="<name>",  # the choices in the help: a long metavar cut the option names
+    ),
     Sets("optimizer"),
 ]
 Device = Annotated[
@@ -167,9 +175,11 @@ ChannelsLast = Annotated[
 Compile = Annotated[
     CompileMode,
     _option(
-        "torch.compile mode (CUDA only; compiled during the warm-up, logged as warmup_s).",
+        "torch.compile mode: none, default, reduce-overhead or max-autotune (CUDA only; "
+        "compiled during the warm-up, logged as warmup_s).",
         FAST,
         "--compile",
+        metavar="<mode>",
     ),
     Sets("compile"),
 ]
