@@ -380,3 +380,21 @@ def test_a_profiled_time_run_answers_with_its_verdict(client):
     run_id = log_run(client, e, command="time", exercise="C2", tags={"cifarexp.verdict": verdict},
                      epochs=[epoch(0.1, 1.0, 1.2, 2.0, 0.3)])  # fmt: skip
     assert report.summarize("C2", run_id).text == f"Profile: {verdict}."
+
+
+def test_plots_show_every_point_the_data_loading_curve_on_its_own_axis():
+    from analysis import plots
+
+    c3 = pd.DataFrame({"workers": [0, 1, 2, 4], "data-loading s": [11.6, 5.9, 4.0, 3.9],
+                       "training s": [70.0] * 4, "total s": [85.0, 80.0, 82.0, 86.0],
+                       "best": ["", "", "yes", ""]})  # fmt: skip
+    figure = plots.workers_curve(c3)
+    data_ax, total_ax = figure.axes  # data-loading on its own axis, not flat under 90 s
+    assert data_ax.get_ylim()[1] < 15 and total_ax.get_ylim()[1] > 86
+    assert data_ax.get_legend() is None and total_ax.get_legend() is None  # none over a point
+    assert len(figure.legends) == 1
+    one = pd.DataFrame({"device": ["cpu"], "data-loading s": [0.1], "training s": [90.0],
+                        "avg epoch s": [90.1], "estimated": [""],
+                        "speedup vs cpu": [1.0]})  # fmt: skip
+    [ax] = plots.device_breakdown(one).axes
+    assert ax.get_xscale() == "linear" and ax.get_xlim()[1] < 200  # not a log axis to 6000 s
