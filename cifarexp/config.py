@@ -8,8 +8,10 @@ library is loaded. Errors name config fields (`batch_size`), never command-line 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -187,7 +189,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
             value = getattr(self, name)
-            _check(value in choices, name, f"{value!r} is not one of {', '.join(choices)}")
+            _check(
+                value in choices,
+                name,
+                f"{value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}",
+            )
         for name in ("lr", "momentum", "weight_decay", "loader_timeout"):
             value = getattr(self, name)
             _check(math.isfinite(value), name, f"must be a finite number, got {value}")
@@ -267,6 +273,25 @@ class TrainConfig:
             "test_size": self.images(train=False),
             "max_batches": "all" if self.max_batches is None else self.max_batches,
         }
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """' (did you mean 'adam'?)' for a name close to one of `choices` (a typo), else ''."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def logged_params(params: dict[str, object], device_type: str) -> dict[str, object]:
+    """A run's params as they say what ran: `device` resolved ("auto" -> cpu or cuda, what
+    the user asked kept as `device_requested`), `test_size` only where evaluation is on.
+    Comparisons find their runs again by the settings as given (`settings_digest`), never
+    by these."""
+    logged = dict(params)
+    if logged.get("device") == "auto":
+        logged |= {"device": device_type, "device_requested": "auto"}
+    if not logged.get("eval", True):
+        logged.pop("test_size", None)
+    return logged
 
 
 def flag(field: str) -> str:

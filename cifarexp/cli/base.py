@@ -20,7 +20,14 @@ import typer
 
 from cifarexp import __version__, processes
 from cifarexp.cli.options import Sets
-from cifarexp.config import ConfigError, TrainConfig, UserError, fast_settings, flag
+from cifarexp.config import (
+    ConfigError,
+    TrainConfig,
+    UserError,
+    did_you_mean,
+    fast_settings,
+    flag,
+)
 
 if TYPE_CHECKING:
     from analysis import report
@@ -222,7 +229,10 @@ def parse_list(field: str, text: str, choices: Iterable[str] | None = None) -> l
     allowed = list(choices) if choices is not None else None
     unknown = [item for item in items if allowed is not None and item not in allowed]
     if unknown:
-        raise ConfigError(f"unknown {unknown[0]!r}; choose from {', '.join(allowed)}", field)
+        typo = did_you_mean(unknown[0], allowed or [])
+        raise ConfigError(
+            f"unknown {unknown[0]!r}{typo}; choose from {', '.join(allowed or [])}", field
+        )
     return items
 
 

@@ -20,7 +20,6 @@ from cifarexp.config import (
     CompileMode,
     Dataset,
     Loader,
-    Optimizer,
     Precision,
     Preset,
     Scaling,
@@ -115,7 +114,7 @@ Eval = Annotated[
 
 Epochs = Annotated[int, _option("Epochs to train (the study: 5).", TRAINING), Sets("epochs")]
 OptimizerName = Annotated[
-    Optimizer,
+    str,  # checked by the config, which suggests the closest name for a typo
     _option(
         "sgd, nesterov, adagrad, adadelta or adam (C6 compares all five).",
         TRAINING,

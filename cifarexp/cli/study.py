@@ -197,6 +197,8 @@ def write_and_log_report(sections: list, out: Path, session: Session, *, quiet: 
         else:
             print_section(section)
     labels = Labels("report", "report")
+    # the worker count a lab's later steps took from its sweep is no setting of the report
+    session.tracker.later_tags.pop(tracking.WORKERS_FROM, None)
     with session.tracker.start_run(
         session.experiment_of("report"), run_name="report", tags=labels.tags(),
         params={"out": str(out)}, about=labels.about(),

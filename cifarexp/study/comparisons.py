@@ -16,7 +16,13 @@ import pandas as pd
 import torch
 
 from cifarexp import tracking
-from cifarexp.config import WORKERS_TOLERANCE, CifarexpError, ConfigError, TrainConfig
+from cifarexp.config import (
+    WORKERS_TOLERANCE,
+    CifarexpError,
+    ConfigError,
+    TrainConfig,
+    logged_params,
+)
 from cifarexp.study.catalogue import Labels
 from cifarexp.study.launch import run_processes
 from cifarexp.study.runs import environment_tags, run_training
@@ -114,8 +120,8 @@ def comparison(
     }  # fmt: skip
     name = labels.run_name(base.dataset, str(options.get("devices", device.type)))
     with tracker.start_run(
-        session.experiment_of(labels.command), run_name=name, tags=tags, params=params,
-        reopen=reopen, about=labels.about(),
+        session.experiment_of(labels.command), run_name=name, tags=tags,
+        params=logged_params(params, device.type), reopen=reopen, about=labels.about(),
     ) as parent_id:  # fmt: skip
         reused = {} if reopen is None else _finished_variants(previous)
         comp = Comparison(labels, session, parent_id, reused)
