@@ -41,9 +41,6 @@ class Sets:
 
 
 def _option(help: str, panel: str, *names: str, **settings: object) -> typer.models.OptionInfo:
-    """An option in `panel`; a switch's environment variable (`_env`, MLproject's plumbing)
-    is not shown: its long name cut the option names in an 80-column --help."""
-    settings.setdefault("show_envvar", False)
     return typer.Option(*names, help=help, rich_help_panel=panel, **settings)
 
 
