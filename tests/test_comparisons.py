@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -127,6 +128,16 @@ def test_compare_optim_has_a_child_per_optimizer_and_per_epoch_curves(cli, clien
     accuracy = csv(client, parent.info.run_id, "c6_accuracy.csv")
     assert list(accuracy.columns) == ["optimizer", "accuracy 1 %", "accuracy 2 %"]
     assert list(csv(client, parent.info.run_id, "c6_loss.csv")["optimizer"]) == ["sgd", "adam"]
+    # the MLflow table holds the CSV's numbers, rounded once alike (was 79.6904556056)
+    table = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "c6_optimizers.json")).read_text()
+    )
+    shown = pd.DataFrame(table["data"], columns=table["columns"])
+    assert list(shown.columns) == list(c6.columns) and "final accuracy %" in shown
+    assert shown["final accuracy %"].tolist() == pytest.approx(
+        c6["final accuracy %"].tolist(), abs=0
+    )
+    assert all(len(f"{v:.15g}".replace(".", "").lstrip("0")) <= 6 for v in shown["final loss"])
     assert "c6_optimizers.png" in artifacts(client, parent.info.run_id)
 
 
