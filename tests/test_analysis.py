@@ -170,6 +170,8 @@ def test_every_csv_column_says_its_unit_and_holds_numbers_in_it(study, tmp_path)
     assert pd.api.types.is_numeric_dtype(q["value"])  # 11173962, not "11,173,962"
     values = dict(zip(q["quantity"], q["value"], strict=True))
     assert values["sgd: keeps momentum_buffer"] == 11_173_962
+    text = (tmp_path / "out" / "q1_q4.csv").read_text()
+    assert ",11173962\n" in text and ",20\n" in text and "11173962.0" not in text
     c6 = pd.read_csv(tmp_path / "out" / "c6_optimizers.csv")
     assert list(c6["final accuracy %"]) == pytest.approx([72.0, 31.0])
     markdown = (tmp_path / "out" / "report.md").read_text()
@@ -186,6 +188,8 @@ def test_numbers_are_rounded_once_the_same_in_csv_and_mlflow_table():
     counts = pd.Series([11_173_962], dtype=object)
     table = rounded(pd.DataFrame({"s": [79.6904556056], "n": counts}))
     assert csv_text(table).splitlines() == ["s,n", "79.6905,11173962"]
+    mixed = pd.DataFrame({"value": pd.Series([20, 42.62538528442383], dtype=object)})
+    assert csv_text(mixed).splitlines() == ["value", "20", "42.6254"]
 
 
 def _profiled(client, experiment, workers, split, bound, **params):

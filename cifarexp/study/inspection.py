@@ -100,12 +100,17 @@ class Inspection:
             f"- **Q2**: the last linear layer ({name}) receives a vector of {in_features} "
             "features.",
         ]
-        for a in self.optimizers:
-            lines.append(
-                f"- **Q3** ({a.optimizer}): {trainable.elements:,} trainable parameters in "
-                f"{trainable.tensors} tensors; {a.grads.elements:,} gradients after backward "
-                f"(none before the first backward)."
-            )
+        grads = {a.optimizer: a.grads.elements for a in self.optimizers}
+        same = len(set(grads.values())) == 1
+        shown = (
+            f"{next(iter(grads.values())):,} gradients after backward with {' and '.join(grads)}"
+            if same
+            else "; ".join(f"{n:,} gradients after backward with {o}" for o, n in grads.items())
+        )
+        lines.append(
+            f"- **Q3**: {trainable.elements:,} trainable parameters in {trainable.tensors} "
+            f"tensors; {shown} (none before the first backward)."
+        )
         for a in self.optimizers:
             kept = ", ".join(a.state) or "nothing"
             lines.append(

@@ -34,8 +34,9 @@ def rounded(table: pd.DataFrame) -> pd.DataFrame:
         series = out[column]
         if pd.api.types.is_float_dtype(series):
             out[column] = series.map(round_number)
-        elif series.dtype == object:
-            out[column] = series.map(round_number).astype(object)
+        elif series.dtype == object:  # counts beside decimals: each keeps its type
+            values = [round_number(v) for v in series]
+            out[column] = pd.Series(values, index=series.index, dtype=object)
     return out
 
 
