@@ -438,11 +438,21 @@ class Page:
 
     def table(self, title: str, table: pd.DataFrame) -> None:
         self.md += [f"**{title}**", "", markdown_table(table), ""]
-        shown = table.copy().astype(object)
-        for column in table.columns:
-            shown[column] = [format_value(column, v) for v in table[column]]
+        numeric = [pd.api.types.is_numeric_dtype(table[c]) for c in table.columns]
+        align = [' class="n"' if n else "" for n in numeric]  # numbers right, text left
+        cells = list(zip(table.columns, align, strict=True))
+        head = "".join(f"<th{a}>{escape(str(c))}</th>" for c, a in cells)
+        rows = "".join(
+            "<tr>"
+            + "".join(
+                f"<td{a}>{escape(format_value(c, v))}</td>"
+                for (c, a), v in zip(cells, row, strict=True)
+            )
+            + "</tr>"
+            for row in table.itertuples(index=False)
+        )
         self.body.append(f"<p><b>{escape(title)}</b></p>")
-        self.body.append(shown.to_html(index=False, border=0, classes="table"))
+        self.body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
 
     def image(self, title: str, name: str, png: bytes) -> None:
         self.md += [f"![{title}]({name})", ""]
@@ -456,7 +466,7 @@ class Page:
         style = (
             "body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em}"
             "table{border-collapse:collapse;margin-bottom:1em}"
-            "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+            "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}.n{text-align:right}"
             "blockquote{border-left:4px solid #e0a000;margin:0;padding:0 1em}"
             "img{max-width:100%}"
         )
