@@ -289,8 +289,9 @@ Json = Annotated[bool, _option("Print only the answers, as JSON.", RUN, "--json"
 WorkerCounts = Annotated[
     str,
     _option(
-        "Worker counts to run, e.g. 0,4,8,12; auto: 1 (for C4), then 0, 4, 8, ... until "
-        f"data-loading time stops falling by more than {WORKERS_TOLERANCE:.0%}.",
+        "Worker counts to run, e.g. 0,4,8,12; auto: 1 (for C4), then 0, 4, 8, ... (and the "
+        "CPU count between them: 2 on 2 CPUs) until data-loading time stops falling by more "
+        f"than {WORKERS_TOLERANCE:.0%}.",
         DATA,
         "--workers",
     ),
