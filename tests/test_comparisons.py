@@ -5,12 +5,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from cifarexp.study import comparisons, runs
 from cifarexp.study.comparisons import auto_sweep
 from tests.conftest import TINY_ARGS, all_runs, without
 
 ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
+# Every child's summary (`engine.summary`): one chart per name in MLflow, a bar per child.
+SUMMARY = ("final_acc", "final_loss", "avg_epoch_time_s", "avg_train_time_s", "avg_data_time_s")
 
 
 def parent_and_children(client):
@@ -53,6 +56,9 @@ def test_sweep_workers_logs_children_tables_plot_and_best(cli, client):
     assert parent.data.tags["cifarexp.exercise"] == "C3"
     assert parent.data.tags["cifarexp.dataset"] == "synthetic"
     assert [c.data.tags["cifarexp.variant"] for c in children] == ["workers=0", "workers=1"]
+    assert [c.info.run_name for c in children] == ["workers=0", "workers=1"]
+    assert all(set(SUMMARY) <= set(c.data.metrics) for c in children)
+    assert set(parent.data.metrics) == {"best_workers"}
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(c.data.params["epochs"] == "1" for c in children)
     assert {"c3_workers.csv", "c4_one_vs_best.csv", "c3_workers.png", "notes.md"} <= artifacts(
@@ -114,6 +120,22 @@ def test_compare_optim_has_a_child_per_optimizer_and_per_epoch_curves(cli, clien
     assert list(accuracy.columns) == ["optimizer", "accuracy 1", "accuracy 2"]
     assert list(csv(client, parent.info.run_id, "c6_loss.csv")["optimizer"]) == ["sgd", "adam"]
     assert "c6_optimizers.png" in artifacts(client, parent.info.run_id)
+    # MLflow's charts compare the children: each has the same summary metrics, and a name
+    # that tells it apart; the parent has its headline alone.
+    assert [c.info.run_name for c in children] == ["sgd", "adam"]
+    variants = [c.data.tags["cifarexp.variant"] for c in children]
+    assert variants == ["optimizer=sgd", "optimizer=adam"]  # the field, for --resume
+    for child in children:
+        metrics = child.data.metrics
+        assert set(SUMMARY) <= set(metrics)
+        assert metrics["final_acc"] == metrics["train_acc"]  # the last epoch's
+        assert metrics["final_loss"] == metrics["train_loss"]
+        history = client.get_metric_history(child.info.run_id, "epoch_time_s")
+        assert metrics["avg_epoch_time_s"] == pytest.approx(
+            sum(m.value for m in history) / len(history)
+        )
+    assert set(parent.data.metrics) == {"best_final_acc"}
+    assert parent.data.metrics["best_final_acc"] == max(c6["final accuracy"])
 
 
 def test_no_bn_trains_both_models_unless_no_baseline(cli, client):
@@ -123,6 +145,9 @@ def test_no_bn_trains_both_models_unless_no_baseline(cli, client):
     assert [c.data.params["batch_norm"] for c in children] == ["False", "True"]
     c7 = csv(client, parent.info.run_id, "c7_batch_norm.csv")
     assert list(c7["model"]) == ["no BN", "BN"]
+    assert [c.info.run_name for c in children] == ["no-bn", "bn"]
+    assert all(set(SUMMARY) <= set(c.data.metrics) for c in children)
+    assert set(parent.data.metrics) == {"acc_gap"}
     assert "c7_batch_norm.png" in artifacts(client, parent.info.run_id)
 
 

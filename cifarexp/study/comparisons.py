@@ -63,10 +63,10 @@ class Comparison:
         if same is not None:  # the lab trained this config already
             log.info(f"{variant}: the same settings as finished run {same}: reused")
             return self.session.tracker.copy_run(
-                same, run_name=variant, tags=labels.tags(), parent=self.parent_id
+                same, run_name=labels.run_name(), tags=labels.tags(), parent=self.parent_id
             )
         if nproc == 1:
-            run = run_training(cfg, labels, self.session, run_name=variant, parent=self.parent_id)
+            run = run_training(cfg, labels, self.session, parent=self.parent_id)
             return run.run_id
         run_processes(cfg, labels, nproc, self.session, parent=self.parent_id)
         children = tracking.finished_children(self.parent_id)

@@ -24,7 +24,7 @@ from cifarexp.tracking import Tracker
 from cifarexp.training import models, profiling
 from cifarexp.training.build import Training, build_training
 from cifarexp.training.data import cpu_count
-from cifarexp.training.engine import EpochResult
+from cifarexp.training.engine import EpochResult, summary
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ def run_training(
                 processes.raise_pending()  # a stop whose exception Python swallowed
 
             results = training.train(on_epoch, on_batch=display.on_batch)
+            tracker.log_metrics(summary(results))  # one chart per name in the UI
             if cfg.profile:  # after the last epoch is logged: never inside a timed epoch
                 profile = profile_and_log(tracker, training, results)
                 if profile is not None:

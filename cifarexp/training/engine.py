@@ -71,6 +71,34 @@ class EpochResult:
         return {k: float(v) for k, v in values.items() if v is not None}
 
 
+def summary(results: list[EpochResult]) -> dict[str, float]:
+    """A run's summary under the same names for every run (a comparison's children side by
+    side in MLflow's charts): the last epoch's loss and accuracy and the epochs' mean times
+    (a partial epoch's as the whole epoch its total estimates, its parts scaled alike) and,
+    where every epoch measured it, energy."""
+    if not results:
+        return {}
+    epochs = [result.metrics() for result in results]
+
+    def mean(key: str, partial: str = "") -> float:
+        values = [
+            m[partial] * m["epoch_time_s"] / m["partial_total_s"] if partial in m else m[key]
+            for m in epochs
+        ]
+        return sum(values) / len(values)
+
+    values = {
+        "final_loss": results[-1].train_loss,
+        "final_acc": results[-1].train_acc,
+        "avg_epoch_time_s": mean("epoch_time_s"),
+        "avg_train_time_s": mean("train_time_s", "partial_train_s"),
+        "avg_data_time_s": mean("data_time_s", "partial_data_s"),
+    }
+    if all("energy_j" in m for m in epochs):
+        values["avg_energy_j"] = mean("energy_j")
+    return values
+
+
 @dataclass(frozen=True)
 class Execution:
     """How each training step runs: the fast path's settings.
