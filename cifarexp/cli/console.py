@@ -253,13 +253,14 @@ def render(frame: pd.DataFrame, title: str, *, footer: Sequence[Sequence[object]
     return table
 
 
-def print_where(run_id: str | None) -> None:
-    """Where the run is: its experiment, the MLflow UI links, how to start the UI."""
+def print_where(run_id: str | None, *, ui: bool = True) -> None:
+    """Where the run is: its experiment, the MLflow UI links and, if `ui`, the command that
+    opens the UI."""
     if run_id is None:  # a rank that does not write
         return
     from cifarexp import tracking
 
-    for line in tracking.where(run_id):
+    for line in tracking.where(run_id, ui=ui):
         console.print(line, style="dim", highlight=False, soft_wrap=True)
 
 
