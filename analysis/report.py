@@ -84,7 +84,21 @@ def _c3(ex: queries.Exercise) -> tuple[dict, dict, str]:
 
 def _c5(ex: queries.Exercise) -> tuple[dict, dict, str]:
     c5 = tables.c5_devices(ex)
-    return {"c5_devices": c5}, {"c5_devices": plots.device_breakdown(c5, _subtitle(ex))}, ""
+    figures = {"c5_devices": plots.device_breakdown(c5, _subtitle(ex))}
+    return {"c5_devices": c5}, figures, _c5_without_gpu(ex, c5)
+
+
+def _c5_without_gpu(ex: queries.Exercise, c5: pd.DataFrame) -> str:
+    """Why C5 has no GPU to compare with, when it has none: none was found (the parent's
+    CUDA_DEVICES tag says 0), or none was asked for."""
+    if c5["device"].astype(str).str.startswith("cuda").any():
+        return ""
+    if str(ex.parent.get(f"tags.{tracking.CUDA_DEVICES}")) == "0":
+        return (
+            "No CUDA device was found: C5 compares a CUDA GPU with the CPU and needs one; "
+            "the CPU was timed alone, with no speedup."
+        )
+    return "No GPU ran (--devices left it out): the CPU was timed alone, with no speedup."
 
 
 def _c5_scaling(ex: queries.Exercise) -> tuple[dict, dict, str]:
@@ -241,14 +255,11 @@ def answer(section: Section) -> str:
         return f"The best count is {m['best_workers']} workers. {section.text}"
     if "c5_devices" in t:
         rows = t["c5_devices"]
-        epochs = ", ".join(
-            f"{r['device']} {r['avg epoch s']:.2f} s{' (estimated)' if r['estimated'] else ''}"
-            for _, r in rows.iterrows()
-        )
+        batches = section.settings.get("cpu_batches")
+        epochs = ", ".join(_c5_epoch(r, batches) for _, r in rows.iterrows())
         speedup = f": the GPU is {m['gpu_speedup']:.1f}x faster" if "gpu_speedup" in m else ""
-        return (
-            f"Average epoch time per device: {epochs}{speedup}.{_energy_per_epoch(rows, 'device')}"
-        )
+        energy = _energy_per_epoch(rows, "device")
+        return f"Average epoch time per device: {epochs}{speedup}.{energy} {section.text}".strip()
     if "c5_scaling" in t:
         gpus = t["c5_scaling"]["GPUs"].max()
         modes = [f"{k.removesuffix('_scaling_efficiency')} {v:.1%}" for k, v in m.items()]
@@ -268,6 +279,19 @@ def answer(section: Section) -> str:
         gap = f" (BatchNorm adds {m['acc_gap']:.1%})" if "acc_gap" in m else ""
         return f"Final training accuracy: {text}{gap}."
     return ""
+
+
+def _c5_epoch(row: pd.Series, batches: object) -> str:
+    """A device's average epoch in C5's answer; an estimated one says from how many batches,
+    and its range where it has one."""
+    text = f"{row['device']} {row['avg epoch s']:.2f} s"
+    if not row["estimated"]:
+        return text
+    low, high = row.get(tables.ESTIMATE_LOW), row.get(tables.ESTIMATE_HIGH)
+    spread = f", {low:.2f}-{high:.2f} s" if pd.notna(low) and pd.notna(high) else ""
+    given = batches not in (None, "", "None")
+    of = f" from {batches} batches an epoch" if given else ""
+    return f"{text} (estimated{of}{spread})"
 
 
 def _energy_per_epoch(table: pd.DataFrame, by: str) -> str:

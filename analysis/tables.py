@@ -15,6 +15,8 @@ EPOCH_NOISE = 0.01  # a difference under 1% of the epoch is noise, however small
 TIMES = {"data_time_s": DATA, "train_time_s": TRAIN, "epoch_time_s": TOTAL}
 ENERGY, POWER, EPOCH_J = "energy J", "power W", "J/epoch"  # where a counter measured them
 ENERGY_VS_CPU = "energy vs cpu"  # the CPU's J/epoch over this device's
+# C5: an estimated epoch's range, from its batches' fastest and slowest (engine.estimate_epoch)
+ESTIMATE_LOW, ESTIMATE_HIGH = "estimate low s", "estimate high s"
 
 
 def per_run_means(ex: Exercise, first_epoch: int = 1) -> pd.DataFrame:
@@ -193,8 +195,12 @@ def c5_devices(ex: Exercise) -> pd.DataFrame:
             "estimated": ["estimated" if pd.notna(p) else "" for p in partial],
         }
     )
+    if measured(runs, "estimate_low_s"):  # the estimate's range (see engine.estimate_epoch)
+        table.insert(5, ESTIMATE_LOW, runs["estimate_low_s"])
+        table.insert(6, ESTIMATE_HIGH, runs["estimate_high_s"])
     cpu = table.loc[table["device"] == "cpu", "avg epoch s"]
-    table["speedup vs cpu"] = cpu.iloc[0] / table["avg epoch s"] if not cpu.empty else None
+    if len(table) > 1:  # a speedup needs two devices
+        table["speedup vs cpu"] = cpu.iloc[0] / table["avg epoch s"] if not cpu.empty else None
     if measured(runs, "energy_j"):
         table[EPOCH_J] = runs["energy_j"]
         cpu_j = table.loc[table["device"] == "cpu", EPOCH_J]

@@ -108,6 +108,43 @@ def test_compare_device_estimates_the_cpu_epoch_from_its_first_batches(cli, clie
     assert "c5_devices.png" in artifacts(client, parent.info.run_id)
 
 
+def test_compare_device_without_cuda_says_what_c5_needs_and_marks_partial_epochs(
+    cli, client, monkeypatch
+):
+    # Given a machine where torch finds no CUDA device, 4 batches an epoch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    args = [*without("--train-size", without("--device", ONE_EPOCH)), "--train-size", "64"]
+    args.remove("--quiet")
+    # When C5 runs with its default devices, the CPU's epochs cut at 3 batches
+    result = cli("compare-device", *args, "--cpu-batches", "3")
+    # Then it says plainly that no CUDA device was found and what C5 needs, at once and in
+    # its answer
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert output.startswith(
+        "No CUDA device was found: C5 compares a CUDA GPU with the CPU and needs one"
+    )
+    parent, [child] = parent_and_children(client)
+    note = parent.data.tags["mlflow.note.content"]
+    assert "No CUDA device was found: C5 compares a CUDA GPU with the CPU and needs one" in note
+    assert parent.data.tags["cifarexp.cuda_devices"] == "0"
+    # and no speedup of the CPU over itself
+    c5 = csv(client, parent.info.run_id, "c5_devices.csv")
+    assert "speedup vs cpu" not in c5 and "gpu_speedup" not in parent.data.metrics
+    # and the progress marks the partial epoch, with the whole epoch it estimates
+    assert "device=cpu epoch 1/1 partial (first 3 batches): data " in output
+    assert "; whole epoch estimated " in output
+    assert "device=cpu: 1 partial epoch (3 batches each) in " in output
+    # and the estimate comes with its range, from the batches after the first
+    metrics = child.data.metrics
+    low, high = metrics["estimate_low_s"], metrics["estimate_high_s"]
+    assert low <= metrics["epoch_time_s"] <= high
+    assert list(c5["estimate low s"]) == pytest.approx([low], rel=1e-5)
+    assert f"cpu {metrics['epoch_time_s']:.2f} s (estimated from 3 batches an epoch, " in note
+    assert f"{low:.2f}-{high:.2f} s)" in note
+
+
 def test_compare_optim_has_a_child_per_optimizer_and_per_epoch_curves(cli, client):
     result = cli("compare-optim", *TINY_ARGS, "--optimizers", "sgd,adam")
     assert result.exit_code == 0, result.output

@@ -155,14 +155,24 @@ class EpochProgress:
         )
 
     def on_epoch(self, result: EpochResult) -> None:
+        """One line per epoch (a bar's description, in a terminal); a partial epoch
+        (--cpu-batches) says so, and the whole epoch it estimates."""
         self.last = result
+        partial = _partial(result, self.batches)
         if self.progress is not None:
+            if partial and self.task is not None:
+                description = f"{self._prefix()}epoch {result.epoch}/{self.epochs} {partial}"
+                self.progress.update(self.task, description=description)
             return
-        console.print(
-            f"{self._prefix()}epoch {result.epoch}/{self.epochs}  "
+        times = (
             f"data {result.data_time_s:.2f} s  train {result.train_time_s:.2f} s  "
-            f"total {result.epoch_time_s:.2f} s  loss {result.train_loss:.3f}  "
-            f"acc {result.train_acc:.1%}",
+            f"total {result.epoch_time_s:.2f} s"
+        )
+        if partial:
+            times = f"{partial}: {times}; whole epoch {_estimate(result)}"
+        console.print(
+            f"{self._prefix()}epoch {result.epoch}/{self.epochs}  {times}  "
+            f"loss {result.train_loss:.3f}  acc {result.train_acc:.1%}",
             highlight=False,
             soft_wrap=True,  # one line per epoch, however narrow the log
         )
@@ -187,13 +197,32 @@ class EpochProgress:
         """One line for a finished variant."""
         if self.label and self.last is not None:
             seconds = time.perf_counter() - self.started
+            epochs = f"{self.last.epoch} epochs"
+            if self.last.estimated_epoch_s is not None:
+                n = self.last.epoch
+                epochs = f"{n} partial epoch{'s' * (n != 1)} ({self.batches} batches each)"
             console.print(
-                f"{self.label}: {self.last.epoch} epochs in {seconds:.1f} s, final loss "
+                f"{self.label}: {epochs} in {seconds:.1f} s, final loss "
                 f"{self.last.train_loss:.3f}, accuracy {self.last.train_acc:.1%}",
                 style="bold",
                 highlight=False,
                 soft_wrap=True,
             )
+
+
+def _partial(result: EpochResult, batches: int) -> str:
+    """ "partial (first N batches)" for an epoch cut short, else nothing."""
+    if result.estimated_epoch_s is None:
+        return ""
+    return f"partial (first {batches} batches)"
+
+
+def _estimate(result: EpochResult) -> str:
+    """The whole epoch a partial one estimates, with its range where it has one."""
+    text = f"estimated {result.estimated_epoch_s:.2f} s"
+    if result.estimate_low_s is not None and result.estimate_high_s is not None:
+        text += f" ({result.estimate_low_s:.2f}-{result.estimate_high_s:.2f} s)"
+    return text
 
 
 class _Rate(ProgressColumn):

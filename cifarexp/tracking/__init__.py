@@ -8,6 +8,7 @@ the names cifarexp writes (names.py). What other packages read is re-exported he
 from cifarexp.tracking.names import (
     COMMAND,
     COMMIT,
+    CUDA_DEVICES,
     DATASET,
     DEVICE,
     DIVERGED,
@@ -42,10 +43,10 @@ from cifarexp.tracking.store import STORE_ERRORS, artifact_root, redact, shown_u
 from cifarexp.tracking.tracker import Tracker
 
 __all__ = [
-    "COMMAND", "COMMIT", "DATASET", "DEVICE", "DIVERGED", "ENERGY", "ERROR", "EXERCISE", "NOTE",
-    "PARENT", "PRESET", "STORE_ERRORS", "TAG", "VARIANT", "VARIANTS", "VERDICT", "VERSION",
-    "WORKERS_FROM", "Tracker", "artifact_root", "check_experiment", "default_experiment",
-    "experiment_id", "finished_children", "finished_top_level", "is_run_id", "latest_sweep",
-    "load_text", "metric_history", "reading", "redact", "search_runs", "shown_uri",
-    "store_error", "where",
+    "COMMAND", "COMMIT", "CUDA_DEVICES", "DATASET", "DEVICE", "DIVERGED", "ENERGY", "ERROR",
+    "EXERCISE", "NOTE", "PARENT", "PRESET", "STORE_ERRORS", "TAG", "VARIANT", "VARIANTS",
+    "VERDICT", "VERSION", "WORKERS_FROM", "Tracker", "artifact_root", "check_experiment",
+    "default_experiment", "experiment_id", "finished_children", "finished_top_level",
+    "is_run_id", "latest_sweep", "load_text", "metric_history", "reading", "redact",
+    "search_runs", "shown_uri", "store_error", "where",
 ]  # fmt: skip
