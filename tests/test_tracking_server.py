@@ -100,7 +100,7 @@ def readable_in_the_ui(client: MlflowClient) -> None:
     for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
         # a name that says what it is; version and commit (run from this git checkout)
-        named = short_name(tags[VARIANT]) if VARIANT in tags else tags["cifarexp.command"]
+        named = (tags["cifarexp.command"], short_name(tags.get(VARIANT, "-")))
         assert run.info.run_name.startswith(named)
         assert tags[tracking.VERSION] == __version__ and len(tags[tracking.COMMIT]) == 40
         assert "None" not in run.data.params.values() and tags.get(VARIANT) != ""
