@@ -161,8 +161,10 @@ def ui_(
         for line in ui.experiment_links(redact(uri).rstrip("/")):
             console.print(f"  {line}", highlight=False, soft_wrap=True)
         return
-    server = ui.start(uri, ui.free_port(port))
+    port = ui.free_port(port)
+    server = None
     try:
+        server = ui.start(uri, port)  # stops what it started if it fails or is stopped
         console.print(
             f"The MLflow UI on {redact(uri)}: {server.url} (Ctrl-C stops it)",
             highlight=False, soft_wrap=True,
@@ -178,13 +180,15 @@ def ui_(
         code = server.process.wait()
         raise CifarexpError(f"the MLflow UI stopped by itself (exit status {code}): "
                             f"{server.tail()}")  # fmt: skip
-    except KeyboardInterrupt as stop:  # Ctrl-C: what ends it
-        server.stop()
+    except KeyboardInterrupt as stop:  # Ctrl-C: what ends it (exit 0; another signal 128+N)
+        if server is not None:
+            server.stop()
         console.print("The MLflow UI is stopped.", highlight=False)
         if processes.signal_name(stop) != "SIGINT":
             raise typer.Exit(processes.exit_code(stop)) from None
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
 
 
 def log_comparison(
