@@ -200,7 +200,8 @@ class EpochProgress:
             epochs = f"{self.last.epoch} epochs"
             if self.last.estimated_epoch_s is not None:
                 n = self.last.epoch
-                epochs = f"{n} partial epoch{'s' * (n != 1)} ({self.batches} batches each)"
+                each = "1 batch" if self.batches == 1 else f"{self.batches} batches"
+                epochs = f"{n} partial epoch{'s' * (n != 1)} ({each} each)"
             console.print(
                 f"{self.label}: {epochs} in {seconds:.1f} s, final loss "
                 f"{self.last.train_loss:.3f}, accuracy {self.last.train_acc:.1%}",
@@ -214,7 +215,11 @@ def _partial(result: EpochResult, batches: int) -> str:
     """ "partial (first N batches)" for an epoch cut short, else nothing."""
     if result.estimated_epoch_s is None:
         return ""
-    return f"partial (first {batches} batches)"
+    return f"partial (first {_batches(batches)})"
+
+
+def _batches(n: int) -> str:
+    return "batch" if n == 1 else f"{n} batches"
 
 
 def _estimate(result: EpochResult) -> str:
