@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import numbers
 import os
 import re
 import secrets
@@ -15,9 +16,10 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from cifarexp import tracking
 from cifarexp.config import ConfigError
 
-FOLDER_FILE = re.compile(r"(report|compare)\.md|\w+\.(csv|png)")  # what such a folder holds
+FOLDER_FILE = re.compile(r"(report|compare)\.(md|html)|\w+\.(csv|png)")  # what such a folder holds
 
 
 def check_out(out: Path, store_folders: list[Path]) -> Path:
@@ -70,8 +72,8 @@ def write_folder(out: Path, files: Mapping[str, bytes]) -> None:
 
 
 def csv_bytes(table: pd.DataFrame) -> bytes:
-    """A table as CSV, 6 significant digits."""
-    return table.to_csv(index=False, float_format="%.6g").encode()
+    """A table as CSV, numbers as numbers rounded once (`tracking.rounded`)."""
+    return tracking.csv_text(table).encode()
 
 
 def png_bytes(figure: Figure) -> bytes:
@@ -144,14 +146,18 @@ def md_text(text: object) -> str:
 
 
 def format_value(column: object, value: object) -> str:
-    """Seconds with 2 decimals, accuracies and '%' columns as percentages, losses with 4."""
+    """A number as the reader reads it, in the unit its column names (the value is already in
+    it: a '%' column holds percentages): percentages with 1 decimal, losses with 4, other
+    decimals (seconds, MiB, ratios) with 2, counts with thousands separators."""
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "–"
-    if isinstance(value, float):
-        name = str(column)
-        if "acc" in name or name.endswith("%"):
-            return f"{value:.1%}"
-        if "loss" in name:
-            return f"{value:.4f}"
-        return f"{value:.2f}"
-    return str(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Number):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return f"{int(value):,}"
+    name = str(column)
+    if name.endswith("%"):
+        return f"{value:.1f}"
+    if "loss" in name:
+        return f"{value:.4f}"
+    return f"{value:.2f}"

@@ -11,21 +11,29 @@ from analysis.tables import DATA, GPU_LOADER, TOTAL, TRAIN, worker_counts
 
 
 def workers_curve(c3: pd.DataFrame, subtitle: str = "") -> Figure:
-    """C3: data-loading and total epoch time against DataLoader workers, best count marked."""
+    """C3: data-loading time (top) and the epoch's total (bottom) against DataLoader workers,
+    each on its own axis so that a wait of a second reads beside an epoch of a minute; the
+    best count marked on the data-loading curve; the legend below the axes, never over a
+    point."""
     counts = worker_counts(c3)
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(counts["workers"], counts[DATA], "o-", label="data-loading")
-    ax.plot(counts["workers"], counts[TOTAL], "s-", label="epoch total")
+    fig = Figure(figsize=(7, 5.6), layout="constrained")
+    data_ax, total_ax = fig.subplots(2, 1, sharex=True)
+    data_ax.plot(counts["workers"], counts[DATA], "o-", label="data-loading")
+    total_ax.plot(counts["workers"], counts[TOTAL], "s-", color="C1", label="epoch total")
     best = counts[counts["best"] == "yes"]
-    ax.plot(best["workers"], best[DATA], "r*", markersize=16, label="best count")
+    data_ax.plot(best["workers"], best[DATA], "r*", markersize=16, label="best count")
     gpu = c3[c3["workers"] == GPU_LOADER]
     if not gpu.empty:
-        ax.axhline(gpu[TOTAL].iloc[0], color="green", ls="--", label="epoch total, gpu loader")
-    ax.set(xlabel="DataLoader workers", ylabel="seconds per epoch", ylim=(0, None))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"C3: data-loading time vs workers {subtitle}".strip())
-    ax.legend()
+        total_ax.axhline(
+            gpu[TOTAL].iloc[0], color="green", ls="--", label="epoch total, gpu loader"
+        )
+    data_ax.set(ylabel="data-loading s/epoch", ylim=(0, counts[DATA].max() * 1.15 or 1))
+    top = max(counts[TOTAL].max(), gpu[TOTAL].max() if not gpu.empty else 0) * 1.15 or 1
+    total_ax.set(xlabel="DataLoader workers", ylabel="total s/epoch", ylim=(0, top))
+    total_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    data_ax.set_title(f"C3: data-loading time vs workers {subtitle}".strip())
+    handles = [h for ax in (data_ax, total_ax) for h in ax.get_legend_handles_labels()[0]]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
     return fig
 
 
@@ -47,8 +55,9 @@ def per_epoch_curves(epochs: pd.DataFrame, labels: dict[str, str], title: str) -
 
 
 def device_breakdown(c5: pd.DataFrame, subtitle: str = "") -> Figure:
-    """C5: each device's average epoch on a log axis (a CPU epoch is tens of times a GPU's),
-    each bar labelled with its total, data-loading and training times and the speedup."""
+    """C5: each device's average epoch, on a log axis where one is more than 10 times another
+    (a CPU epoch is tens of times a GPU's), else on a linear one; each bar labelled with its
+    total, data-loading and training times and the speedup."""
     fig = Figure(figsize=(7, 1.6 + 0.9 * len(c5)), layout="constrained")
     ax = fig.add_subplot()
     names = [f"{d}\n{e}" for d, e in zip(c5["device"], c5["estimated"], strict=True)]
@@ -61,10 +70,15 @@ def device_breakdown(c5: pd.DataFrame, subtitle: str = "") -> Figure:
         for (_, row), speedup in zip(c5.iterrows(), speedups, strict=True)
     ]
     ax.bar_label(bars, labels, fontsize=9)
-    ax.set_xscale("log")
-    ax.set_xlim(c5["avg epoch s"].min() / 4, c5["avg epoch s"].max() * 60)  # room for labels
+    seconds = c5["avg epoch s"]
+    if seconds.max() > 10 * seconds.min():  # a CPU beside a GPU: a log axis shows both
+        ax.set_xscale("log")
+        ax.set_xlim(seconds.min() / 4, seconds.max() * 60)  # room for the labels
+        ax.set(xlabel="average seconds per epoch (log scale)")
+    else:  # one device, or devices alike: a linear axis just past the data and its labels
+        ax.set_xlim(0, seconds.max() * 2)
+        ax.set(xlabel="average seconds per epoch")
     ax.invert_yaxis()
-    ax.set(xlabel="average seconds per epoch (log scale)")
     ax.set_title(f"C5: epoch time per device {subtitle}".strip())
     return fig
 
@@ -94,7 +108,7 @@ def profile_split(profiles: pd.DataFrame) -> Figure:
     left = np.zeros(len(profiles))
     names = [f"{run}\n{bound}" for run, bound in profiles[["run", "bound"]].itertuples(index=False)]
     for part in parts:
-        shares = 100 * profiles[part].fillna(0).to_numpy()
+        shares = profiles[part].fillna(0).to_numpy()  # percent
         bars = ax.barh(names, shares, left=left, label=part.removesuffix(" %"))
         labels = [f"{share:.0f}%" if share >= 5 else "" for share in shares]
         ax.bar_label(bars, labels=labels, label_type="center", fontsize=8)

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from html import escape
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import plots, queries, reference, tables
-from analysis.folder import csv_bytes, markdown_table, md_text, png_bytes, write_folder
+from analysis.folder import (
+    csv_bytes,
+    format_value,
+    markdown_table,
+    md_text,
+    png_bytes,
+    write_folder,
+)
 from cifarexp import tracking
-from cifarexp.config import ConfigError
+from cifarexp.config import ConfigError, plural
 from cifarexp.study.catalogue import ITEMS, SECTIONS, TITLES
 from cifarexp.training.energy import joules_text
 
@@ -47,7 +56,7 @@ class Section:
         c6 = self.tables.get("c6_optimizers")
         if c6 is None or c6.empty:
             return {}
-        best = c6.loc[c6["final accuracy"].idxmax(), "optimizer"]
+        best = c6.loc[c6[tables.FINAL_ACCURACY].idxmax(), "optimizer"]
         return {f"{tracking.TAG}best_optimizer": str(best)}
 
     @property
@@ -224,16 +233,17 @@ def headline(section: Section) -> dict[str, float]:
         if not ratios.empty:  # both the CPU and a GPU measured it
             metrics["cpu_gpu_energy_ratio"] = float(ratios.max())
     c6 = section.tables.get("c6_optimizers", pd.DataFrame())
-    if not c6.empty:  # the best optimizer's, named in the best_optimizer tag
-        metrics["best_final_acc"] = float(c6["final accuracy"].max())
+    if not c6.empty:  # the best optimizer's (0-1), named in the best_optimizer tag
+        metrics["best_final_acc"] = float(c6[tables.FINAL_ACCURACY].max()) / 100
     c7 = section.tables.get("c7_batch_norm", pd.DataFrame())
-    final = dict(zip(c7.get("model", []), c7.get("final accuracy", []), strict=True))
-    if {"BN", "no BN"} <= final.keys():  # what BatchNorm adds to the final accuracy
-        metrics["acc_gap"] = float(final["BN"] - final["no BN"])
+    final = dict(zip(c7.get("model", []), c7.get(tables.FINAL_ACCURACY, []), strict=True))
+    if {"BN", "no BN"} <= final.keys():  # what BatchNorm adds to the final accuracy (0-1)
+        metrics["acc_gap"] = float(final["BN"] - final["no BN"]) / 100
     if "c5_scaling" in section.tables:  # the efficiency at the most GPUs, per mode
         for mode, rows in section.tables["c5_scaling"].groupby("scaling"):
             if mode != "–":
-                metrics[f"{mode}_scaling_efficiency"] = float(rows["efficiency %"].iloc[-1])
+                efficiency = float(rows[tables.EFFICIENCY].iloc[-1]) / 100  # a fraction, 0-1
+                metrics[f"{mode}_scaling_efficiency"] = efficiency
     return metrics
 
 
@@ -252,7 +262,7 @@ def answer(section: Section) -> str:
             f"waiting for data and {mean['training s']:.2f} s computing.{energy}"
         )
     if "c3_workers" in t:
-        return f"The best count is {m['best_workers']} workers. {section.text}"
+        return f"The best count is {plural(m['best_workers'], 'worker')}. {section.text}"
     if "c5_devices" in t:
         rows = t["c5_devices"]
         batches = section.settings.get("cpu_batches")
@@ -263,21 +273,34 @@ def answer(section: Section) -> str:
     if "c5_scaling" in t:
         gpus = t["c5_scaling"]["GPUs"].max()
         modes = [f"{k.removesuffix('_scaling_efficiency')} {v:.1%}" for k, v in m.items()]
-        return f"Scaling efficiency at {gpus} GPUs: {', '.join(modes)}."
+        return f"Scaling efficiency at {plural(gpus, 'GPU')}: {', '.join(modes)}."
     if "c6_optimizers" in t:
-        c6 = t["c6_optimizers"].sort_values("final accuracy", ascending=False)
+        c6 = t["c6_optimizers"].sort_values(tables.FINAL_ACCURACY, ascending=False)
         ranked = ", ".join(
-            f"{name} {acc:.1%}"
-            for name, acc in zip(c6["optimizer"], c6["final accuracy"], strict=True)
+            f"{name} {acc:.1f}%"
+            for name, acc in zip(c6["optimizer"], c6[tables.FINAL_ACCURACY], strict=True)
         )
         energy = _energy_per_epoch(t["c6_optimizers"], "optimizer")
         return f"Final training accuracy, best first: {ranked}.{energy}"
     if "c7_batch_norm" in t:
         c7 = t["c7_batch_norm"]
-        final = dict(zip(c7["model"], c7["final accuracy"], strict=True))
-        text = ", ".join(f"{model} {acc:.1%}" for model, acc in final.items())
-        gap = f" (BatchNorm adds {m['acc_gap']:.1%})" if "acc_gap" in m else ""
+        final = dict(zip(c7["model"], c7[tables.FINAL_ACCURACY], strict=True))
+        text = ", ".join(f"{model} {acc:.1f}%" for model, acc in final.items())
+        points = 100 * m.get("acc_gap", 0.0)
+        gap = f" (BatchNorm adds {points:.1f} percentage points)" if "acc_gap" in m else ""
         return f"Final training accuracy: {text}{gap}."
+    if "q1_q4" in t:
+        values = dict(zip(t["q1_q4"]["quantity"], t["q1_q4"]["value"], strict=True))
+        state = ", ".join(
+            f"{q.removesuffix(': optimizer state MiB')} {v:.2f} MiB"
+            for q, v in values.items()
+            if q.endswith(": optimizer state MiB")
+        )
+        return (
+            f"{values['convolutional layers']} convolutional layers; the last linear layer "
+            f"receives {values['input dimension of the last linear layer']} features; "
+            f"{values['trainable parameters']:,} trainable parameters; optimizer state: {state}."
+        )
     return ""
 
 
@@ -292,6 +315,21 @@ def _c5_epoch(row: pd.Series, batches: object) -> str:
     given = batches not in (None, "", "None")
     of = f" from {batches} batch{'es' * (str(batches) != '1')} an epoch" if given else ""
     return f"{text} (estimated{of}{spread})"
+
+
+def report_description(sections: list[Section]) -> str:
+    """The report run's description (markdown): each item's answer in a line, or how to
+    produce it."""
+    lines = []
+    for s in sections:
+        if s.item == "profiles":
+            continue
+        shown = s.answer or s.text or "see its tables"
+        lines.append(
+            f"- **{s.heading}**: "
+            + (f"not run yet; run `{s.command}`." if s.missing else shown.split("\n")[0])
+        )
+    return "\n".join(lines)
 
 
 def _energy_per_epoch(table: pd.DataFrame, by: str) -> str:
@@ -349,32 +387,110 @@ def build_report(run_ids: Mapping[str, str] | None = None) -> list[Section]:
 
 
 def write_report(sections: list[Section], out: Path, tracking_uri: str) -> Path:
-    """`out`/report.md with every table and plot in study order, one CSV per table, PNGs;
-    written whole or not at all (`folder.write_folder`)."""
-    lines = ["# cifarexp report", ""]
+    """`out`/report.md with every table and plot in study order, one CSV per table, PNGs,
+    and the same as report.html, its plots inlined (what MLflow's artifact view shows:
+    it renders HTML, never markdown's image links); written whole or not at all
+    (`folder.write_folder`)."""
+    page = Page("cifarexp report")
     if any(s.dataset == "synthetic" for s in sections):
-        lines += [
-            "> **Synthetic data.** Some results below were measured on the synthetic, "
-            "CIFAR-shaped dataset, not on CIFAR-10: timings mean the same, accuracies do not.",
-            "",
-        ]
-    lines += [f"Built {datetime.now():%Y-%m-%d %H:%M} from {md_text(tracking_uri)}.", ""]
+        page.note(
+            "Synthetic data.",
+            " Some results below were measured on the synthetic, CIFAR-shaped dataset, not on "
+            "CIFAR-10: timings mean the same, accuracies do not.",
+        )
+    page.paragraph(f"Built {datetime.now():%Y-%m-%d %H:%M} from {tracking_uri}.")
     files: dict[str, bytes] = {}
     for s in sections:
-        lines += [f"## {s.heading}", ""]
+        page.heading(s.heading)
         if s.missing:
-            lines += [f"*Not run yet.* Produce it with `{s.command}`.", ""]
+            page.missing(s.command)
             continue
-        lines += [f"> **{md_text(note)}**" for note in s.notes] + ([""] if s.notes else [])
-        lines += [f"Source: {md_text(s.source)}.", ""]
+        for note in s.notes:
+            page.note(note)
+        page.paragraph(f"Source: {s.source}.")
         for name, table in s.tables.items():
             files[f"{name}.csv"] = csv_bytes(table)
-            lines += [f"**{TITLES[name]}**", "", markdown_table(table), ""]
+            page.table(TITLES[name], table)
         if s.text:
-            lines += [s.text, ""]
+            for paragraph in s.text.split("\n"):
+                page.paragraph(paragraph, raw=True)
         for name, figure in s.figures.items():
             files[f"{name}.png"] = png_bytes(figure)
-            lines += [f"![{TITLES[name]}]({name}.png)", ""]
-    files["report.md"] = "\n".join(lines).encode()
+            page.image(TITLES[name], f"{name}.png", files[f"{name}.png"])
+    files["report.md"] = page.markdown().encode()
+    files["report.html"] = page.html().encode()
     write_folder(out, files)
     return out / "report.md"
+
+
+@dataclass
+class Page:
+    """One document written twice: as markdown (report.md, beside its PNGs) and as one HTML
+    file with its images inlined (report.html)."""
+
+    title: str
+    md: list[str] = field(default_factory=list)
+    body: list[str] = field(default_factory=list)
+
+    def heading(self, text: str) -> None:
+        self.md += [f"## {text}", ""]
+        self.body.append(f"<h2>{escape(text)}</h2>")
+
+    def note(self, bold: str, rest: str = "") -> None:
+        self.md += [f"> **{md_text(bold)}**{md_text(rest)}", ""]
+        self.body.append(f"<blockquote><b>{escape(bold)}</b>{escape(rest)}</blockquote>")
+
+    def missing(self, command: str) -> None:
+        self.md += [f"*Not run yet.* Produce it with `{command}`.", ""]
+        self.body.append(
+            f"<p><i>Not run yet.</i> Produce it with <code>{escape(command)}</code>.</p>"
+        )
+
+    def paragraph(self, text: str, *, raw: bool = False) -> None:
+        """`text`, escaped unless `raw` (the report's own markdown: a list item, say)."""
+        self.md += [text if raw else md_text(text), ""]
+        if raw and text.startswith("- "):
+            self.body.append(f"<ul><li>{escape(text.removeprefix('- '))}</li></ul>")
+        else:
+            self.body.append(f"<p>{escape(text)}</p>")
+
+    def table(self, title: str, table: pd.DataFrame) -> None:
+        self.md += [f"**{title}**", "", markdown_table(table), ""]
+        numeric = [pd.api.types.is_numeric_dtype(table[c]) for c in table.columns]
+        align = [' class="n"' if n else "" for n in numeric]  # numbers right, text left
+        cells = list(zip(table.columns, align, strict=True))
+        head = "".join(f"<th{a}>{escape(str(c))}</th>" for c, a in cells)
+        rows = "".join(
+            "<tr>"
+            + "".join(
+                f"<td{a}>{escape(format_value(c, v))}</td>"
+                for (c, a), v in zip(cells, row, strict=True)
+            )
+            + "</tr>"
+            for row in table.itertuples(index=False)
+        )
+        self.body.append(f"<p><b>{escape(title)}</b></p>")
+        self.body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+
+    def image(self, title: str, name: str, png: bytes) -> None:
+        self.md += [f"![{title}]({name})", ""]
+        data = base64.b64encode(png).decode()
+        self.body.append(f'<p><img alt="{escape(title)}" src="data:image/png;base64,{data}"></p>')
+
+    def markdown(self) -> str:
+        return "\n".join([f"# {self.title}", "", *self.md])
+
+    def html(self) -> str:
+        style = (
+            "body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em}"
+            "table{border-collapse:collapse;margin-bottom:1em}"
+            "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}.n{text-align:right}"
+            "blockquote{border-left:4px solid #e0a000;margin:0;padding:0 1em}"
+            "img{max-width:100%}"
+        )
+        return (
+            f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{escape(self.title)}'
+            f"</title><style>{style}</style></head><body>\n<h1>{escape(self.title)}</h1>\n"
+            + "\n".join(self.body)
+            + "\n</body></html>\n"
+        )

@@ -6,7 +6,7 @@ import pandas as pd
 
 from analysis.queries import Exercise
 from cifarexp import tracking
-from cifarexp.config import WORKERS_TOLERANCE
+from cifarexp.config import WORKERS_TOLERANCE, plural
 from cifarexp.training import profiling
 
 DATA, TRAIN, TOTAL = "data-loading s", "training s", "total s"
@@ -15,6 +15,11 @@ EPOCH_NOISE = 0.01  # a difference under 1% of the epoch is noise, however small
 TIMES = {"data_time_s": DATA, "train_time_s": TRAIN, "epoch_time_s": TOTAL}
 ENERGY, POWER, EPOCH_J = "energy J", "power W", "J/epoch"  # where a counter measured them
 ENERGY_VS_CPU = "energy vs cpu"  # the CPU's J/epoch over this device's
+# One rule for units in every table, CSV and MLflow table: the column's name says the unit and
+# the value is in it. Shares and accuracies are percentages (81.7 in a column ending " %"),
+# never fractions; the metrics logged per epoch keep MLflow's fractions (train_acc 0-1).
+ACCURACY, FINAL_ACCURACY = "accuracy %", "final accuracy %"
+WAITING, EFFICIENCY = "waiting %", "efficiency %"
 # C5: an estimated epoch's range, from its batches' fastest and slowest (engine.estimate_epoch)
 ESTIMATE_LOW, ESTIMATE_HIGH = "estimate low s", "estimate high s"
 
@@ -40,9 +45,10 @@ def c2_epochs(ex: Exercise) -> pd.DataFrame:
     measured, loss, accuracy), then the epochs' totals (times and energy summed) and means,
     which never include the warm-up."""
     names = {**TIMES, "energy_j": ENERGY, "power_w": POWER}
-    frame = ex.epochs.rename(columns={**names, "train_loss": "loss", "train_acc": "accuracy"})
+    frame = ex.epochs.rename(columns={**names, "train_loss": "loss", "train_acc": ACCURACY})
+    frame[ACCURACY] = frame[ACCURACY] * 100
     energy = [c for c in (ENERGY, POWER) if measured(frame, c)]
-    columns = ["epoch", DATA, TRAIN, TOTAL, *energy, "loss", "accuracy"]
+    columns = ["epoch", DATA, TRAIN, TOTAL, *energy, "loss", ACCURACY]
     frame = frame[columns].astype({"epoch": object})
     total = {"epoch": "total", **frame[[DATA, TRAIN, TOTAL, *energy[:1]]].sum()}
     mean = {"epoch": "mean", **frame.drop(columns="epoch").mean()}
@@ -116,7 +122,7 @@ def c4_one_vs_best(c3: pd.DataFrame) -> pd.DataFrame:
     roles.setdefault(shortest_epoch(c3), []).append("shortest epoch")
     rows = c3.set_index("workers").loc[list(roles)].reset_index()
     table = rows[["workers", DATA, TRAIN, TOTAL]].rename(columns={TRAIN: "computing s"})
-    table["waiting %"] = table[DATA] / table[TOTAL]
+    table[WAITING] = 100 * table[DATA] / table[TOTAL]
     table["workers"] = [f"{w} ({', '.join(r)})" if r else str(w) for w, r in roles.items()]
     return table
 
@@ -151,7 +157,7 @@ def c4_explanation(c3: pd.DataFrame, cpus: str = "?") -> str:
         )
     else:
         text += (
-            f"With {best.name} workers the wait is {best[DATA]:.2f} s "
+            f"With {plural(best.name, 'worker')} the wait is {best[DATA]:.2f} s "
             f"({best[DATA] / best[TOTAL]:.0%} of {best[TOTAL]:.2f} s). Workers decode and "
             "augment batches in parallel while the device computes; "
         ) + (
@@ -167,12 +173,13 @@ def c4_explanation(c3: pd.DataFrame, cpus: str = "?") -> str:
     if fastest.name != best.name:
         more, fewer = (fastest, best) if fastest.name > best.name else (best, fastest)
         text += (
-            f"Yet the shortest epoch was with {fastest.name} workers ({fastest[TOTAL]:.2f} s "
-            f"against {best[TOTAL]:.2f} s with {best.name}): "
+            f"Yet the shortest epoch was with {plural(fastest.name, 'worker')} "
+            f"({fastest[TOTAL]:.2f} s against {best[TOTAL]:.2f} s with {best.name}): "
         ) + (
             f"the workers compete with training for the {cpus} CPUs, and computing took "
-            f"{more[TRAIN]:.2f} s with {more.name} workers against {fewer[TRAIN]:.2f} s with "
-            f"{fewer.name}. To train on these CPUs, the epoch's count is the one to use."
+            f"{more[TRAIN]:.2f} s with {plural(more.name, 'worker')} against "
+            f"{fewer[TRAIN]:.2f} s with {fewer.name}. To train on these CPUs, the epoch's "
+            "count is the one to use."
             if more[TRAIN] > fewer[TRAIN]
             else "the data wait is not all a loader costs an epoch."
         )
@@ -236,7 +243,7 @@ def c5_scaling(ex: Exercise) -> pd.DataFrame:
     )
     base = table.loc[table["GPUs"] == 1, "images/s"]
     table["speedup"] = table["images/s"] / base.iloc[0] if not base.empty else float("nan")
-    table["efficiency %"] = table["speedup"] / table["GPUs"]
+    table[EFFICIENCY] = 100 * table["speedup"] / table["GPUs"]
     mode = table["scaling"].map({"–": 0, "weak": 1, "strong": 2})
     return table.loc[table.assign(mode=mode).sort_values(["mode", "GPUs"]).index].reset_index(
         drop=True
@@ -255,7 +262,7 @@ def c6_optimizers(ex: Exercise) -> pd.DataFrame:
             "avg training s/epoch": runs["train_time_s"],
             **energy,
             "final loss": final["train_loss"],
-            "final accuracy": final["train_acc"],
+            FINAL_ACCURACY: 100 * final["train_acc"],
         }
     )
 
@@ -264,8 +271,10 @@ def c6_per_epoch(ex: Exercise, metric: str) -> pd.DataFrame:
     """C6: `metric` (train_loss or train_acc) per optimizer (rows) and epoch (columns)."""
     runs = per_run_means(ex)
     wide = ex.epochs.pivot(index="run_id", columns="epoch", values=metric).loc[runs["run_id"]]
-    name = "loss" if metric == "train_loss" else "accuracy"
-    wide.columns = [f"{name} {epoch}" for epoch in wide.columns]
+    if metric == "train_acc":
+        wide = wide * 100
+    name = "loss {}" if metric == "train_loss" else "accuracy {} %"
+    wide.columns = [name.format(epoch) for epoch in wide.columns]
     return pd.concat(
         [runs[["params.optimizer"]].set_axis(["optimizer"], axis=1), wide.reset_index(drop=True)],
         axis=1,
@@ -280,9 +289,9 @@ def c7_batch_norm(ex: Exercise) -> pd.DataFrame:
         {
             "model": ["BN" if b == "True" else "no BN" for b in runs["params.batch_norm"]],
             "avg loss": runs["train_loss"],
-            "avg accuracy": runs["train_acc"],
+            "avg accuracy %": 100 * runs["train_acc"],
             "final loss": final["train_loss"],
-            "final accuracy": final["train_acc"],
+            FINAL_ACCURACY: 100 * final["train_acc"],
         }
     )
 
@@ -310,15 +319,14 @@ def q1_q4_answers(answers: dict) -> pd.DataFrame:
             ("Q3", f"{name}: gradients after backward",
              optimizer["gradients_after_backward"]["elements"]),
             ("Q4", f"{name}: optimizer state elements", optimizer["state_total"]["elements"]),
-            ("Q4", f"{name}: optimizer state MiB", optimizer["state_total"]["mib"]),
+            ("Q4", f"{name}: optimizer state MiB", optimizer["state_total"]["bytes"] / 2**20),
         ]  # fmt: skip
         rows += [
             ("Q4", f"{name}: keeps {key}", count["elements"])
             for key, count in sorted(optimizer["state"].items())
         ]
-    table = pd.DataFrame(rows, columns=["item", "quantity", "value"])
-    table["value"] = [f"{v:,.2f}" if v % 1 else f"{int(v):,}" for v in table["value"]]
-    return table
+    # object: the counts stay integers beside the MiB (numbers, formatted only when shown)
+    return pd.DataFrame(rows, columns=["item", "quantity", "value"], dtype=object)
 
 
 def profile_label(run: pd.Series) -> str:
@@ -354,7 +362,7 @@ def profiles(runs: pd.DataFrame) -> pd.DataFrame:
     for part in profiling.PARTS:
         metric = f"metrics.profile_{part}_share"
         if metric in runs and runs[metric].notna().any():
-            table[f"{profiling.PART_NAMES[part]} %"] = runs[metric]
+            table[f"{profiling.PART_NAMES[part]} %"] = 100 * runs[metric]
     table["profile s"] = runs["metrics.profile_s"]
     table["verdict"] = runs[f"tags.{tracking.VERDICT}"]
     table["run_id"] = runs["run_id"]

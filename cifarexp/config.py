@@ -8,8 +8,10 @@ library is loaded. Errors name config fields (`batch_size`), never command-line 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -87,6 +89,12 @@ def fast_flags(device_type: str) -> list[str]:
     ]
 
 
+def plural(count: float, word: str) -> str:
+    """`count` and `word`, the word in the plural unless the count is 1: "1 epoch",
+    "5 epochs", "0 workers"."""
+    return f"{count:,} {word}" if count == 1 else f"{count:,} {word}s"
+
+
 def preset_text(name: str) -> str:
     """What a lab preset trains, in one line (its lr against the study's where it differs)."""
     sizes = PRESETS[name]
@@ -94,7 +102,7 @@ def preset_text(name: str) -> str:
     lr = f"lr {sizes['lr']:g}"
     if sizes["lr"] != STUDY_LR:
         lr += f" (the study's {STUDY_LR:g} x {sizes['batch_size']}/{STUDY_BATCH})"
-    return f"{images}, batch {sizes['batch_size']}, {lr}, {sizes['epochs']} epochs"
+    return f"{images}, batch {sizes['batch_size']}, {lr}, {plural(sizes['epochs'], 'epoch')}"
 
 
 WORKERS_TOLERANCE = 0.03  # C3: a worker count must cut data-loading time by more than this
@@ -181,7 +189,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
             value = getattr(self, name)
-            _check(value in choices, name, f"{value!r} is not one of {', '.join(choices)}")
+            _check(
+                value in choices,
+                name,
+                f"{value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}",
+            )
         for name in ("lr", "momentum", "weight_decay", "loader_timeout"):
             value = getattr(self, name)
             _check(math.isfinite(value), name, f"must be a finite number, got {value}")
@@ -261,6 +273,25 @@ class TrainConfig:
             "test_size": self.images(train=False),
             "max_batches": "all" if self.max_batches is None else self.max_batches,
         }
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """' (did you mean 'adam'?)' for a name close to one of `choices` (a typo), else ''."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def logged_params(params: dict[str, object], device_type: str) -> dict[str, object]:
+    """A run's params as they say what ran: `device` resolved ("auto" -> cpu or cuda, what
+    the user asked kept as `device_requested`), `test_size` only where evaluation is on.
+    Comparisons find their runs again by the settings as given (`settings_digest`), never
+    by these."""
+    logged = dict(params)
+    if logged.get("device") == "auto":
+        logged |= {"device": device_type, "device_requested": "auto"}
+    if not logged.get("eval", True):
+        logged.pop("test_size", None)
+    return logged
 
 
 def flag(field: str) -> str:

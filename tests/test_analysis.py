@@ -20,13 +20,14 @@ def test_c2_table_has_the_warm_up_then_each_epoch_then_totals_and_means(study):
     c2 = tables.c2_epochs(queries.exercise("C2"))
     assert list(c2["epoch"]) == ["warm-up", 1, 2, "total", "mean"]
     assert c2["total s"].iloc[0] == pytest.approx(3.1)  # its own line, in no epoch or total
-    assert c2.iloc[0][["data-loading s", "training s", "loss", "accuracy"]].isna().all()
+    assert c2.iloc[0][["data-loading s", "training s", "loss", "accuracy %"]].isna().all()
     epochs = c2.iloc[1:]
     assert list(epochs["data-loading s"]) == pytest.approx([0.2, 0.2, 0.4, 0.2])
     assert list(epochs["training s"]) == pytest.approx([14.0, 13.0, 27.0, 13.5])
     assert list(epochs["total s"]) == pytest.approx([14.5, 13.5, 28.0, 14.0])
-    assert epochs["accuracy"].iloc[:2].tolist() == pytest.approx([0.45, 0.65])
-    assert pd.isna(epochs["accuracy"].iloc[2]) and epochs["accuracy"].iloc[3] == pytest.approx(0.55)
+    assert epochs["accuracy %"].iloc[:2].tolist() == pytest.approx([45.0, 65.0])
+    assert pd.isna(epochs["accuracy %"].iloc[2])
+    assert epochs["accuracy %"].iloc[3] == pytest.approx(55.0)
 
 
 def test_c3_sorts_counts_marks_the_best_and_c4_compares_one_worker_with_it(study):
@@ -37,7 +38,7 @@ def test_c3_sorts_counts_marks_the_best_and_c4_compares_one_worker_with_it(study
     c4 = tables.c4_one_vs_best(c3)
     assert list(c4["workers"]) == ["1", "8 (best, shortest epoch)"]
     assert list(c4["computing s"]) == pytest.approx([4.0, 4.0])
-    assert list(c4["waiting %"]) == pytest.approx([5.9 / 10.4, 0.90 / 5.4])
+    assert list(c4["waiting %"]) == pytest.approx([100 * 5.9 / 10.4, 100 * 0.90 / 5.4])
     text = tables.c4_explanation(c3, "16")
     assert "5.90 s" in text and "57%" in text and "0.90 s" in text and "16 CPUs" in text
     assert "stops being the bottleneck" in text
@@ -60,9 +61,7 @@ def test_c5_scaling_compares_steady_epochs_with_one_gpu_per_mode(study):
     ]  # fmt: skip
     assert list(c5["epoch s"]) == pytest.approx([5.0, 2.6, 1.4, 2.8, 1.75])  # epoch 1 left out
     assert list(c5["images/s"]) == [10_000, 19_231, 35_714, 17_857, 28_571]
-    assert list(c5["efficiency %"]) == pytest.approx(
-        [1.0, 0.9615, 0.8929, 0.8929, 0.7143], abs=1e-4
-    )
+    assert list(c5["efficiency %"]) == pytest.approx([100.0, 96.15, 89.29, 89.29, 71.43], abs=1e-2)
     assert pd.isna(c5["comm s"][0]) and list(c5["comm s"][1:]) == pytest.approx([0.1] * 4)
     assert report.headline(section) == pytest.approx(
         {"weak_scaling_efficiency": 0.8929, "strong_scaling_efficiency": 0.7143}, abs=1e-4
@@ -75,11 +74,11 @@ def test_c6_has_average_training_time_and_loss_and_accuracy_per_epoch(study):
     c6 = tables.c6_optimizers(ex)
     assert list(c6["optimizer"]) == ["sgd", "adam"]
     assert list(c6["avg training s/epoch"]) == pytest.approx([5.0, 5.0])
-    assert list(c6["final accuracy"]) == pytest.approx([0.72, 0.31])
+    assert list(c6["final accuracy %"]) == pytest.approx([72.0, 31.0])
     accuracy = tables.c6_per_epoch(ex, "train_acc")
-    assert list(accuracy.columns) == ["optimizer", "accuracy 1", "accuracy 2"]
+    assert list(accuracy.columns) == ["optimizer", "accuracy 1 %", "accuracy 2 %"]
     assert accuracy.iloc[:, 1:].to_numpy().ravel().tolist() == pytest.approx(
-        [0.62, 0.72, 0.21, 0.31]
+        [62.0, 72.0, 21.0, 31.0]
     )
     loss = tables.c6_per_epoch(ex, "train_loss")
     assert list(loss["loss 1"]) == pytest.approx([1.6, 1.6])
@@ -88,18 +87,20 @@ def test_c6_has_average_training_time_and_loss_and_accuracy_per_epoch(study):
 def test_c7_averages_over_epochs_and_keeps_the_final_epoch(study):
     c7 = tables.c7_batch_norm(queries.exercise("C7"))
     assert list(c7["model"]) == ["no BN", "BN"]
-    assert list(c7["avg accuracy"]) == pytest.approx([0.51, 0.62])
-    assert list(c7["final accuracy"]) == pytest.approx([0.61, 0.72])
+    assert list(c7["avg accuracy %"]) == pytest.approx([51.0, 62.0])
+    assert list(c7["final accuracy %"]) == pytest.approx([61.0, 72.0])
     assert list(c7["avg loss"]) == pytest.approx([1.3, 1.3])
 
 
 def test_q1_q4_answers_come_from_the_inspect_run(study):
     q = tables.q1_q4_answers(queries.answers(queries.exercise("Q1-Q4")))
     answers = dict(zip(q["quantity"], q["value"], strict=True))
-    assert answers["convolutional layers"] == "20"
-    assert answers["input dimension of the last linear layer"] == "512"
-    assert answers["adam: optimizer state elements"] == "22,347,986"
-    assert answers["sgd: keeps momentum_buffer"] == "11,173,962"
+    assert answers["convolutional layers"] == 20  # numbers, not text
+    assert answers["input dimension of the last linear layer"] == 512
+    assert answers["adam: optimizer state elements"] == 22_347_986
+    assert answers["sgd: keeps momentum_buffer"] == 11_173_962
+    # the MiB from the exact bytes (rounded once when shown: 42.63, never 42.625 then 42.62)
+    assert answers["sgd: optimizer state MiB"] == pytest.approx(11_173_962 * 4 / 2**20)
     assert {"adam: keeps exp_avg", "adam: keeps exp_avg_sq"} <= set(answers)
 
 
@@ -149,6 +150,46 @@ def test_report_writes_every_item_in_study_order_with_csvs_and_plots(study, tmp_
             "c7_batch_norm.csv", "q1_q4.csv"} <= files  # fmt: skip
     assert {"c3_workers.png", "c5_devices.png", "c6_optimizers.png", "c7_batch_norm.png"} <= files
     assert pd.read_csv(tmp_path / "out" / "c3_workers.csv")["workers"].tolist() == [0, 1, 4, 8]
+    # report.html: the same report as MLflow's artifact view shows it, the plots inlined
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == len([f for f in files if ".png" in f])
+    assert "<table" in html and "final accuracy %" in html and "](" not in html
+
+
+def test_every_csv_column_says_its_unit_and_holds_numbers_in_it(study, tmp_path):
+    report.write_report(report.build_report(), tmp_path / "out", "sqlite:///x.db")
+    for path in (tmp_path / "out").glob("*.csv"):
+        table = pd.read_csv(path)
+        for column in table.columns:
+            if any(word in column for word in ("accuracy", "waiting", "efficiency", "wait")):
+                # a share or an accuracy is a percentage, in a column that says so
+                assert column.endswith(" %"), (path.name, column)
+                values = pd.to_numeric(table[column], errors="coerce").dropna()
+                assert values.max() > 1, (path.name, column, list(values))
+    q = pd.read_csv(tmp_path / "out" / "q1_q4.csv")
+    assert pd.api.types.is_numeric_dtype(q["value"])  # 11173962, not "11,173,962"
+    values = dict(zip(q["quantity"], q["value"], strict=True))
+    assert values["sgd: keeps momentum_buffer"] == 11_173_962
+    text = (tmp_path / "out" / "q1_q4.csv").read_text()
+    assert ",11173962\n" in text and ",20\n" in text and "11173962.0" not in text
+    c6 = pd.read_csv(tmp_path / "out" / "c6_optimizers.csv")
+    assert list(c6["final accuracy %"]) == pytest.approx([72.0, 31.0])
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "final accuracy % |" in markdown
+    assert "11,173,962" in markdown and "| 72.0 |" in markdown
+
+
+def test_numbers_are_rounded_once_the_same_in_csv_and_mlflow_table():
+    from cifarexp.tracking.tabular import csv_text, round_number, rounded
+
+    assert round_number(79.6904556056) == 79.6905
+    assert round_number(11_173_962.0) == 11_173_962  # a count keeps all its digits
+    assert round_number(0.0036512345) == 0.00365123
+    counts = pd.Series([11_173_962], dtype=object)
+    table = rounded(pd.DataFrame({"s": [79.6904556056], "n": counts}))
+    assert csv_text(table).splitlines() == ["s,n", "79.6905,11173962"]
+    mixed = pd.DataFrame({"value": pd.Series([20, 42.62538528442383], dtype=object)})
+    assert csv_text(mixed).splitlines() == ["value", "20", "42.6254"]
 
 
 def _profiled(client, experiment, workers, split, bound, **params):
@@ -180,7 +221,7 @@ def test_the_profiles_show_each_kind_of_run_newest_first_as_a_stacked_bar(client
         "workers=0", "workers=8", "loader=gpu, bf16, compile reduce-overhead, channels-last",
     ]  # fmt: skip
     assert list(table["bound"]) == ["input-bound", "host-launch-bound", "compute-bound"]
-    assert list(table["data wait %"]) == pytest.approx([0.6, 0.05, 0.0])
+    assert list(table["data wait %"]) == pytest.approx([60.0, 5.0, 0.0])
     assert list(table.columns[3:]) == [
         "data wait %", "host, device idle %", "copies %", "compute %", "profile s"
     ]  # fmt: skip
@@ -212,7 +253,11 @@ def test_report_cli_names_missing_items_with_the_command_to_run(cli, client, tmp
         if r.data.tags.get("cifarexp.command") == "report"
     ]
     assert report_run.info.status == "FINISHED"
-    assert "report.md" in {a.path for a in client.list_artifacts(report_run.info.run_id)}
+    logged = {a.path for a in client.list_artifacts(report_run.info.run_id)}
+    assert {"report.md", "report.html"} <= logged  # the HTML: what MLflow's artifact view shows
+    note = report_run.data.tags["mlflow.note.content"]  # the report run's description
+    assert "An epoch took 3.00 s on average" in note
+    assert "not run yet; run `cifarexp sweep-workers`" in note
 
 
 def test_report_runs_option_picks_runs_and_rejects_malformed_pairs(cli, study, tmp_path):
@@ -339,3 +384,21 @@ def test_a_profiled_time_run_answers_with_its_verdict(client):
     run_id = log_run(client, e, command="time", exercise="C2", tags={"cifarexp.verdict": verdict},
                      epochs=[epoch(0.1, 1.0, 1.2, 2.0, 0.3)])  # fmt: skip
     assert report.summarize("C2", run_id).text == f"Profile: {verdict}."
+
+
+def test_plots_show_every_point_the_data_loading_curve_on_its_own_axis():
+    from analysis import plots
+
+    c3 = pd.DataFrame({"workers": [0, 1, 2, 4], "data-loading s": [11.6, 5.9, 4.0, 3.9],
+                       "training s": [70.0] * 4, "total s": [85.0, 80.0, 82.0, 86.0],
+                       "best": ["", "", "yes", ""]})  # fmt: skip
+    figure = plots.workers_curve(c3)
+    data_ax, total_ax = figure.axes  # data-loading on its own axis, not flat under 90 s
+    assert data_ax.get_ylim()[1] < 15 and total_ax.get_ylim()[1] > 86
+    assert data_ax.get_legend() is None and total_ax.get_legend() is None  # none over a point
+    assert len(figure.legends) == 1
+    one = pd.DataFrame({"device": ["cpu"], "data-loading s": [0.1], "training s": [90.0],
+                        "avg epoch s": [90.1], "estimated": [""],
+                        "speedup vs cpu": [1.0]})  # fmt: skip
+    [ax] = plots.device_breakdown(one).axes
+    assert ax.get_xscale() == "linear" and ax.get_xlim()[1] < 200  # not a log axis to 6000 s

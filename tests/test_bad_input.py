@@ -258,3 +258,17 @@ def test_launched_run_with_a_garbage_spec_in_its_environment_is_one_line(
     [error] = result.output.strip().splitlines()
     assert error.startswith("Error: CIFAREXP_LAUNCHED_RUN does not say what to train"), error
     assert all_runs(client) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "suggested"),
+    [
+        ("time", ["--optimizer", "adamm"], "(did you mean 'adam'?)"),
+        ("compare-optim", ["--optimizers", "sgd,adamm"], "(did you mean 'adam'?)"),
+        ("inspect", ["--optimizers", "nesterv"], "(did you mean 'nesterov'?)"),
+    ],
+)
+def test_a_typo_in_a_name_says_what_was_meant(cli, client, command, args, suggested):
+    result = cli(command, *args)
+    assert result.exit_code == USAGE and suggested in " ".join(result.output.split())
+    assert not all_runs(client)

@@ -3,7 +3,7 @@ from pathlib import Path
 import torch
 
 from cifarexp.training.build import Training
-from tests.conftest import TINY_ARGS, all_runs
+from tests.conftest import TINY_ARGS, all_runs, without
 
 METRICS = {"data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc", "images_per_s"}
 
@@ -12,6 +12,10 @@ def test_time_logs_params_tags_one_point_per_epoch_and_the_summary(cli, client):
     result = cli("time", *TINY_ARGS, "--run-name", "tiny")
     assert result.exit_code == 0, result.output
     assert "data-loading s" in result.output and "total" in result.output
+    # the one-sentence answer that the run's description holds, after the table
+    [run] = all_runs(client)
+    assert "An epoch took" in result.output
+    assert run.data.tags["mlflow.note.content"].split("\n\n")[1] in " ".join(result.output.split())
 
     [run] = all_runs(client)
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
@@ -39,11 +43,22 @@ def test_time_logs_params_tags_one_point_per_epoch_and_the_summary(cli, client):
     assert "Total params: 11,173,962" in Path(summary).read_text()
 
 
+def test_params_say_what_ran_the_resolved_device_and_no_test_size_without_eval(cli, client):
+    result = cli("time", *without("--device", TINY_ARGS), "--epochs", "1")  # device auto
+    assert result.exit_code == 0, result.output
+    [run] = all_runs(client)
+    params = run.data.params
+    assert params["device"] == run.data.tags["cifarexp.device"] == "cpu"  # not "auto"
+    assert params["device_requested"] == "auto"  # what was asked, beside it
+    assert params["eval"] == "False" and "test_size" not in params
+
+
 def test_eval_logs_test_metrics(cli, client):
     result = cli("time", *TINY_ARGS, "--epochs", "1", "--eval")
     assert result.exit_code == 0, result.output
     [run] = all_runs(client)
     assert {"test_loss", "test_acc"} <= set(run.data.metrics)
+    assert run.data.params["test_size"] == "16"  # logged where evaluation is on
 
 
 def test_experiment_option_and_env_tracking_uri(cli, client, store):

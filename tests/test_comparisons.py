@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,19 @@ def csv(client, run_id, name):
 )
 def test_auto_sweep_stops_once_data_time_stops_falling(times, counts):
     assert auto_sweep(times.__getitem__, limit=16) == counts
+
+
+@pytest.mark.parametrize(
+    ("cpus", "times", "counts"),
+    [
+        (2, {0: 10, 2: 6, 4: 5.9}, [0, 2, 4]),  # 2 CPUs: 2 workers tried, 4 no better: stop
+        (2, {0: 10, 2: 10, 4: 5, 8: 5}, [0, 2, 4, 8]),  # 2 no better never ends the sweep
+        (6, {0: 10, 4: 6, 6: 5, 8: 5}, [0, 4, 6, 8]),  # 6 between 4 and 8
+        (8, {0: 10, 4: 6, 8: 5.9}, [0, 4, 8]),  # on a step: nothing added
+    ],
+)
+def test_auto_sweep_tries_the_cpu_count_between_steps(cpus, times, counts):
+    assert auto_sweep(times.__getitem__, limit=16, cpus=cpus) == counts
 
 
 def test_sweep_workers_logs_children_tables_plot_and_best(cli, client):
@@ -148,14 +162,25 @@ def test_compare_device_without_cuda_says_what_c5_needs_and_marks_partial_epochs
 def test_compare_optim_has_a_child_per_optimizer_and_per_epoch_curves(cli, client):
     result = cli("compare-optim", *TINY_ARGS, "--optimizers", "sgd,adam")
     assert result.exit_code == 0, result.output
+    assert "Final training accuracy, best first: " in result.output  # its answer, printed
     parent, children = parent_and_children(client)
     assert parent.data.tags["cifarexp.exercise"] == "C6"
     assert [c.data.params["optimizer"] for c in children] == ["sgd", "adam"]
     c6 = csv(client, parent.info.run_id, "c6_optimizers.csv")
     assert list(c6["optimizer"]) == ["sgd", "adam"]
     accuracy = csv(client, parent.info.run_id, "c6_accuracy.csv")
-    assert list(accuracy.columns) == ["optimizer", "accuracy 1", "accuracy 2"]
+    assert list(accuracy.columns) == ["optimizer", "accuracy 1 %", "accuracy 2 %"]
     assert list(csv(client, parent.info.run_id, "c6_loss.csv")["optimizer"]) == ["sgd", "adam"]
+    # the MLflow table holds the CSV's numbers, rounded once alike (was 79.6904556056)
+    table = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "c6_optimizers.json")).read_text()
+    )
+    shown = pd.DataFrame(table["data"], columns=table["columns"])
+    assert list(shown.columns) == list(c6.columns) and "final accuracy %" in shown
+    assert shown["final accuracy %"].tolist() == pytest.approx(
+        c6["final accuracy %"].tolist(), abs=0
+    )
+    assert all(len(f"{v:.15g}".replace(".", "").lstrip("0")) <= 6 for v in shown["final loss"])
     assert "c6_optimizers.png" in artifacts(client, parent.info.run_id)
     # MLflow's charts compare the children: each has the same summary metrics, and a name
     # that tells it apart; the parent has its headline alone.
@@ -172,7 +197,7 @@ def test_compare_optim_has_a_child_per_optimizer_and_per_epoch_curves(cli, clien
             sum(m.value for m in history) / len(history)
         )
     assert set(parent.data.metrics) == {"best_final_acc"}
-    assert parent.data.metrics["best_final_acc"] == max(c6["final accuracy"])
+    assert parent.data.metrics["best_final_acc"] == pytest.approx(max(c6["final accuracy %"]) / 100)
 
 
 def test_no_bn_trains_both_models_unless_no_baseline(cli, client):

@@ -206,6 +206,11 @@ def test_inspect_prints_the_answers_and_records_them_in_one_run(cli, client, mod
     assert len(artifact(client, run, "q1_conv_layers.csv").strip().splitlines()) == 1 + 20
     answers = json.loads(artifact(client, run, "answers.json"))
     assert answers["q1_conv_layers"]["total"] == 20
+    # the run's description answers Q1-Q4 in a few lines
+    note = run.data.tags["mlflow.note.content"]
+    assert "**Q1**: 20 convolutional layers" in note and "receives a vector of 512" in note
+    assert f"{elements:,} trainable parameters" in note
+    assert f"{4 * elements / 2**20:.2f} MiB" in note  # SGD's state, rounded once
 
 
 def test_json_prints_only_the_answers_of_the_bn_free_model(cli, client, models):

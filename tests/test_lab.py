@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cifarexp import config
+from cifarexp import config, tracking
 from tests.conftest import all_runs
 
 
@@ -37,6 +37,14 @@ def test_the_lab_answers_every_item_and_reuses_a_variant_it_trained(cli, client,
         r.data.params.get("lr") in (None, "0.0125") for r in runs if "epochs" in r.data.params
     )
     assert "Report written to report/report.md" in " ".join(result.output.split())
+    # the report run is no training run: no worker count came to it from the sweep
+    [report] = [r for r in runs if r.data.tags["cifarexp.exercise"] == "report"]
+    assert tracking.WORKERS_FROM not in report.data.tags
+    assert (
+        tracking.WORKERS_FROM
+        in next(r for r in runs if r.data.tags["cifarexp.exercise"] == "C6").data.tags
+    )
+    assert "mlflow.note.content" in report.data.tags  # its description: each item's answer
 
     # and C7's BN model, the same settings as C6's SGD child, is that run's copy, saying so.
     by_variant = {

@@ -180,3 +180,53 @@ def test_report_into_a_folder_of_other_files_is_refused(cli, client, tmp_path):
     # then it is refused, and the folder is left as it was.
     assert result.exit_code == 2 and "'notes.txt'" in one_message(result.output), result.output
     assert report_files(tmp_path / "mine") == {"notes.txt": b"keep me"}
+
+
+# ---------------------------------------------------------------- wording
+
+
+def test_counts_read_in_the_singular_or_plural_and_slow_bars_in_seconds_per_batch():
+    from cifarexp.cli.console import rate_text
+    from cifarexp.config import plural, preset_text
+
+    assert plural(1, "epoch") == "1 epoch" and plural(5, "epoch") == "5 epochs"
+    assert plural(0, "worker") == "0 workers"
+    assert rate_text(0.1).strip() == "10.0 s/batch"  # not "0.1 batch/s"
+    assert rate_text(12.5).strip() == "12.5 batch/s"
+    assert " 1 epochs" not in preset_text("quick") + preset_text("full")
+
+
+def test_a_piped_table_is_drawn_wide_enough_that_no_header_is_cut():
+    import io
+
+    import pandas as pd
+    from rich.console import Console
+
+    from cifarexp.cli import console as shown
+
+    headers = ["device", "device name", "data-loading s", "training s", "avg epoch s",
+               "estimated", "speedup vs cpu", "J/epoch", "energy vs cpu"]  # fmt: skip
+    wide = pd.DataFrame([["cpu", "AMD EPYC", 0.1, 70.0, 70.1, "estimated", 1.0, 9.0, 1.0]],
+                        columns=headers)  # fmt: skip
+    out = io.StringIO()
+    piped = shown._Console(file=out, width=80)  # off a terminal, as in a pipe
+    assert not piped.is_terminal
+    piped.print(shown.render(wide, "C5: a long title"))
+    text = out.getvalue()
+    header = text.splitlines()[2]  # drawn at 80 columns: "data-loa… s", a blank "estimated"
+    assert "…" not in text and all(f" {name} " in header for name in headers), text
+    assert isinstance(piped, Console) and piped.width == 80  # only that table was wider
+
+
+def test_help_at_80_columns_never_cuts_an_option_name(monkeypatch):
+    from typer.testing import CliRunner
+
+    from cifarexp.cli.base import app
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr("typer.rich_utils.MAX_WIDTH", 80, raising=False)
+    result = CliRunner().invoke(app, ["time", "--help"], terminal_width=80)
+    assert result.exit_code == 0
+    assert "--persistent-workers" in result.output and "--no-persistent-workers" in result.output
+    assert "--channels-last" in result.output and "--no-channels-last" in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80

@@ -20,12 +20,42 @@ import typer
 
 from cifarexp import __version__, processes
 from cifarexp.cli.options import Sets
-from cifarexp.config import ConfigError, TrainConfig, UserError, fast_settings, flag
+from cifarexp.config import (
+    ConfigError,
+    TrainConfig,
+    UserError,
+    did_you_mean,
+    fast_settings,
+    flag,
+)
 
 if TYPE_CHECKING:
     from analysis import report
     from cifarexp.study.session import Session
     from cifarexp.tracking import Tracker
+
+
+def _keep_option_names_whole() -> None:
+    """--help never cuts an option's name: in a narrow terminal (80 columns) rich shrank
+    every column of typer's options table alike ("--persistent-wor…"); the columns that
+    hold option names now keep their width, and the help text beside them wraps instead."""
+    from rich.table import Table
+    from typer import rich_utils
+
+    class OptionsTable(Table):
+        def add_row(self, *renderables: Any, **settings: Any) -> None:
+            super().add_row(*renderables, **settings)
+            for column, cell in zip(self.columns, renderables, strict=False):
+                if str(cell).startswith("-"):  # --name, -h, --no-name
+                    column.no_wrap = True
+                else:  # a word too long for its column folds onto the next line
+                    column.overflow = "fold"
+
+    if getattr(rich_utils, "Table", None) is Table:
+        rich_utils.Table = OptionsTable
+
+
+_keep_option_names_whole()
 
 app = typer.Typer(
     help="Where the time of a ResNet-18 / CIFAR-10 training run goes, tracked with MLflow.",
@@ -199,7 +229,10 @@ def parse_list(field: str, text: str, choices: Iterable[str] | None = None) -> l
     allowed = list(choices) if choices is not None else None
     unknown = [item for item in items if allowed is not None and item not in allowed]
     if unknown:
-        raise ConfigError(f"unknown {unknown[0]!r}; choose from {', '.join(allowed)}", field)
+        typo = did_you_mean(unknown[0], allowed or [])
+        raise ConfigError(
+            f"unknown {unknown[0]!r}{typo}; choose from {', '.join(allowed or [])}", field
+        )
     return items
 
 

@@ -27,6 +27,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from cifarexp.config import plural
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -37,8 +39,36 @@ if TYPE_CHECKING:
     from cifarexp.training.engine import EpochResult
     from cifarexp.training.profiling import Profile
 
-console = Console()
-err_console = Console(stderr=True)  # both write to sys.stdout / sys.stderr as they are now
+
+PIPED_WIDTH = 160  # off a terminal, a table's long cells wrap beyond this; headers never cut
+
+
+class _Console(Console):
+    """A rich Console that, off a terminal (a pipe, a log file, CI), draws a table as wide as
+    it needs: drawn at the default 80 columns, its title and headers were cut ("data-loa…
+    s", a blank "estimated" header). In a terminal a table fits the terminal, as rich does."""
+
+    def print(self, *objects: object, **settings: object) -> None:
+        tables = [o for o in objects if isinstance(o, Table)]
+        if not tables or self.is_terminal or "width" in settings:
+            super().print(*objects, **settings)
+            return
+        from rich.measure import Measurement
+
+        wide = self.options.update(width=10_000)
+        sizes = [Measurement.get(self, wide, t) for t in tables]
+        least = max(size.minimum for size in sizes)  # below it, headers are cut
+        most = max(size.maximum for size in sizes)  # every cell on one line
+        shown = self._width
+        self.width = max(self.width, min(most, max(least, PIPED_WIDTH)))
+        try:
+            super().print(*objects, **settings)
+        finally:
+            self._width = shown
+
+
+console = _Console()
+err_console = _Console(stderr=True)  # both write to sys.stdout / sys.stderr as they are now
 
 
 # ---------------------------------------------------------------- output that cannot be written
@@ -197,7 +227,7 @@ class EpochProgress:
         """One line for a finished variant."""
         if self.label and self.last is not None:
             seconds = time.perf_counter() - self.started
-            epochs = f"{self.last.epoch} epochs"
+            epochs = plural(self.last.epoch, "epoch")
             if self.last.estimated_epoch_s is not None:
                 n = self.last.epoch
                 each = "1 batch" if self.batches == 1 else f"{self.batches} batches"
@@ -231,10 +261,20 @@ def _estimate(result: EpochResult) -> str:
 
 
 class _Rate(ProgressColumn):
-    """Batches per second, as rich estimates them from the bar's updates."""
+    """Batches per second as rich estimates them from the bar's updates; seconds per batch
+    where a batch takes longer than a second ("0.1 batch/s" reads as "10.0 s/batch")."""
 
     def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:5.1f} batch/s" if task.speed else "      batch/s")
+        return Text(rate_text(task.speed))
+
+
+def rate_text(speed: float | None) -> str:
+    """A progress bar's speed in batches per second, as the user reads it best."""
+    if not speed:
+        return "      batch/s"
+    if speed < 1:
+        return f"{1 / speed:5.1f} s/batch"
+    return f"{speed:5.1f} batch/s"
 
 
 @contextmanager
@@ -307,8 +347,11 @@ def print_section(section: Section) -> None:
     for name, table in section.tables.items():
         if not table.empty:
             console.print(render(table, f"{TITLES[name]} ({section.dataset})"))
-    if section.text:
+    answer = section.answer  # the sentence the run's description holds
+    if section.text and section.text not in answer:
         console.print(section.text, highlight=False)
+    if answer:
+        console.print(answer, style="bold", highlight=False)
     console.print(f"Source: {section.source}.", style="dim", highlight=False)
 
 

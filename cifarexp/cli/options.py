@@ -20,7 +20,6 @@ from cifarexp.config import (
     CompileMode,
     Dataset,
     Loader,
-    Optimizer,
     Precision,
     Preset,
     Scaling,
@@ -112,8 +111,13 @@ Eval = Annotated[
 
 Epochs = Annotated[int, _option("Epochs to train (the study: 5).", TRAINING), Sets("epochs")]
 OptimizerName = Annotated[
-    Optimizer,
-    _option("The optimizer (C6 compares all five).", TRAINING, "--optimizer"),
+    str,  # checked by the config, which suggests the closest name for a typo
+    _option(
+        "sgd, nesterov, adagrad, adadelta or adam (C6 compares all five).",
+        TRAINING,
+        "--optimizer",
+        metavar="<name>",  # the choices in the help: a long metavar cut the option names
+    ),
     Sets("optimizer"),
 ]
 Device = Annotated[
@@ -167,9 +171,11 @@ ChannelsLast = Annotated[
 Compile = Annotated[
     CompileMode,
     _option(
-        "torch.compile mode (CUDA only; compiled during the warm-up, logged as warmup_s).",
+        "torch.compile mode: none, default, reduce-overhead or max-autotune (CUDA only; "
+        "compiled during the warm-up, logged as warmup_s).",
         FAST,
         "--compile",
+        metavar="<mode>",
     ),
     Sets("compile"),
 ]
@@ -288,8 +294,9 @@ Port = Annotated[
 WorkerCounts = Annotated[
     str,
     _option(
-        "Worker counts to run, e.g. 0,4,8,12; auto: 1 (for C4), then 0, 4, 8, ... until "
-        f"data-loading time stops falling by more than {WORKERS_TOLERANCE:.0%}.",
+        "Worker counts to run, e.g. 0,4,8,12; auto: 1 (for C4), then 0, 4, 8, ... (and the "
+        "CPU count between them: 2 on 2 CPUs) until data-loading time stops falling by more "
+        f"than {WORKERS_TOLERANCE:.0%}.",
         DATA,
         "--workers",
     ),

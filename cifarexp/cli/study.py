@@ -235,7 +235,7 @@ def write_and_log_report(sections: list, out: Path, session: Session, *, quiet: 
     from analysis import report
     from cifarexp import tracking
     from cifarexp.cli.console import console, print_section, print_where
-    from cifarexp.study.catalogue import Labels
+    from cifarexp.study.catalogue import Labels, description
 
     try:
         path = report.write_report(sections, out, tracking.shown_uri())
@@ -247,10 +247,15 @@ def write_and_log_report(sections: list, out: Path, session: Session, *, quiet: 
         else:
             print_section(section)
     labels = Labels("report", "report")
+    # the worker count a lab's later steps took from its sweep is no setting of the report
+    session.tracker.later_tags.pop(tracking.WORKERS_FROM, None)
     with session.tracker.start_run(
         session.experiment_of("report"), run_name="report", tags=labels.tags(),
         params={"out": str(out)}, about=labels.about(),
     ) as run_id:  # fmt: skip
         session.tracker.log_artifacts(out)
+    if run_id is not None:
+        text = report.report_description(sections)
+        session.tracker.describe(run_id, description("report", text, {"out": str(out)}))
     console.print(f"Report written to {path}.")
     print_where(run_id)

@@ -16,7 +16,13 @@ import pandas as pd
 import torch
 
 from cifarexp import tracking
-from cifarexp.config import WORKERS_TOLERANCE, CifarexpError, ConfigError, TrainConfig
+from cifarexp.config import (
+    WORKERS_TOLERANCE,
+    CifarexpError,
+    ConfigError,
+    TrainConfig,
+    logged_params,
+)
 from cifarexp.study.catalogue import Labels
 from cifarexp.study.launch import run_processes
 from cifarexp.study.runs import environment_tags, run_training
@@ -119,8 +125,8 @@ def comparison(
     }  # fmt: skip
     name = labels.run_name(base.dataset, str(options.get("devices", device.type)))
     with tracker.start_run(
-        session.experiment_of(labels.command), run_name=name, tags=tags, params=params,
-        reopen=reopen, about=labels.about(),
+        session.experiment_of(labels.command), run_name=name, tags=tags,
+        params=logged_params(params, device.type), reopen=reopen, about=labels.about(),
     ) as parent_id:  # fmt: skip
         reused = {} if reopen is None else _finished_variants(previous)
         comp = Comparison(labels, session, parent_id, reused)
@@ -146,7 +152,8 @@ def sweep_workers(
     base: TrainConfig, workers: list[int] | None, session: Session, *, gpu_loader: bool = False
 ) -> str:
     """C3/C4: one child per worker count; the parent's run id. Without a list: 1 (for C4),
-    then 0, 4, 8, ... until data-loading time stops falling by more than WORKERS_TOLERANCE.
+    then 0, 4, 8, ... (and the CPU count between them) until data-loading time stops falling
+    by more than WORKERS_TOLERANCE.
     With `gpu_loader`, a last child with the data kept on the device: what no count can
     reach."""
     options = {
@@ -164,17 +171,23 @@ def sweep_workers(
         for count in workers or [1]:
             run_count(count)
         if workers is None:
-            auto_sweep(run_count, max_workers())
+            auto_sweep(run_count, max_workers(), cpus=cpu_count())
         if gpu_loader:
             comp.run("loader=gpu", base.replace(loader="gpu", workers=0, persistent_workers=False))
     return comp.parent_id
 
 
-def auto_sweep(measure: Callable[[int], float], limit: int) -> list[int]:
+def auto_sweep(measure: Callable[[int], float], limit: int, cpus: int | None = None) -> list[int]:
     """Measure 0, 4, 8, ... workers until the data-loading time stops falling by more than
-    WORKERS_TOLERANCE (or `limit` is passed); the counts measured."""
+    WORKERS_TOLERANCE (or `limit` is passed); the counts measured. The CPU count `cpus`,
+    where it falls between two steps (2 on a 2-CPU machine), is measured too, in its place:
+    one worker per CPU is the count to try there; it joins the best but never ends the sweep
+    (the study's steps do)."""
     counts, best = [], math.inf
     for count in range(0, limit + 1, WORKERS_STEP):
+        if cpus is not None and count - WORKERS_STEP < cpus < count and cpus <= limit:
+            counts.append(cpus)
+            best = min(best, measure(cpus))
         counts.append(count)
         data_time = measure(count)
         if count > 0 and data_time > best * (1 - WORKERS_TOLERANCE):

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from cifarexp import tracking
 from cifarexp.config import TrainConfig
-from cifarexp.study.catalogue import Labels
+from cifarexp.study.catalogue import Labels, description
 from cifarexp.study.runs import environment_tags
 from cifarexp.study.session import Session
 from cifarexp.training import models
@@ -90,6 +90,35 @@ class Inspection:
             },
         }
 
+    def answer(self) -> str:
+        """Q1-Q4 answered in a few lines (markdown), for the run's description."""
+        c, (name, in_features, _) = self.conv_count, self.last_linear
+        trainable = self.params.trainable
+        lines = [
+            f"- **Q1**: {c.total} convolutional layers (nn.Conv2d modules): {c.stem} in the stem, "
+            f"{c.main_path} on the blocks' main path, {c.shortcut} in shortcut projections.",
+            f"- **Q2**: the last linear layer ({name}) receives a vector of {in_features} "
+            "features.",
+        ]
+        grads = {a.optimizer: a.grads.elements for a in self.optimizers}
+        same = len(set(grads.values())) == 1
+        shown = (
+            f"{next(iter(grads.values())):,} gradients after backward with {' and '.join(grads)}"
+            if same
+            else "; ".join(f"{n:,} gradients after backward with {o}" for o, n in grads.items())
+        )
+        lines.append(
+            f"- **Q3**: {trainable.elements:,} trainable parameters in {trainable.tensors} "
+            f"tensors; {shown} (none before the first backward)."
+        )
+        for a in self.optimizers:
+            kept = ", ".join(a.state) or "nothing"
+            lines.append(
+                f"- **Q4** ({a.optimizer}): keeps {kept} per parameter, "
+                f"{a.state_total.elements:,} elements ({a.state_total.mib:.2f} MiB)."
+            )
+        return "\n".join(lines)
+
     def json(self) -> str:
         return json.dumps(self.answers(), indent=2)
 
@@ -127,7 +156,7 @@ def _json(count: Count) -> dict[str, float]:
         "tensors": count.tensors,
         "elements": count.elements,
         "bytes": count.bytes,
-        "mib": round(count.mib, 3),
+        "mib": count.mib,  # exact: rounded once, where it is shown
     }
 
 
@@ -175,4 +204,6 @@ def run_inspection(cfg: TrainConfig, optimizers: tuple[str, ...], session: Sessi
         tracker.log_table(result.convs, "q1_conv_layers")
         tracker.log_table(optimizers_frame(anatomies), "q3_q4_optimizers")
         tracker.log_text(result.json(), "answers.json")
+    if run_id is not None:
+        tracker.describe(run_id, description(labels.exercise, result.answer(), params))
     return result

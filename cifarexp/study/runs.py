@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cifarexp import processes, tracking
-from cifarexp.config import CifarexpError, TrainConfig
+from cifarexp.config import CifarexpError, TrainConfig, logged_params
 from cifarexp.study.catalogue import Labels
 from cifarexp.study.session import Session
 from cifarexp.tracking import Tracker
@@ -95,7 +95,7 @@ def run_training(
     training = build_training(cfg, tracker.world)
     tags = {**labels.tags(), tracking.DATASET: cfg.dataset, **environment_tags(training.device)}
     tags[tracking.ENERGY] = energy_source(training, session)
-    params = {**cfg.as_params(), **tracker.world.params(cfg)}
+    params = logged_params({**cfg.as_params(), **tracker.world.params(cfg)}, training.device.type)
     name = run_name or labels.run_name(cfg.dataset, training.device.type)
     run = tracker.start_run(
         session.experiment_of(labels.command), run_name=name, tags=tags, params=params,

@@ -40,13 +40,14 @@ from cifarexp.tracking.queries import (
     where,
 )
 from cifarexp.tracking.store import STORE_ERRORS, artifact_root, redact, shown_uri, store_error
+from cifarexp.tracking.tabular import csv_text, rounded
 from cifarexp.tracking.tracker import Tracker
 
 __all__ = [
     "COMMAND", "COMMIT", "CUDA_DEVICES", "DATASET", "DEVICE", "DIVERGED", "ENERGY", "ERROR",
     "EXERCISE", "NOTE", "PARENT", "PRESET", "STORE_ERRORS", "TAG", "VARIANT", "VARIANTS",
     "VERDICT", "VERSION", "WORKERS_FROM", "Tracker", "artifact_root", "check_experiment",
-    "default_experiment", "experiment_id", "finished_children", "finished_top_level",
-    "is_run_id", "latest_sweep", "load_text", "metric_history", "reading", "redact",
-    "search_runs", "shown_uri", "store_error", "where",
+    "csv_text", "default_experiment", "experiment_id", "finished_children",
+    "finished_top_level", "is_run_id", "latest_sweep", "load_text", "metric_history",
+    "reading", "redact", "rounded", "search_runs", "shown_uri", "store_error", "where",
 ]  # fmt: skip

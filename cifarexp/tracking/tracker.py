@@ -19,6 +19,7 @@ from cifarexp.config import CifarexpError
 from cifarexp.tracking import lifecycle
 from cifarexp.tracking.names import APPENDED, NOTE, REUSED_FROM, TAG
 from cifarexp.tracking.store import check_whole, open_store, retry_locked
+from cifarexp.tracking.tabular import csv_text, rounded
 from cifarexp.training.distributed import World
 
 if TYPE_CHECKING:
@@ -178,15 +179,16 @@ class Tracker:
         retry_locked(lambda: mlflow.log_input(dataset, context="training"), races=(race,))
 
     def log_table(self, table: pd.DataFrame, name: str, run_id: str | None = None) -> None:
-        """A table as `name`.csv (readable by any tool, 6 significant digits) and as an
-        MLflow table, `name`.json, which the UI shows and compares across runs; on the
-        active run, or on `run_id`."""
+        """A table as `name`.csv (readable by any tool) and as an MLflow table, `name`.json,
+        which the UI shows and compares across runs, both holding the same numbers rounded
+        once (`tabular.rounded`); on the active run, or on `run_id`."""
         if not self.writes:
             return
         run_id = run_id or mlflow.active_run().info.run_id
         client = mlflow.MlflowClient()
+        table = rounded(table)
         with _writing_artifact(f"{name}.csv"):
-            client.log_text(run_id, table.to_csv(index=False, float_format="%.6g"), f"{name}.csv")
+            client.log_text(run_id, csv_text(table), f"{name}.csv")
         with _writing_artifact(f"{name}.json"):
             client.log_table(
                 run_id, table.astype(object).where(table.notna(), None), f"{name}.json"

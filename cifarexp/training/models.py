@@ -8,6 +8,8 @@ import torch
 import torchinfo
 from torch import Tensor, nn
 
+from cifarexp.config import did_you_mean
+
 
 def _norm(channels: int, batch_norm: bool) -> nn.Module:
     # The no-BN variant drops BatchNorm and changes nothing else: Identity keeps the structure.
@@ -77,7 +79,9 @@ def build_model(name: str = "resnet18", *, batch_norm: bool = True) -> nn.Module
     try:
         factory = MODELS[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+        raise KeyError(
+            f"unknown model {name!r}{did_you_mean(name, MODELS)}; known: {', '.join(MODELS)}"
+        ) from None
     return factory(batch_norm=batch_norm)
 
 

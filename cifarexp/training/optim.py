@@ -8,6 +8,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from cifarexp.config import did_you_mean
+
 # name (config.OPTIMIZERS) -> (factory, whether it takes the momentum setting)
 FACTORIES: dict[str, tuple[Callable[..., torch.optim.Optimizer], bool]] = {
     "sgd": (torch.optim.SGD, True),
@@ -30,6 +32,9 @@ def build_optimizer(
     try:
         factory, takes_momentum = FACTORIES[name]
     except KeyError:
-        raise KeyError(f"unknown optimizer {name!r}; choose from {', '.join(FACTORIES)}") from None
+        raise KeyError(
+            f"unknown optimizer {name!r}{did_you_mean(name, FACTORIES)}; choose from "
+            f"{', '.join(FACTORIES)}"
+        ) from None
     extra = {"momentum": momentum} if takes_momentum else {}
     return factory(params, lr=lr, weight_decay=weight_decay, **extra)

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, record_function
 
-from cifarexp.config import GRAPHED_OPTIMIZERS, TrainConfig, fast_settings, flag
+from cifarexp.config import GRAPHED_OPTIMIZERS, TrainConfig, fast_settings, flag, plural
 from cifarexp.training.build import Training
 from cifarexp.training.energy import joules_text
 from cifarexp.training.engine import Batch, EpochResult, compiled_shapes_only, train_one_epoch
@@ -83,8 +83,8 @@ KERNEL_CLASSES = (
 )
 # What this tool's settings measured on one H200 (docs/results.md), for the verdict's advice.
 MEASURED = {
-    "cuda_graph": "the fast path with it took 1.20 s per epoch on an H200, the standard path "
-    "6.04 s",
+    "cuda_graph": "the fast path with it took 1.21 s per epoch on an H200, the standard path "
+    "5.62 s",
     "compile": "the fast path with it took 1.94 s per epoch on an H200",
     "batch_size": "on an H200 the whole step took 2.06 ms per 128 images at batch 512, 2.95 ms "
     "at 128",
@@ -299,7 +299,7 @@ def top_operators(averages: Iterable, window_us: float) -> pd.DataFrame:
                     "name": a.key,
                     "calls": a.count,
                     "ms per step": us / ACTIVE_STEPS / 1000,
-                    "of step %": us / window_us,
+                    "of step %": 100 * us / window_us,
                 }
             )
     return pd.DataFrame(rows, columns=["by", "name", "calls", "ms per step", "of step %"])
@@ -349,7 +349,9 @@ def verdict(
     if epochs is None:
         sources = [step]
     else:
-        loader = "batches made on the device" if cfg.loader == "gpu" else f"{cfg.workers} workers"
+        loader = (
+            "batches made on the device" if cfg.loader == "gpu" else plural(cfg.workers, "worker")
+        )
         sources = [f"the epochs waited {waited:.0%} of their time for data ({loader})", step]
         if waited >= INPUT_BOUND_SHARE > window_wait:
             sources[1] += ": its batches were ready, the epochs' were not"
@@ -396,12 +398,12 @@ def _more_data(cfg: TrainConfig, device_type: str, best: tuple[int, str] | None)
         return f"no C3 sweep on {device_type} in this store yet: run `cifarexp sweep-workers`"
     count, run_id = best
     if count != cfg.workers:
-        sweep = f"the C3 sweep on this machine (run {run_id}) found {count} workers best"
+        sweep = f"the C3 sweep on this machine (run {run_id}) found {plural(count, 'worker')} best"
         return f"{sweep}: try {_try(workers=count)}"
     gpu = (
         f", or {_try(loader='gpu')} (the data kept on the device)" if device_type == "cuda" else ""
     )
-    best_now = f"{count} workers is the C3 sweep's best"
+    best_now = f"{plural(count, 'worker')} is the C3 sweep's best"
     return f"{best_now}: try {_try(persistent_workers=True, pin_memory=True)}{gpu}"
 
 
