@@ -62,7 +62,7 @@ def device_breakdown(c5: pd.DataFrame, subtitle: str = "") -> Figure:
     ax = fig.add_subplot()
     names = [f"{d}\n{e}" for d, e in zip(c5["device"], c5["estimated"], strict=True)]
     bars = ax.barh(names, c5["avg epoch s"], color=[f"C{i}" for i in range(len(c5))])
-    speedups = c5["speedup vs cpu"].fillna(1.0)
+    speedups = c5.get("speedup vs cpu", pd.Series(1.0, index=c5.index)).fillna(1.0)
     labels = [
         f" {row['avg epoch s']:.2f} s"
         + (f", {speedup:.1f}x faster" if speedup > 1 else "")

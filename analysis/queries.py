@@ -14,6 +14,7 @@ EPOCH_METRICS = [
     "data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc", "images_per_s",
     "test_loss", "test_acc", "mfu", "comm_time_s", "energy_j", "power_w", "energy_per_image_mj",
     "partial_data_s", "partial_train_s", "partial_total_s",  # an epoch cut at max_batches
+    "estimate_low_s", "estimate_high_s",  # the range of its whole-epoch estimate
     "other_cpu_load_cpus",  # the CPUs other processes used while the epoch ran
 ]  # fmt: skip
 

@@ -100,7 +100,21 @@ def _c3(ex: queries.Exercise) -> tuple[dict, dict, str]:
 
 def _c5(ex: queries.Exercise) -> tuple[dict, dict, str]:
     c5 = tables.c5_devices(ex)
-    return {"c5_devices": c5}, {"c5_devices": plots.device_breakdown(c5, _subtitle(ex))}, ""
+    figures = {"c5_devices": plots.device_breakdown(c5, _subtitle(ex))}
+    return {"c5_devices": c5}, figures, _c5_without_gpu(ex, c5)
+
+
+def _c5_without_gpu(ex: queries.Exercise, c5: pd.DataFrame) -> str:
+    """Why C5 has no GPU to compare with, when it has none: none was found (the parent's
+    CUDA_DEVICES tag says 0), or none was asked for."""
+    if c5["device"].astype(str).str.startswith("cuda").any():
+        return ""
+    if str(ex.parent.get(f"tags.{tracking.CUDA_DEVICES}")) == "0":
+        return (
+            "No CUDA device was found: C5 compares a CUDA GPU with the CPU and needs one; "
+            "the CPU was timed alone, with no speedup."
+        )
+    return "No GPU ran (--devices left it out): the CPU was timed alone, with no speedup."
 
 
 def _c5_scaling(ex: queries.Exercise) -> tuple[dict, dict, str]:
@@ -241,31 +255,25 @@ def summarize(item: str, run_id: str) -> Section:
 
 
 def headline(section: Section) -> dict[str, float]:
-    """The one-number answers of a section, logged as metrics on its parent run."""
+    """The one-number answers of a section, logged as metrics on its parent run: few, and
+    named apart from its children's summary metrics (`engine.summary`: final_acc,
+    avg_epoch_time_s, ...), which MLflow's charts compare variant by variant."""
     metrics = {}
     if "c3_workers" in section.tables:
         metrics["best_workers"] = tables.best_workers(section.tables["c3_workers"])
-    speedup = section.tables.get("c5_devices", pd.DataFrame()).get("speedup vs cpu")
+    c5 = section.tables.get("c5_devices", pd.DataFrame())
+    speedup = c5.get("speedup vs cpu")
     if speedup is not None and len(speedup) > 1:
         metrics["gpu_speedup"] = float(speedup.max())
-    c5 = section.tables.get("c5_devices", pd.DataFrame())
-    for _, row in c5.iterrows():
-        device = str(row["device"]).replace(":", "_")
-        metrics[f"{device}_epoch_s"] = float(row["avg epoch s"])
-        if pd.notna(row.get(tables.EPOCH_J)):
-            metrics[f"{device}_epoch_j"] = float(row[tables.EPOCH_J])
     if tables.ENERGY_VS_CPU in c5:  # the CPU's J/epoch over each device's
         ratios = c5.loc[c5["device"] != "cpu", tables.ENERGY_VS_CPU].dropna()
         if not ratios.empty:  # both the CPU and a GPU measured it
             metrics["cpu_gpu_energy_ratio"] = float(ratios.max())
-    for _, row in section.tables.get("c6_optimizers", pd.DataFrame()).iterrows():
-        metrics[f"final_acc_{row['optimizer']}"] = float(row[tables.FINAL_ACCURACY]) / 100
-        metrics[f"final_loss_{row['optimizer']}"] = float(row["final loss"])
-        if pd.notna(row.get(tables.EPOCH_J)):
-            metrics[f"epoch_j_{row['optimizer']}"] = float(row[tables.EPOCH_J])
+    c6 = section.tables.get("c6_optimizers", pd.DataFrame())
+    if not c6.empty:  # the best optimizer's (0-1), named in the best_optimizer tag
+        metrics["best_final_acc"] = float(c6[tables.FINAL_ACCURACY].max()) / 100
     c7 = section.tables.get("c7_batch_norm", pd.DataFrame())
     final = dict(zip(c7.get("model", []), c7.get(tables.FINAL_ACCURACY, []), strict=True))
-    metrics |= {f"final_acc_{m.lower().replace(' ', '_')}": a / 100 for m, a in final.items()}
     if {"BN", "no BN"} <= final.keys():  # what BatchNorm adds to the final accuracy (0-1)
         metrics["acc_gap"] = float(final["BN"] - final["no BN"]) / 100
     if "c5_scaling" in section.tables:  # the efficiency at the most GPUs, per mode
@@ -303,14 +311,11 @@ def answer(section: Section) -> str:
         return f"The best count is {plural(m['best_workers'], 'worker')}. {section.text}"
     if "c5_devices" in t:
         rows = t["c5_devices"]
-        epochs = ", ".join(
-            f"{r['device']} {r['avg epoch s']:.2f} s{' (estimated)' if r['estimated'] else ''}"
-            for _, r in rows.iterrows()
-        )
+        batches = section.settings.get("cpu_batches")
+        epochs = ", ".join(_c5_epoch(r, batches) for _, r in rows.iterrows())
         speedup = f": the GPU is {m['gpu_speedup']:.1f}x faster" if "gpu_speedup" in m else ""
-        return (
-            f"Average epoch time per device: {epochs}{speedup}.{_energy_per_epoch(rows, 'device')}"
-        )
+        energy = _energy_per_epoch(rows, "device")
+        return f"Average epoch time per device: {epochs}{speedup}.{energy} {section.text}".strip()
     if "c5_scaling" in t:
         gpus = t["c5_scaling"]["GPUs"].max()
         modes = [f"{k.removesuffix('_scaling_efficiency')} {v:.1%}" for k, v in m.items()]
@@ -343,6 +348,19 @@ def answer(section: Section) -> str:
             f"{values['trainable parameters']:,} trainable parameters; optimizer state: {state}."
         )
     return ""
+
+
+def _c5_epoch(row: pd.Series, batches: object) -> str:
+    """A device's average epoch in C5's answer; an estimated one says from how many batches,
+    and its range where it has one."""
+    text = f"{row['device']} {row['avg epoch s']:.2f} s"
+    if not row["estimated"]:
+        return text
+    low, high = row.get(tables.ESTIMATE_LOW), row.get(tables.ESTIMATE_HIGH)
+    spread = f", {low:.2f}-{high:.2f} s" if pd.notna(low) and pd.notna(high) else ""
+    given = batches not in (None, "", "None")
+    of = f" from {batches} batch{'es' * (str(batches) != '1')} an epoch" if given else ""
+    return f"{text} (estimated{of}{spread})"
 
 
 def report_description(sections: list[Section]) -> str:

@@ -21,6 +21,8 @@ ENERGY_VS_CPU = "energy vs cpu"  # the CPU's J/epoch over this device's
 # never fractions; the metrics logged per epoch keep MLflow's fractions (train_acc 0-1).
 ACCURACY, FINAL_ACCURACY = "accuracy %", "final accuracy %"
 WAITING, EFFICIENCY = "waiting %", "efficiency %"
+# C5: an estimated epoch's range, from its batches' fastest and slowest (engine.estimate_epoch)
+ESTIMATE_LOW, ESTIMATE_HIGH = "estimate low s", "estimate high s"
 C6_TIME = "training s/epoch"  # C6: the median over the epochs, with its min and max
 
 
@@ -227,8 +229,12 @@ def c5_devices(ex: Exercise) -> pd.DataFrame:
             "estimated": ["estimated" if pd.notna(p) else "" for p in partial],
         }
     )
+    if measured(runs, "estimate_low_s"):  # the estimate's range (see engine.estimate_epoch)
+        table.insert(5, ESTIMATE_LOW, runs["estimate_low_s"])
+        table.insert(6, ESTIMATE_HIGH, runs["estimate_high_s"])
     cpu = table.loc[table["device"] == "cpu", "avg epoch s"]
-    table["speedup vs cpu"] = cpu.iloc[0] / table["avg epoch s"] if not cpu.empty else None
+    if len(table) > 1:  # a speedup needs two devices
+        table["speedup vs cpu"] = cpu.iloc[0] / table["avg epoch s"] if not cpu.empty else None
     if measured(runs, "energy_j"):
         table[EPOCH_J] = runs["energy_j"]
         cpu_j = table.loc[table["device"] == "cpu", EPOCH_J]

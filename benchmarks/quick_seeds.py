@@ -46,16 +46,18 @@ def learning_runs(client: MlflowClient) -> list[tuple[str, list[float], list[flo
 
 
 def shapes(client: MlflowClient) -> dict[str, bool]:
-    """The study's shapes, from the C6 and C7 parents' headline metrics."""
+    """The study's shapes, from the final_acc of the C6 and C7 children (by variant value:
+    sgd, adam, ..., bn, no-bn)."""
     experiments = [e.experiment_id for e in client.search_experiments()]
-    metrics: dict[str, float] = {}
+    final: dict[str, float] = {}
     for run in client.search_runs(experiments, "attributes.status = 'FINISHED'"):
-        if run.data.tags.get("cifarexp.exercise") in ("C6", "C7"):
-            metrics |= {k: v for k, v in run.data.metrics.items() if k.startswith("final_acc")}
+        tags = run.data.tags
+        if tags.get("cifarexp.exercise") in ("C6", "C7") and tags.get("cifarexp.variant"):
+            final[tags["cifarexp.variant"].partition("=")[2]] = run.data.metrics["final_acc"]
     return {
-        "BN ahead of no-BN": metrics["final_acc_bn"] > metrics["final_acc_no_bn"],
-        "Adam behind SGD": metrics["final_acc_adam"] < metrics["final_acc_sgd"],
-        "Adadelta ahead of SGD": metrics["final_acc_adadelta"] > metrics["final_acc_sgd"],
+        "BN ahead of no-BN": final["bn"] > final["no-bn"],
+        "Adam behind SGD": final["adam"] < final["sgd"],
+        "Adadelta ahead of SGD": final["adadelta"] > final["sgd"],
     }
 
 

@@ -54,7 +54,7 @@ PRESETS: dict[str, dict[str, float | None]] = {
     "full": {"train_size": None, "epochs": 5, "batch_size": STUDY_BATCH, "lr": STUDY_LR,
              "cpu_batches": 20},
     "quick": {"train_size": 256, "epochs": 5, "batch_size": 16, "lr": STUDY_LR * 16 / STUDY_BATCH,
-              "cpu_batches": 1},
+              "cpu_batches": 4},
 }  # fmt: skip
 
 

@@ -246,12 +246,12 @@ def launch(nproc: int, argv: list[str], env: dict[str, str]) -> int:
     """Run `cifarexp ARGV` as `nproc` processes on this machine through torchrun's launcher,
     with `env` added to this environment, and wait; their exit code. They run in a process
     group of their own, which this process stops if it is stopped (see `_stop`), or which
-    stops itself if this process is killed outright (see `_interrupt_on_parent_death`)."""
+    stops itself if this process is killed outright (see `interrupt_on_parent_death`)."""
     environment = {**os.environ, **env}
     environment.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is this process's, not theirs
     command = torchrun_command(nproc, argv)
     process = subprocess.Popen(
-        command, env=environment, start_new_session=True, preexec_fn=_interrupt_on_parent_death()
+        command, env=environment, start_new_session=True, preexec_fn=interrupt_on_parent_death()
     )
     try:
         return process.wait()
@@ -260,11 +260,12 @@ def launch(nproc: int, argv: list[str], env: dict[str, str]) -> int:
         raise
 
 
-def _interrupt_on_parent_death() -> Callable[[], None] | None:
-    """On Linux, what the launched torchrun runs before it starts: ask the kernel for a SIGINT
-    when this process dies, even killed outright (SIGKILL), so that the job stops as on a
-    Ctrl-C (every rank ends its run KILLED) rather than training on with no one waiting.
-    prctl is looked up here, in this process: the child calls it and nothing else."""
+def interrupt_on_parent_death() -> Callable[[], None] | None:
+    """On Linux, what a launched process (torchrun, `cifarexp ui`'s server) runs before it
+    starts: ask the kernel for a SIGINT when this process dies, even killed outright
+    (SIGKILL), so that a job stops as on a Ctrl-C (every rank ends its run KILLED) rather
+    than training on with no one waiting. prctl is looked up here, in this process: the
+    child calls it and nothing else."""
     if not sys.platform.startswith("linux"):
         return None
     prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()

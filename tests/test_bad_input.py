@@ -15,7 +15,7 @@ from tests.conftest import TINY_ARGS, all_runs, one_message, without
 USAGE, RUNTIME = 2, 1
 TRAINING = ["time", "sweep-workers", "compare-device", "compare-optim", "no-bn"]
 COMMANDS = {command.name for command in app.registered_commands if not command.hidden}
-OTHERS = [name for name in ("inspect", "report", "lab", "compare") if name in COMMANDS]
+OTHERS = [name for name in ("inspect", "report", "lab", "compare", "ui") if name in COMMANDS]
 # The valid arguments each command gets besides the bad one (lab's would run the study, but
 # every case below fails before anything runs).
 BASE = {
@@ -28,6 +28,7 @@ BASE = {
     "report": ["--quiet", "--out", "report"],
     "lab": ["--quiet", "--preset", "quick", "--dataset", "synthetic", "--device", "cpu"],
     "compare": ["--quiet", "--baseline", "no-such-experiment"],
+    "ui": [],
 }
 CIFAR10 = ["--dataset", "cifar10", "--data-dir"]
 
@@ -138,11 +139,17 @@ OWN = {
         (["--fail-if-slower", "x"], "--fail-if-slower", USAGE),
         (["--out", "afile/compare"], "--out", RUNTIME),
     ],
+    "ui": [
+        (["--port", "0"], "--port", USAGE),
+        (["--port", "x"], "--port", USAGE),
+        (["--port", "65536"], "--port", USAGE),
+    ],
 }
 SKIP = {  # options a command does not have (its own option of that name is tested in OWN)
     "sweep-workers": ("--workers", "--persistent-workers"),  # 0 workers run without it
     "compare-device": ("--device",),
     "compare-optim": ("--optimizer",),
+    "ui": ("--experiment",),  # it serves every experiment
 }
 
 

@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from cifarexp.study import comparisons, runs
 from cifarexp.study.comparisons import auto_sweep
 from tests.conftest import TINY_ARGS, all_runs, without
 
 ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
+# Every child's summary (`engine.summary`): one chart per name in MLflow, a bar per child.
+SUMMARY = ("final_acc", "final_loss", "avg_epoch_time_s", "avg_train_time_s", "avg_data_time_s")
 
 
 def parent_and_children(client):
@@ -67,6 +70,9 @@ def test_sweep_workers_logs_children_tables_plot_and_best(cli, client):
     assert parent.data.tags["cifarexp.exercise"] == "C3"
     assert parent.data.tags["cifarexp.dataset"] == "synthetic"
     assert [c.data.tags["cifarexp.variant"] for c in children] == ["workers=0", "workers=1"]
+    assert [c.info.run_name for c in children] == ["workers=0", "workers=1"]
+    assert all(set(SUMMARY) <= set(c.data.metrics) for c in children)
+    assert set(parent.data.metrics) == {"best_workers"}
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(c.data.params["epochs"] == "1" for c in children)
     assert {"c3_workers.csv", "c4_one_vs_best.csv", "c3_workers.png", "notes.md"} <= artifacts(
@@ -116,6 +122,43 @@ def test_compare_device_estimates_the_cpu_epoch_from_its_first_batches(cli, clie
     assert "c5_devices.png" in artifacts(client, parent.info.run_id)
 
 
+def test_compare_device_without_cuda_says_what_c5_needs_and_marks_partial_epochs(
+    cli, client, monkeypatch
+):
+    # Given a machine where torch finds no CUDA device, 4 batches an epoch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    args = [*without("--train-size", without("--device", ONE_EPOCH)), "--train-size", "64"]
+    args.remove("--quiet")
+    # When C5 runs with its default devices, the CPU's epochs cut at 3 batches
+    result = cli("compare-device", *args, "--cpu-batches", "3")
+    # Then it says plainly that no CUDA device was found and what C5 needs, at once and in
+    # its answer
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert output.startswith(
+        "No CUDA device was found: C5 compares a CUDA GPU with the CPU and needs one"
+    )
+    parent, [child] = parent_and_children(client)
+    note = parent.data.tags["mlflow.note.content"]
+    assert "No CUDA device was found: C5 compares a CUDA GPU with the CPU and needs one" in note
+    assert parent.data.tags["cifarexp.cuda_devices"] == "0"
+    # and no speedup of the CPU over itself
+    c5 = csv(client, parent.info.run_id, "c5_devices.csv")
+    assert "speedup vs cpu" not in c5 and "gpu_speedup" not in parent.data.metrics
+    # and the progress marks the partial epoch, with the whole epoch it estimates
+    assert "device=cpu epoch 1/1 partial (first 3 batches): data " in output
+    assert "; whole epoch estimated " in output
+    assert "device=cpu: 1 partial epoch (3 batches each) in " in output
+    # and the estimate comes with its range, from the batches after the first
+    metrics = child.data.metrics
+    low, high = metrics["estimate_low_s"], metrics["estimate_high_s"]
+    assert low <= metrics["epoch_time_s"] <= high
+    assert list(c5["estimate low s"]) == pytest.approx([low], rel=1e-5)
+    assert f"cpu {metrics['epoch_time_s']:.2f} s (estimated from 3 batches an epoch, " in note
+    assert f"{low:.2f}-{high:.2f} s)" in note
+
+
 def test_compare_optim_has_a_child_per_optimizer_and_per_epoch_curves(cli, client):
     result = cli("compare-optim", *TINY_ARGS, "--optimizers", "sgd,adam")
     assert result.exit_code == 0, result.output
@@ -139,6 +182,22 @@ def test_compare_optim_has_a_child_per_optimizer_and_per_epoch_curves(cli, clien
     )
     assert all(len(f"{v:.15g}".replace(".", "").lstrip("0")) <= 6 for v in shown["final loss"])
     assert "c6_optimizers.png" in artifacts(client, parent.info.run_id)
+    # MLflow's charts compare the children: each has the same summary metrics, and a name
+    # that tells it apart; the parent has its headline alone.
+    assert [c.info.run_name for c in children] == ["sgd", "adam"]
+    variants = [c.data.tags["cifarexp.variant"] for c in children]
+    assert variants == ["optimizer=sgd", "optimizer=adam"]  # the field, for --resume
+    for child in children:
+        metrics = child.data.metrics
+        assert set(SUMMARY) <= set(metrics)
+        assert metrics["final_acc"] == metrics["train_acc"]  # the last epoch's
+        assert metrics["final_loss"] == metrics["train_loss"]
+        history = client.get_metric_history(child.info.run_id, "epoch_time_s")
+        assert metrics["avg_epoch_time_s"] == pytest.approx(
+            sum(m.value for m in history) / len(history)
+        )
+    assert set(parent.data.metrics) == {"best_final_acc"}
+    assert parent.data.metrics["best_final_acc"] == pytest.approx(max(c6["final accuracy %"]) / 100)
 
 
 def test_no_bn_trains_both_models_unless_no_baseline(cli, client):
@@ -148,6 +207,9 @@ def test_no_bn_trains_both_models_unless_no_baseline(cli, client):
     assert [c.data.params["batch_norm"] for c in children] == ["False", "True"]
     c7 = csv(client, parent.info.run_id, "c7_batch_norm.csv")
     assert list(c7["model"]) == ["no BN", "BN"]
+    assert [c.info.run_name for c in children] == ["no-bn", "bn"]
+    assert all(set(SUMMARY) <= set(c.data.metrics) for c in children)
+    assert set(parent.data.metrics) == {"acc_gap"}
     assert "c7_batch_norm.png" in artifacts(client, parent.info.run_id)
 
 

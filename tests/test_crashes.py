@@ -53,10 +53,10 @@ def test_a_worker_dying_in_the_second_child_fails_it_and_the_parent(cli, client,
     by_name = {run.info.run_name: run for run in all_runs(client)}
     assert {name: run.info.status for name, run in by_name.items()} == {
         "compare-optim synthetic cpu": "FAILED",
-        "optimizer=sgd": "FINISHED",
-        "optimizer=adam": "FAILED",
+        "sgd": "FINISHED",
+        "adam": "FAILED",
     }
-    adam, sgd = by_name["optimizer=adam"], by_name["optimizer=sgd"]
+    adam, sgd = by_name["adam"], by_name["sgd"]
     assert adam.data.tags[tracking.ERROR] == f"RuntimeError: {WORKER_DIED}"
     assert "killed by signal" in by_name["compare-optim synthetic cpu"].data.tags[tracking.ERROR]
     assert [m.step for m in client.get_metric_history(adam.info.run_id, "train_loss")] == [1]

@@ -1,10 +1,18 @@
 import math
 
+import pytest
 import torch
 
 from cifarexp.config import OPTIMIZERS
 from cifarexp.training.data import load_split, make_loader
-from cifarexp.training.engine import evaluate, train, train_one_epoch
+from cifarexp.training.engine import (
+    EpochResult,
+    estimate_epoch,
+    evaluate,
+    summary,
+    train,
+    train_one_epoch,
+)
 from cifarexp.training.models import build_model
 from cifarexp.training.optim import FACTORIES, build_optimizer
 from tests.conftest import TINY
@@ -87,3 +95,26 @@ def test_every_optimizer_in_the_table_builds_and_steps():
         assert optimizer.defaults["lr"] == 0.1 and optimizer.defaults["weight_decay"] == 5e-4
     nesterov = build_optimizer("nesterov", build_model().parameters())
     assert nesterov.defaults["nesterov"] and nesterov.defaults["momentum"] == 0.9
+
+
+def test_a_partial_epoch_is_estimated_with_its_first_batch_once_and_a_range():
+    # 3 of 10 batches ended 1.0, 1.5 and 2.5 s into the epoch: the first (the workers'
+    # start) once, then 9 batches at the later ones' mean 0.75 s, fastest 0.5, slowest 1.0
+    assert estimate_epoch([1.0, 1.5, 2.5], 10, 2.6) == {
+        "estimated_epoch_s": 7.75, "estimate_low_s": 5.5, "estimate_high_s": 10.0,
+    }  # fmt: skip
+    one = estimate_epoch([1.0], 10, 1.2)  # one batch: no range, the partial time scaled
+    assert one["estimated_epoch_s"] == 12.0 and one["estimate_low_s"] is None
+    assert set(estimate_epoch([1.0, 2.0], 2, 2.0).values()) == {None}  # a whole epoch
+
+
+def test_the_summary_is_the_last_epoch_and_the_mean_of_whole_epochs():
+    whole = EpochResult(1, 0.2, 1.0, 1.5, 2.0, 0.1, 64, energy_j=30.0)
+    partial = EpochResult(2, 0.1, 0.3, 0.5, 1.5, 0.4, 32, estimated_epoch_s=2.5, energy_j=10.0)
+    values = summary([whole, partial])
+    assert values == pytest.approx({
+        "final_loss": 1.5, "final_acc": 0.4, "avg_epoch_time_s": 2.0,
+        "avg_train_time_s": (1.0 + 0.3 * 5) / 2, "avg_data_time_s": (0.2 + 0.1 * 5) / 2,
+        "avg_energy_j": (30.0 + 50.0) / 2,
+    })  # fmt: skip
+    assert "avg_energy_j" not in summary([EpochResult(1, 0.2, 1.0, 1.5, 2.0, 0.1, 64)])

@@ -28,6 +28,11 @@ def test_the_lab_answers_every_item_and_reuses_a_variant_it_trained(cli, client,
     }
     assert top == {"Q1-Q4", "C2", "C3", "C5", "C6", "C7", "report"}
     assert all(r.info.status == "FINISHED" for r in runs)
+    # each item's links printed as it finished, the report's last, and once how to open the UI
+    output = " ".join(result.output.split())
+    assert output.count("In the MLflow UI: http://127.0.0.1:5000/#/experiments/") == 7
+    assert output.count("cifarexp ui") == 1
+    assert output.endswith("See it in the MLflow UI: cifarexp ui")
     assert all(
         r.data.params.get("lr") in (None, "0.0125") for r in runs if "epochs" in r.data.params
     )

@@ -3,14 +3,23 @@ and a server that goes away mid-run fails the command clearly."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import time
+import urllib.request
+
 import pytest
 from mlflow.tracking import MlflowClient
 
 from cifarexp import __version__, tracking
+from cifarexp.study.catalogue import short_name
 from tests.conftest import TINY_ARGS, all_runs, without
-from tests.processes import start_server
+from tests.processes import free_port, start_cifarexp, start_server, wait_until_gone
 
 VARIANT = tracking.VARIANT
+# What every training run logs once it ends, each a chart in the UI with a bar per child.
+SUMMARY = ("final_acc", "final_loss", "avg_epoch_time_s", "avg_train_time_s", "avg_data_time_s")
 ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
 COMMANDS = [  # the training runs with MLflow's system metrics, which the tests turn off
     ["time", *ONE_EPOCH, "--system-metrics"],
@@ -91,7 +100,8 @@ def readable_in_the_ui(client: MlflowClient) -> None:
     for run in runs:
         tags, metrics = run.data.tags, run.data.metrics
         # a name that says what it is; version and commit (run from this git checkout)
-        assert run.info.run_name.startswith((tags["cifarexp.command"], tags.get(VARIANT, "-")))
+        named = (tags["cifarexp.command"], short_name(tags.get(VARIANT, "-")))
+        assert run.info.run_name.startswith(named)
         assert tags[tracking.VERSION] == __version__ and len(tags[tracking.COMMIT]) == 40
         assert "None" not in run.data.params.values() and tags.get(VARIANT) != ""
         assert "flops_per_image" not in metrics and "cifarexp.cuda_version" not in tags
@@ -110,7 +120,11 @@ def readable_in_the_ui(client: MlflowClient) -> None:
     [parent] = [r for r in runs if r.data.tags["cifarexp.command"] == "compare-optim"
                 and "mlflow.parentRunId" not in r.data.tags]  # fmt: skip
     assert parent.data.params["optimizers"] == "sgd,adam" and "optimizer" not in parent.data.params
-    assert {"final_acc_sgd", "final_acc_adam", "final_loss_sgd"} <= set(parent.data.metrics)
+    assert set(parent.data.metrics) == {"best_final_acc"}  # the variants' are their children's
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.info.run_name for c in children) == ["adam", "sgd"]
+    for child in children:
+        assert set(SUMMARY) <= set(child.data.metrics)
     assert parent.data.tags["cifarexp.best_optimizer"] in ("sgd", "adam")
     note = parent.data.tags[tracking.NOTE]
     assert "How do SGD" in note and "Final training accuracy" in note and "optimizers=" in note
@@ -142,3 +156,42 @@ def test_a_server_going_away_mid_run_fails_the_command_saying_what_was_logged(
     assert run.info.status == "RUNNING"  # nobody could end it: --resume treats it as unfinished
     history = MlflowClient(server.backend_uri).get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == [1]
+
+
+def test_ui_serves_the_store_on_127_0_0_1_until_ctrl_c(store, tmp_path, client):
+    # Given a store with an experiment, and a free port
+    experiment = client.create_experiment("cifarexp-time")
+    port = free_port()
+    # When `cifarexp ui` runs on it
+    ui = start_cifarexp("ui", "--port", str(port), cwd=tmp_path, name="ui")
+    try:
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops it" not in ui.log() and time.monotonic() < deadline:
+            assert ui.poll() is None, ui.log()
+            time.sleep(0.2)
+        # Then the UI answers on 127.0.0.1, and it printed the experiment's link
+        url = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(url + "/health", timeout=10) as reply:
+            assert reply.status == 200
+        output = " ".join(ui.log().split())
+        assert f"The MLflow UI on {store}: {url} (Ctrl-C stops it)" in output
+        link = f"cifarexp-time: {url}/#/experiments/{experiment}?workflowType=machine_learning"
+        assert link in output
+        # and Ctrl-C stops it, the server with it: nothing is left running in its folder
+        os.kill(ui.pid, signal.SIGINT)
+        assert ui.wait(timeout=60) == 0, ui.log()
+    finally:
+        ui.stop()
+    assert "The MLflow UI is stopped." in ui.log() and "Traceback" not in ui.log()
+    assert wait_until_gone(tmp_path, timeout=20) == []
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/health", timeout=5).close()
+
+
+def test_ui_says_which_port_is_taken(store, cli):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = cli("ui", "--port", str(port))
+    assert result.exit_code == 2
+    assert f"127.0.0.1:{port} is in use" in " ".join(result.output.split())

@@ -185,14 +185,24 @@ class EpochProgress:
         )
 
     def on_epoch(self, result: EpochResult) -> None:
+        """One line per epoch (a bar's description, in a terminal); a partial epoch
+        (--cpu-batches) says so, and the whole epoch it estimates."""
         self.last = result
+        partial = _partial(result, self.batches)
         if self.progress is not None:
+            if partial and self.task is not None:
+                description = f"{self._prefix()}epoch {result.epoch}/{self.epochs} {partial}"
+                self.progress.update(self.task, description=description)
             return
-        console.print(
-            f"{self._prefix()}epoch {result.epoch}/{self.epochs}  "
+        times = (
             f"data {result.data_time_s:.2f} s  train {result.train_time_s:.2f} s  "
-            f"total {result.epoch_time_s:.2f} s  loss {result.train_loss:.3f}  "
-            f"acc {result.train_acc:.1%}{_others(result)}",
+            f"total {result.epoch_time_s:.2f} s"
+        )
+        if partial:
+            times = f"{partial}: {times}; whole epoch {_estimate(result)}"
+        console.print(
+            f"{self._prefix()}epoch {result.epoch}/{self.epochs}  {times}  "
+            f"loss {result.train_loss:.3f}  acc {result.train_acc:.1%}{_others(result)}",
             highlight=False,
             soft_wrap=True,  # one line per epoch, however narrow the log
         )
@@ -217,8 +227,13 @@ class EpochProgress:
         """One line for a finished variant."""
         if self.label and self.last is not None:
             seconds = time.perf_counter() - self.started
+            epochs = plural(self.last.epoch, "epoch")
+            if self.last.estimated_epoch_s is not None:
+                n = self.last.epoch
+                each = "1 batch" if self.batches == 1 else f"{self.batches} batches"
+                epochs = f"{n} partial epoch{'s' * (n != 1)} ({each} each)"
             console.print(
-                f"{self.label}: {plural(self.last.epoch, 'epoch')} in {seconds:.1f} s, final loss "
+                f"{self.label}: {epochs} in {seconds:.1f} s, final loss "
                 f"{self.last.train_loss:.3f}, accuracy {self.last.train_acc:.1%}",
                 style="bold",
                 highlight=False,
@@ -230,6 +245,25 @@ def _others(result: EpochResult) -> str:
     """The CPUs other processes used while the epoch ran, where measured."""
     load = result.other_cpu_load_cpus
     return "" if load is None else f"  other processes {load:.1f} CPUs"
+
+
+def _partial(result: EpochResult, batches: int) -> str:
+    """ "partial (first N batches)" for an epoch cut short, else nothing."""
+    if result.estimated_epoch_s is None:
+        return ""
+    return f"partial (first {_batches(batches)})"
+
+
+def _batches(n: int) -> str:
+    return "batch" if n == 1 else f"{n} batches"
+
+
+def _estimate(result: EpochResult) -> str:
+    """The whole epoch a partial one estimates, with its range where it has one."""
+    text = f"estimated {result.estimated_epoch_s:.2f} s"
+    if result.estimate_low_s is not None and result.estimate_high_s is not None:
+        text += f" ({result.estimate_low_s:.2f}-{result.estimate_high_s:.2f} s)"
+    return text
 
 
 class _Rate(ProgressColumn):
@@ -295,13 +329,14 @@ def render(frame: pd.DataFrame, title: str, *, footer: Sequence[Sequence[object]
     return table
 
 
-def print_where(run_id: str | None) -> None:
-    """Where the run is: its experiment, the MLflow UI links, how to start the UI."""
+def print_where(run_id: str | None, *, ui: bool = True) -> None:
+    """Where the run is: its experiment, the MLflow UI links and, if `ui`, the command that
+    opens the UI."""
     if run_id is None:  # a rank that does not write
         return
     from cifarexp import tracking
 
-    for line in tracking.where(run_id):
+    for line in tracking.where(run_id, ui=ui):
         console.print(line, style="dim", highlight=False, soft_wrap=True)
 
 

@@ -283,6 +283,11 @@ Runs = Annotated[
     ),
 ]
 Json = Annotated[bool, _option("Print only the answers, as JSON.", RUN, "--json")]
+Port = Annotated[
+    int | None,
+    _option("Port of the MLflow UI on 127.0.0.1 (default: 5000 if free, else a free one).", RUN,
+            min=1, max=65535),
+]  # fmt: skip
 
 # ---------------------------------------------------------------- what a command varies
 

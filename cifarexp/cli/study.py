@@ -99,7 +99,7 @@ def lab_(
     session = open_session(ctx)
     check_out(out, session)  # a bad --out fails now, not after the whole study
     from analysis import report
-    from cifarexp.cli.console import console
+    from cifarexp.cli.console import console, print_where
     from cifarexp.study import lab
 
     for step in lab.steps(base, preset, session):
@@ -107,6 +107,7 @@ def lab_(
         run_id = step.run()
         if step.answered:  # logged on its run now: a later step may read it (the best count)
             answer(session, step.item, run_id, show=False)
+        print_where(run_id, ui=False)  # the report's, at the end, says how to open the UI
     write_and_log_report(report.build_report(), out, session, quiet=quiet)
 
 
@@ -139,6 +140,55 @@ def compare_(
     log_comparison(session, result, out, source, threshold)
     if result.slower(threshold):
         raise typer.Exit(1)
+
+
+@command("ui")
+def ui_(
+    port: opt.Port = None,
+    tracking_uri: opt.TrackingUri = None,
+) -> None:
+    """The MLflow UI on the store the commands use, on 127.0.0.1, until Ctrl-C: prints the
+    link to each experiment's runs."""
+    from cifarexp import processes
+    from cifarexp.cli.console import console, show_notices
+    from cifarexp.tracking import ui
+    from cifarexp.tracking.store import open_store, redact
+
+    show_notices()
+    uri = open_store(tracking_uri)
+    if ui.is_server(uri):  # a tracking server serves its own UI
+        console.print(f"{redact(uri)} is a tracking server: its UI is there.", highlight=False)
+        for line in ui.experiment_links(redact(uri).rstrip("/")):
+            console.print(f"  {line}", highlight=False, soft_wrap=True)
+        return
+    port = ui.free_port(port)
+    server = None
+    try:
+        server = ui.start(uri, port)  # stops what it started if it fails or is stopped
+        console.print(
+            f"The MLflow UI on {redact(uri)}: {server.url} (Ctrl-C stops it)",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        links = ui.experiment_links(server.url)
+        for line in links or ["No experiment yet: run a command (`cifarexp lab`, say) first."]:
+            console.print(f"  {line}", highlight=False, soft_wrap=True)
+        console.print(
+            f"On a remote machine, forward the port first: ssh -L {server.port}:{ui.HOST}:"
+            f"{server.port} HOST",
+            style="dim", highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        code = server.process.wait()
+        raise CifarexpError(f"the MLflow UI stopped by itself (exit status {code}): "
+                            f"{server.tail()}")  # fmt: skip
+    except KeyboardInterrupt as stop:  # Ctrl-C: what ends it (exit 0; another signal 128+N)
+        if server is not None:
+            server.stop()
+        console.print("The MLflow UI is stopped.", highlight=False)
+        if processes.signal_name(stop) != "SIGINT":
+            raise typer.Exit(processes.exit_code(stop)) from None
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def log_comparison(

@@ -121,13 +121,31 @@ class Labels:
         return {COMMAND: self.command, EXERCISE: self.exercise, VARIANT: self.variant}
 
     def run_name(self, *settings: str) -> str:
-        """What the UI lists: the variant (a child), else the command and its main settings
-        (e.g. `compare-optim synthetic cpu`)."""
-        return self.variant or " ".join([self.command, *settings])
+        """What the UI lists: a child by its variant, short (`short_name`), else the command
+        and its main settings (e.g. `compare-optim synthetic cpu`)."""
+        return short_name(self.variant) if self.variant else " ".join([self.command, *settings])
 
     def about(self) -> str:
         """A new experiment's description: the command and the question it answers."""
         return f"`cifarexp {self.command}` ({self.exercise}): {ITEMS[self.exercise].question}"
+
+
+# The variants named by their value alone in the UI's run names (the field stays in the
+# variant tag and the params): `adadelta`, `no-bn`, `cuda`; `workers=4` keeps its field.
+BY_VALUE = ("optimizer", "model", "device")
+
+
+def short_name(variant: str) -> str:
+    """A child run's name, short enough for the UI's runs column to tell the children apart
+    uncut: `optimizer=adadelta` -> `adadelta`, `model=no-bn` -> `no-bn`, `device=cuda` ->
+    `cuda`, `gpus=2,scaling=weak` -> `gpus=2 weak`; other variants as they are."""
+    field, _, value = variant.partition("=")
+    if field in BY_VALUE and value:
+        return value
+    if field == "gpus" and ",scaling=" in value:
+        count, _, scaling = value.partition(",scaling=")
+        return f"gpus={count} {scaling}"
+    return variant
 
 
 def description(

@@ -36,6 +36,10 @@ from cifarexp.training.data import cpu_count
 from cifarexp.training.engine import resolve_device
 
 WORKERS_STEP = 4
+NO_CUDA = (
+    "No CUDA device was found: C5 compares a CUDA GPU with the CPU and needs one (an NVIDIA "
+    "GPU, its driver and a CUDA build of torch); here it times the CPU alone, with no speedup."
+)
 log = logging.getLogger(__name__)
 
 
@@ -69,10 +73,10 @@ class Comparison:
         if same is not None:  # the lab trained this config already
             log.info(f"{variant}: the same settings as finished run {same}: reused")
             return self.session.tracker.copy_run(
-                same, run_name=variant, tags=labels.tags(), parent=self.parent_id
+                same, run_name=labels.run_name(), tags=labels.tags(), parent=self.parent_id
             )
         if nproc == 1:
-            run = run_training(cfg, labels, self.session, run_name=variant, parent=self.parent_id)
+            run = run_training(cfg, labels, self.session, parent=self.parent_id)
             return run.run_id
         run_processes(cfg, labels, nproc, self.session, parent=self.parent_id)
         children = tracking.finished_children(self.parent_id)
@@ -90,13 +94,14 @@ def comparison(
     session: Session,
     *,
     varies: tuple[str, ...],
+    tags: dict[str, str] | None = None,
 ) -> Iterator[Comparison]:
     """Open the parent run (or, with the session's `resume`, reopen the unfinished one with
     the same settings; if the newest with these settings has finished, it is the answer and
     nothing trains) and yield a Comparison to run the variants in; the parent records the
     variants it ran, so that one whose run is missing later is seen. The parent's params are
     `base`'s less the fields its variants vary, and `options` (which say over what they
-    vary)."""
+    vary). `tags` are set on the parent beside its own."""
     tracker = session.tracker
     device = resolve_device(base.device)
     shared = {k: v for k, v in base.as_params().items() if k not in varies}
@@ -116,7 +121,7 @@ def comparison(
     tags = {
         **labels.tags(), tracking.DATASET: base.dataset, **environment_tags(device),
         tracking.DEVICE: str(options.get("devices", device.type)),
-        SETTINGS: settings_digest(params), **owner_tag(),
+        SETTINGS: settings_digest(params), **owner_tag(), **(tags or {}),
     }  # fmt: skip
     name = labels.run_name(base.dataset, str(options.get("devices", device.type)))
     with tracker.start_run(
@@ -222,15 +227,16 @@ def _compare(
     variants: dict[str, TrainConfig],
     options: dict[str, object],
     session: Session,
+    tags: dict[str, str] | None = None,
 ) -> str:
-    """One child per variant; the parent's params leave out the fields they differ in. The
-    parent's run id."""
+    """One child per variant; the parent's params leave out the fields they differ in, its
+    tags add `tags`. The parent's run id."""
     varies = tuple(
         k
         for k, v in base.as_params().items()
         if any(cfg.as_params()[k] != v for cfg in variants.values())
     )
-    with comparison(labels, base, options, session, varies=varies) as comp:
+    with comparison(labels, base, options, session, varies=varies, tags=tags) as comp:
         for variant, cfg in variants.items():
             comp.run(variant, cfg)
     return comp.parent_id
@@ -243,12 +249,15 @@ def compare_device(
     batches per epoch, the epoch time then estimated from their throughput."""
     for device in devices:
         resolve_device(device, "devices")
+    if not torch.cuda.is_available():
+        log.warning(NO_CUDA)
     variants = {
         f"device={d}": base.replace(device=d, max_batches=cpu_batches if d == "cpu" else None)
         for d in devices
     }
     options = {"devices": ",".join(devices), "cpu_batches": cpu_batches}
-    return _compare(Labels("compare-device", "C5"), base, variants, options, session)
+    tags = {tracking.CUDA_DEVICES: str(torch.cuda.device_count())}
+    return _compare(Labels("compare-device", "C5"), base, variants, options, session, tags)
 
 
 def compare_gpus(

@@ -24,7 +24,7 @@ from cifarexp.tracking import Tracker
 from cifarexp.training import models, noise, profiling
 from cifarexp.training.build import Training, build_training
 from cifarexp.training.data import cpu_count
-from cifarexp.training.engine import EpochResult
+from cifarexp.training.engine import EpochResult, summary
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ def run_training(
 
             results = training.train(on_epoch, on_batch=display.on_batch)
             note_disturbance(tracker, results)
+            with processes.uninterruptible():  # a stop waits: never half-written into the store
+                tracker.log_metrics(summary(results))  # one chart per name in the UI
             if cfg.profile:  # after the last epoch is logged: never inside a timed epoch
                 profile = profile_and_log(tracker, training, results)
                 if profile is not None:

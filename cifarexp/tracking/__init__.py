@@ -8,6 +8,7 @@ the names cifarexp writes (names.py). What other packages read is re-exported he
 from cifarexp.tracking.names import (
     COMMAND,
     COMMIT,
+    CUDA_DEVICES,
     DATASET,
     DEVICE,
     DIVERGED,
@@ -44,12 +45,11 @@ from cifarexp.tracking.tabular import csv_text, rounded
 from cifarexp.tracking.tracker import Tracker
 
 __all__ = [
-    "COMMAND", "COMMIT", "DATASET", "DEVICE", "DIVERGED", "ENERGY", "ERROR", "EXERCISE", "NOTE",
-    "PARENT", "PRESET", "STORE_ERRORS", "TAG", "TIMING_DISTURBED", "VARIANT", "VARIANTS",
+    "COMMAND", "COMMIT", "CUDA_DEVICES", "DATASET", "DEVICE", "DIVERGED", "ENERGY", "ERROR",
+    "EXERCISE", "NOTE", "PARENT", "PRESET", "STORE_ERRORS", "TAG", "TIMING_DISTURBED",
+    "VARIANT", "VARIANTS",
     "VERDICT", "VERSION", "WORKERS_FROM", "Tracker", "artifact_root", "check_experiment",
-    "default_experiment",
-    "experiment_id", "finished_children", "finished_top_level", "is_run_id", "latest_sweep",
-    "csv_text", "load_text", "metric_history", "reading", "redact", "rounded", "search_runs",
-    "shown_uri",
-    "store_error", "where",
+    "csv_text", "default_experiment", "experiment_id", "finished_children",
+    "finished_top_level", "is_run_id", "latest_sweep", "load_text", "metric_history",
+    "reading", "redact", "rounded", "search_runs", "shown_uri", "store_error", "where",
 ]  # fmt: skip

@@ -26,6 +26,7 @@ SETTINGS, OWNER, VARIANTS = TAG + "settings", TAG + "owner", TAG + "variants"
 WORKERS_FROM = TAG + "workers_from"  # the sweep run whose best count `--workers best` took
 PRESET = TAG + "preset"  # the lab preset (full, quick) a run was made by
 REUSED_FROM = TAG + "reused_from"  # the finished run, of the same settings, a run copies
+CUDA_DEVICES = TAG + "cuda_devices"  # on a C5 parent: the CUDA devices torch found (0: none)
 PARENT = "mlflow.parentRunId"
 EXPERIMENT_NAME_MAX = 500  # MLflow's limit (characters)
 

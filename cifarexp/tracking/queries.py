@@ -22,22 +22,26 @@ def current_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def where(run_id: str) -> list[str]:
-    """Where to find `run_id`: its experiment and run, the UI links (runs view), and for a
-    local store the command that starts the UI (credentials masked)."""
+def where(run_id: str, *, ui: bool = True) -> list[str]:
+    """Where to find `run_id`: its experiment and run, the UI links (runs view), and, for a
+    store that is no tracking server and if `ui`, the command that opens the UI on it
+    (`cifarexp ui`; credentials masked)."""
+    from cifarexp.tracking import ui as mlflow_ui
+
     run = mlflow.get_run(run_id)
     experiment = mlflow.get_experiment(run.info.experiment_id)
     uri = mlflow.get_tracking_uri()
-    local = not uri.startswith(("http://", "https://"))
-    base = "http://127.0.0.1:5000" if local else redact(uri).rstrip("/")
+    server = mlflow_ui.is_server(uri)
+    base = redact(uri).rstrip("/") if server else f"http://{mlflow_ui.HOST}:{mlflow_ui.PORT}"
     page = f"{base}/#/experiments/{experiment.experiment_id}"
+    view = mlflow_ui.RUNS_VIEW
     lines = [
         f"Experiment {experiment.name!r}, run {run.info.run_name!r} ({run_id}).",
-        f"In the MLflow UI: {page}?workflowType=machine_learning (the experiment's runs), "
-        f"{page}/runs/{run_id}?workflowType=machine_learning (this run).",
+        f"In the MLflow UI: {page}{view} (the experiment's runs), "
+        f"{page}/runs/{run_id}{view} (this run).",
     ]
-    if local:
-        lines.append(f"Start the UI with: mlflow ui --backend-store-uri {redact(uri)}")
+    if ui and not server:
+        lines.append(f"See it in the MLflow UI: {mlflow_ui.command(uri)}")
     return lines
 
 

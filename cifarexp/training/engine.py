@@ -41,7 +41,10 @@ class EpochResult:
     images: int
     test_loss: float | None = None
     test_acc: float | None = None
-    estimated_epoch_s: float | None = None  # a whole epoch, from the throughput of max_batches
+    estimated_epoch_s: float | None = None  # a whole epoch, from its first max_batches
+    # The estimate's range: its batches after the first at their fastest and slowest.
+    estimate_low_s: float | None = None
+    estimate_high_s: float | None = None
     mfu: float | None = None  # model FLOPs / epoch time / device peak; None where unknown
     comm_time_s: float | None = None  # DDP: gradient all-reduce not hidden by backward
     energy_j: float | None = None  # the device's energy counter over the epoch (see energy)
@@ -72,6 +75,34 @@ class EpochResult:
                 values["partial_energy_j"] = self.energy_j
                 values["energy_j"] = self.energy_j * estimate / self.epoch_time_s
         return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def summary(results: list[EpochResult]) -> dict[str, float]:
+    """A run's summary under the same names for every run (a comparison's children side by
+    side in MLflow's charts): the last epoch's loss and accuracy and the epochs' mean times
+    (a partial epoch's as the whole epoch its total estimates, its parts scaled alike) and,
+    where every epoch measured it, energy."""
+    if not results:
+        return {}
+    epochs = [result.metrics() for result in results]
+
+    def mean(key: str, partial: str = "") -> float:
+        values = [
+            m[partial] * m["epoch_time_s"] / m["partial_total_s"] if partial in m else m[key]
+            for m in epochs
+        ]
+        return sum(values) / len(values)
+
+    values = {
+        "final_loss": results[-1].train_loss,
+        "final_acc": results[-1].train_acc,
+        "avg_epoch_time_s": mean("epoch_time_s"),
+        "avg_train_time_s": mean("train_time_s", "partial_train_s"),
+        "avg_data_time_s": mean("data_time_s", "partial_data_s"),
+    }
+    if all("energy_j" in m for m in epochs):
+        values["avg_energy_j"] = mean("energy_j")
+    return values
 
 
 @dataclass(frozen=True)
@@ -210,6 +241,7 @@ def train_one_epoch(
     criterion = nn.CrossEntropyLoss()
     data_time = train_time = loss_sum = 0.0
     correct = seen = 0
+    ends: list[float] = []  # each batch's end, for a partial epoch's estimate
     start_j = _start_energy(energy, device)
     epoch_start = time.perf_counter()
     wait_start = epoch_start
@@ -224,7 +256,8 @@ def train_one_epoch(
         compute_start = time.perf_counter()
         loss, logits = step(model, criterion, optimizer, images, labels, execution)
         synchronize(device)  # GPU work is asynchronous: count it in the step that queued it
-        train_time += time.perf_counter() - compute_start
+        ends.append(time.perf_counter())
+        train_time += ends[-1] - compute_start
 
         n = labels.size(0)
         batch_loss, batch_correct = torch.stack(
@@ -243,6 +276,7 @@ def train_one_epoch(
     if seen == 0:
         raise RuntimeError("the training set produced no batches")
     batches = len(loader) if isinstance(loader, Sized) else index + 1
+    estimate = estimate_epoch([t - epoch_start for t in ends], batches, epoch_time)
     return EpochResult(
         epoch=epoch,
         data_time_s=data_time,
@@ -251,10 +285,30 @@ def train_one_epoch(
         train_loss=loss_sum / seen,
         train_acc=correct / seen,
         images=seen,
-        estimated_epoch_s=epoch_time * batches / (index + 1) if index + 1 < batches else None,
+        **estimate,
         mfu=execution.mfu(seen, epoch_time),
         energy_j=energy_j,
     )
+
+
+def estimate_epoch(ends: list[float], batches: int, total: float) -> dict[str, float | None]:
+    """A whole epoch of `batches` from its first ones, which ended `ends` seconds after it
+    started, in `total` seconds: the first batch once (it holds the workers' start), then the
+    later ones' mean time for each remaining batch, with its range (their fastest and
+    slowest time for each); when only one ran, the partial epoch's time for each batch (no
+    range). Nothing for a whole epoch."""
+    if not ends or len(ends) >= batches:
+        return {"estimated_epoch_s": None, "estimate_low_s": None, "estimate_high_s": None}
+    if len(ends) == 1:
+        return {"estimated_epoch_s": total * batches, "estimate_low_s": None,
+                "estimate_high_s": None}  # fmt: skip
+    times = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    first, rest = ends[0], batches - 1
+    return {
+        "estimated_epoch_s": first + rest * sum(times) / len(times),
+        "estimate_low_s": first + rest * min(times),
+        "estimate_high_s": first + rest * max(times),
+    }
 
 
 def _train_one_epoch_events(
