@@ -86,6 +86,16 @@ def store(tmp_path, monkeypatch, empty_store) -> str:
         mlflow.end_run()
 
 
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """No run is flagged as disturbed unless its test sets the thresholds (test_noise): the
+    other test process, or any other load, must not change what a test reads."""
+    from cifarexp.training import noise
+
+    monkeypatch.setattr(noise, "OTHER_CPU_SHARE", float("inf"))
+    monkeypatch.setattr(noise, "EPOCH_SPREAD_TOLERANCE", float("inf"))
+
+
 @pytest.fixture
 def stop_handlers():
     """Lets a test install cifarexp's SIGINT/SIGTERM handlers; pytest's are put back after,

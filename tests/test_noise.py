@@ -14,6 +14,7 @@ from analysis import queries, report, tables
 from analysis.folder import markdown_table
 from benchmarks.fake_runs import epoch, log_run
 from cifarexp import tracking
+from cifarexp.config import EPOCH_SPREAD_TOLERANCE, OTHER_CPU_SHARE
 from cifarexp.study import runs
 from cifarexp.training import noise
 from cifarexp.training.engine import EpochResult
@@ -97,7 +98,7 @@ def test_other_processes_on_most_cpus_flag_the_run_with_their_load(cli, client, 
     # Given a 2-CPU machine whose other processes use 1.6 CPUs during every epoch
     monkeypatch.setattr(noise, "cpu_reader", fake_reader(1.6))
     monkeypatch.setattr(runs, "cpu_count", lambda: 2)
-    monkeypatch.setattr(noise, "EPOCH_SPREAD_TOLERANCE", 1e9)  # the tiny epochs' spread aside
+    limits(monkeypatch, other_cpus=OTHER_CPU_SHARE, spread=1e9)  # the tiny epochs' spread aside
     result = cli("time", *TINY_ARGS)
     assert result.exit_code == 0, result.output
     # Then each epoch logged 1.6 CPUs (not counting this process tree's 0.4), and the run
@@ -116,7 +117,8 @@ def results(times: list[float], loads: list[float | None]) -> list[EpochResult]:
     ]
 
 
-def test_the_flag_says_which_threshold_a_run_crossed():
+def test_the_flag_says_which_threshold_a_run_crossed(monkeypatch):
+    limits(monkeypatch, other_cpus=OTHER_CPU_SHARE, spread=EPOCH_SPREAD_TOLERANCE)
     # other processes over a quarter of the CPUs on average (weighted by epoch time)
     assert noise.disturbance(results([10, 10], [0.2, 0.5]), 2) is None  # 0.35 of 2
     assert noise.disturbance(results([10, 30], [0.2, 0.7]), 2) == (
