@@ -76,7 +76,8 @@ class Exercise:
         """The variants the comparison ran whose finished runs are no longer in the store."""
         ran = str(self.parent.get(f"tags.{tracking.VARIANTS}") or "")
         found = set(self.runs.get(f"tags.{tracking.VARIANT}", pd.Series(dtype=object)))
-        return [v for v in ran.split(",") if v and v not in found]
+        ran_variants = [v.strip() for v in ran.split(tracking.VARIANTS_SEPARATOR.strip())]
+        return [v for v in ran_variants if v and v not in found]
 
     @property
     def diverged(self) -> dict[str, str]:

@@ -131,7 +131,7 @@ def comparison(
         reused = {} if reopen is None else _finished_variants(previous)
         comp = Comparison(labels, session, parent_id, reused)
         yield comp
-        tracker.set_tags({tracking.VARIANTS: ",".join(comp.variants)})
+        tracker.set_tags({tracking.VARIANTS: tracking.VARIANTS_SEPARATOR.join(comp.variants)})
 
 
 def _finished_variants(parent: pd.Series) -> dict[str, str]:

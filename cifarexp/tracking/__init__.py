@@ -22,6 +22,7 @@ from cifarexp.tracking.names import (
     TIMING_DISTURBED,
     VARIANT,
     VARIANTS,
+    VARIANTS_SEPARATOR,
     VERDICT,
     VERSION,
     WORKERS_FROM,
@@ -47,7 +48,7 @@ from cifarexp.tracking.tracker import Tracker
 __all__ = [
     "COMMAND", "COMMIT", "CUDA_DEVICES", "DATASET", "DEVICE", "DIVERGED", "ENERGY", "ERROR",
     "EXERCISE", "NOTE", "PARENT", "PRESET", "STORE_ERRORS", "TAG", "TIMING_DISTURBED",
-    "VARIANT", "VARIANTS",
+    "VARIANT", "VARIANTS", "VARIANTS_SEPARATOR",
     "VERDICT", "VERSION", "WORKERS_FROM", "Tracker", "artifact_root", "check_experiment",
     "csv_text", "default_experiment", "experiment_id", "finished_children",
     "finished_top_level", "is_run_id", "latest_sweep", "load_text", "metric_history",

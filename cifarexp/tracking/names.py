@@ -23,6 +23,7 @@ TIMING_DISTURBED = TAG + "timing_disturbed"
 # A comparison's parent: a digest of its settings (set as it is created, so that --resume
 # finds it even if it was killed at once), the process that runs it, the variants it ran.
 SETTINGS, OWNER, VARIANTS = TAG + "settings", TAG + "owner", TAG + "variants"
+VARIANTS_SEPARATOR = "; "  # between the variants in VARIANTS (a variant may hold a comma)
 WORKERS_FROM = TAG + "workers_from"  # the sweep run whose best count `--workers best` took
 PRESET = TAG + "preset"  # the lab preset (full, quick) a run was made by
 REUSED_FROM = TAG + "reused_from"  # the finished run, of the same settings, a run copies
