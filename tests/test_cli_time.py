@@ -3,7 +3,7 @@ from pathlib import Path
 import torch
 
 from cifarexp.training.build import Training
-from tests.conftest import TINY_ARGS, all_runs, without
+from tests.conftest import TINY, TINY_ARGS, all_runs, without
 
 METRICS = {"data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc", "images_per_s"}
 
@@ -58,7 +58,7 @@ def test_eval_logs_test_metrics(cli, client):
     assert result.exit_code == 0, result.output
     [run] = all_runs(client)
     assert {"test_loss", "test_acc"} <= set(run.data.metrics)
-    assert run.data.params["test_size"] == "16"  # logged where evaluation is on
+    assert run.data.params["test_size"] == str(TINY.test_size)  # logged where evaluation is on
 
 
 def test_experiment_option_and_env_tracking_uri(cli, client, store):

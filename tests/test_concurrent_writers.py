@@ -7,7 +7,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from cifarexp.tracking import store
-from tests.conftest import TINY_ARGS, all_runs, without
+from tests.conftest import TINY, TINY_ARGS, all_runs, without
 from tests.processes import start_cifarexp
 
 METRICS = {"data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc", "images_per_s"}
@@ -90,7 +90,8 @@ def test_a_dataset_another_process_inserted_meanwhile_is_found_on_a_second_try(
     result = cli("time", *TINY_ARGS)
 
     assert result.exit_code == 0, result.output
-    assert refused == ["synthetic-train-32"]
+    name = f"synthetic-train-{TINY.train_size}"
+    assert refused == [name]
     [run] = [run for run in all_runs(client) if run.info.run_id not in others]
-    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic-train-32"]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == [name]
     assert_every_epoch_logged(client, run, 2)

@@ -22,7 +22,7 @@ from cifarexp.tracking import Tracker
 from cifarexp.training.distributed import COMM_BUDGET, Combiner, World
 from cifarexp.training.engine import EpochResult, Execution
 from tests import ddp_entry
-from tests.conftest import TINY_ARGS, all_runs, without
+from tests.conftest import TINY, TINY_ARGS, all_runs, without
 from tests.processes import (
     free_port,
     processes_in,
@@ -157,7 +157,8 @@ def test_compare_device_gpus_runs_each_count_as_a_child_and_tabulates_scaling(cl
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.experiment_id == parent.info.experiment_id
     ddp = runs["gpus=2,scaling=strong"].data.params
-    assert (ddp["world_size"], ddp["scaling"], ddp["batch_size"]) == ("2", "strong", "16")
+    assert (ddp["world_size"], ddp["scaling"]) == ("2", "strong")
+    assert ddp["batch_size"] == str(TINY.batch_size)
     assert "world_size" not in runs["gpus=1"].data.params  # the baseline: no DDP
     assert "strong_scaling_efficiency" in parent.data.metrics
 
@@ -191,7 +192,7 @@ def test_stopping_compare_device_gpus_stops_its_torchrun_job_and_its_run(
 ):
     # one step an epoch: the 1-process baseline is over soon, the 2-process child runs on
     args = [*without("--device", without("--epochs", without("--train-size"))), "--epochs", "20"]
-    args += ["--train-size", "16", "--devices", "cpu"]
+    args += ["--train-size", str(TINY.batch_size), "--devices", "cpu"]
     process = start_cifarexp("compare-device", *args, "--gpus", "1,2", "--scaling", "weak",
                              cwd=tmp_path)  # fmt: skip
     try:

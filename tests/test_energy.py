@@ -131,7 +131,7 @@ def test_each_epoch_logs_the_energy_its_counter_counted_and_the_c2_table_shows_i
     history = tracking.metric_history(run.info.run_id, ["epoch_time_s", *ENERGY_METRICS])
     assert list(history["energy_j"]) == pytest.approx([7.0, 7.0])
     assert list(history["power_w"]) == pytest.approx(list(7.0 / history["epoch_time_s"]))
-    assert list(history["energy_per_image_mj"]) == pytest.approx([7000 / 32] * 2)
+    assert list(history["energy_per_image_mj"]) == pytest.approx([7000 / TINY.train_size] * 2)
     assert run.data.tags[tracking.ENERGY] == "a fake counter"
     # and C2's table (printed) and answer (the run's description) carry it
     shown = " ".join(result.output.split())

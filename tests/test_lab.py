@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 
 from cifarexp import config, tracking
-from tests.conftest import all_runs
+from tests.conftest import TINY, all_runs
 
 
 @pytest.fixture
 def tiny_preset(monkeypatch):
-    sizes = {"train_size": 32, "epochs": 2, "batch_size": 16, "lr": 0.0125, "cpu_batches": 1}
+    sizes = {"train_size": TINY.train_size, "epochs": TINY.epochs, "batch_size": TINY.batch_size,
+             "lr": 0.0125, "cpu_batches": 1}  # fmt: skip
     monkeypatch.setitem(config.PRESETS, "quick", sizes)
 
 

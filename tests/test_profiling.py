@@ -294,8 +294,8 @@ FAST = TINY.replace(loader="gpu", precision="bf16", channels_last=True, cuda_gra
         ({"data_wait": 0.0, "host": 0.1, "copy": 0.0, "compute": 0.9}, "cuda", FAST, Epochs(0.0),
          "compute-bound: in the profiled steps the GPU computed 90%, waited 10% for the host's "
          "launches, 0% for copies, 0% for data; the epochs waited 0% of their time for data "
-         "(batches made on the device); try a larger --batch-size than 16 (on an H200 the "
-         "whole step took 2.06 ms per 128 images at batch 512"),
+         f"(batches made on the device); try a larger --batch-size than {TINY.batch_size} (on "
+         "an H200 the whole step took 2.06 ms per 128 images at batch 512"),
         # on a CPU
         ({"data_wait": 0.0, "compute": 1.0}, "cpu", TINY, Epochs(INPUT_BOUND_SHARE * 0.99),
          "compute-bound: in the profiled steps the CPU computed 100%, waited 0% for data; the "

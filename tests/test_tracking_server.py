@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from cifarexp import __version__, tracking
 from cifarexp.study.catalogue import short_name
-from tests.conftest import TINY_ARGS, all_runs, without
+from tests.conftest import TINY, TINY_ARGS, all_runs, without
 from tests.processes import free_port, start_cifarexp, start_server, wait_until_gone
 
 VARIANT = tracking.VARIANT
@@ -116,7 +116,8 @@ def readable_in_the_ui(client: MlflowClient) -> None:
                 "system/cpu_utilization_percentage",
                 "system/system_memory_usage_megabytes",
             } <= set(metrics)
-            assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic-train-32"]
+            names = [d.dataset.name for d in run.inputs.dataset_inputs]
+            assert names == [f"synthetic-train-{TINY.train_size}"]
     [parent] = [r for r in runs if r.data.tags["cifarexp.command"] == "compare-optim"
                 and "mlflow.parentRunId" not in r.data.tags]  # fmt: skip
     assert parent.data.params["optimizers"] == "sgd,adam" and "optimizer" not in parent.data.params
