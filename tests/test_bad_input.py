@@ -1,4 +1,4 @@
-"""Bad input, everywhere: every command with each malformed option gets one clear line that
+"""Bad input, everywhere: every command with malformed options gets one clear line that
 names the option, exit 2 (usage) or 1 (runtime), no traceback, no run left RUNNING, and
 nothing in the store for a usage error."""
 
@@ -157,9 +157,28 @@ def test_every_command_is_in_the_table():
     assert set(BASE) >= COMMANDS
 
 
+# Every bad value of the shared options is tried on `time`; the other commands, which parse
+# and validate them with the same code, get one case of each kind of error: one that typer
+# refuses, one that the config refuses, a device, the data (missing and damaged), the store.
+KINDS = [
+    (["--epochs", "x"], "--epochs", USAGE),
+    (["--lr", "-0.1"], "--lr", USAGE),
+    (["--device", "cuda"], "--device", USAGE),
+    ([*CIFAR10, "empty"], "--data-dir", RUNTIME),
+    ([*CIFAR10, "corrupt"], "--data-dir", RUNTIME),
+    (["--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri", RUNTIME),
+    (["--tracking-uri", "foo://bar"], "--tracking-uri", USAGE),
+    (["--tracking-uri", "sqlite:///afile"], "--tracking-uri", RUNTIME),
+    (["--experiment", " "], "--experiment", USAGE),
+]
+
+
 def cases():
     for command in TRAINING + OTHERS:
-        table = (SHARED if command in TRAINING else []) + TRACKING + OWN.get(command, [])
+        shared = SHARED + TRACKING if command == "time" else [
+            case for case in KINDS if case in TRACKING or command in TRAINING
+        ]  # fmt: skip
+        table = shared + OWN.get(command, [])
         for args, option, code in table:
             if args[0] not in SKIP.get(command, ()):
                 yield pytest.param(command, args, option, code, id=f"{command} {' '.join(args)}")
