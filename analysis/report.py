@@ -357,7 +357,7 @@ def _c5_epoch(row: pd.Series, batches: object) -> str:
     if not row["estimated"]:
         return text
     low, high = row.get(tables.ESTIMATE_LOW), row.get(tables.ESTIMATE_HIGH)
-    spread = f", {low:.2f}-{high:.2f} s" if pd.notna(low) and pd.notna(high) else ""
+    spread = f", {low:.2f}–{high:.2f} s" if pd.notna(low) and pd.notna(high) else ""
     given = batches not in (None, "", "None")
     of = f" from {batches} batch{'es' * (str(batches) != '1')} an epoch" if given else ""
     return f"{text} (estimated{of}{spread})"

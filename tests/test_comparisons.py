@@ -10,7 +10,7 @@ import torch
 
 from cifarexp.study import comparisons, runs
 from cifarexp.study.comparisons import auto_sweep
-from tests.conftest import TINY_ARGS, all_runs, without
+from tests.conftest import TINY, TINY_ARGS, all_runs, without
 
 ONE_EPOCH = [*without("--epochs"), "--epochs", "1"]
 # Every child's summary (`engine.summary`): one chart per name in MLflow, a bar per child.
@@ -156,7 +156,7 @@ def test_compare_device_without_cuda_says_what_c5_needs_and_marks_partial_epochs
     assert low <= metrics["epoch_time_s"] <= high
     assert list(c5["estimate low s"]) == pytest.approx([low], rel=1e-5)
     assert f"cpu {metrics['epoch_time_s']:.2f} s (estimated from 3 batches an epoch, " in note
-    assert f"{low:.2f}-{high:.2f} s)" in note
+    assert f"{low:.2f}–{high:.2f} s)" in note
 
 
 def test_compare_optim_has_a_child_per_optimizer_and_per_epoch_curves(cli, client):
@@ -198,6 +198,12 @@ def test_compare_optim_has_a_child_per_optimizer_and_per_epoch_curves(cli, clien
         )
     assert set(parent.data.metrics) == {"best_final_acc"}
     assert parent.data.metrics["best_final_acc"] == pytest.approx(max(c6["final accuracy %"]) / 100)
+    # and it prints the link to MLflow's compare page of its variants
+    ids = "%2C".join(f"%22{c.info.run_id}%22" for c in children)
+    compare = (
+        f"/#/compare-runs?runs=%5B{ids}%5D&experiments=%5B%22{parent.info.experiment_id}%22%5D"
+    )
+    assert f"Its variants side by side: http://127.0.0.1:5000{compare}" in result.output
 
 
 def test_no_bn_trains_both_models_unless_no_baseline(cli, client):
@@ -246,8 +252,8 @@ def test_mlflow_run_entry_point_sweep_workers(client, tmp_path):
     # mlflow run runs the project in its own folder: keep the run's artifacts in tmp_path
     client.create_experiment("via-mlflow-run", artifact_location=(tmp_path / "art").as_uri())
     params = dict(
-        dataset="synthetic", train_size="32", batch_size="16", workers_list="0,1", device="cpu",
-        epochs="1",
+        dataset="synthetic", train_size=str(TINY.train_size), batch_size=str(TINY.batch_size),
+        workers_list="0,1", device="cpu", epochs="1",
     )  # fmt: skip
     command = [sys.executable, "-m", "mlflow", "run", str(root), "-e", "sweep-workers",
                "--env-manager", "local", "--experiment-name", "via-mlflow-run"]  # fmt: skip

@@ -165,18 +165,18 @@ def test_ui_serves_the_store_on_127_0_0_1_until_ctrl_c(store, tmp_path, client):
     port = free_port()
     # When `cifarexp ui` runs on it
     ui = start_cifarexp("ui", "--port", str(port), cwd=tmp_path, name="ui")
+    url = f"http://127.0.0.1:{port}"
+    link = f"cifarexp-time: {url}/#/experiments/{experiment}?workflowType=machine_learning"
     try:
-        deadline = time.monotonic() + 120
-        while "Ctrl-C stops it" not in ui.log() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120  # until its last line, the experiment's link
+        while link not in " ".join(ui.log().split()) and time.monotonic() < deadline:
             assert ui.poll() is None, ui.log()
             time.sleep(0.2)
         # Then the UI answers on 127.0.0.1, and it printed the experiment's link
-        url = f"http://127.0.0.1:{port}"
         with urllib.request.urlopen(url + "/health", timeout=10) as reply:
             assert reply.status == 200
         output = " ".join(ui.log().split())
         assert f"The MLflow UI on {store}: {url} (Ctrl-C stops it)" in output
-        link = f"cifarexp-time: {url}/#/experiments/{experiment}?workflowType=machine_learning"
         assert link in output
         # and Ctrl-C stops it, the server with it: nothing is left running in its folder
         os.kill(ui.pid, signal.SIGINT)

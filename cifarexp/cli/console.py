@@ -262,7 +262,7 @@ def _estimate(result: EpochResult) -> str:
     """The whole epoch a partial one estimates, with its range where it has one."""
     text = f"estimated {result.estimated_epoch_s:.2f} s"
     if result.estimate_low_s is not None and result.estimate_high_s is not None:
-        text += f" ({result.estimate_low_s:.2f}-{result.estimate_high_s:.2f} s)"
+        text += f" ({result.estimate_low_s:.2f}–{result.estimate_high_s:.2f} s)"
     return text
 
 

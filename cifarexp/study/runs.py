@@ -114,8 +114,8 @@ def run_training(
                 processes.raise_pending()  # a stop whose exception Python swallowed
 
             results = training.train(on_epoch, on_batch=display.on_batch)
-            note_disturbance(tracker, results)
             with processes.uninterruptible():  # a stop waits: never half-written into the store
+                note_disturbance(tracker, results)
                 tracker.log_metrics(summary(results))  # one chart per name in the UI
             if cfg.profile:  # after the last epoch is logged: never inside a timed epoch
                 profile = profile_and_log(tracker, training, results)

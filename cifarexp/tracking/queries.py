@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 import mlflow
 import pandas as pd
@@ -23,9 +24,10 @@ def current_uri() -> str:
 
 
 def where(run_id: str, *, ui: bool = True) -> list[str]:
-    """Where to find `run_id`: its experiment and run, the UI links (runs view), and, for a
-    store that is no tracking server and if `ui`, the command that opens the UI on it
-    (`cifarexp ui`; credentials masked)."""
+    """Where to find `run_id`: its experiment and run, the UI links (runs view; for a
+    comparison, its variants on MLflow's compare page too), and, for a store that is no
+    tracking server and if `ui`, the command that opens the UI on it (`cifarexp ui`;
+    credentials masked)."""
     from cifarexp.tracking import ui as mlflow_ui
 
     run = mlflow.get_run(run_id)
@@ -40,6 +42,14 @@ def where(run_id: str, *, ui: bool = True) -> list[str]:
         f"In the MLflow UI: {page}{view} (the experiment's runs), "
         f"{page}/runs/{run_id}{view} (this run).",
     ]
+    children = list(finished_children(run_id)["run_id"])
+    if len(children) > 1:
+        runs = json.dumps(children, separators=(",", ":"))
+        experiments = json.dumps([experiment.experiment_id])
+        lines.append(
+            f"Its variants side by side: {base}/#/compare-runs?runs={quote(runs)}"
+            f"&experiments={quote(experiments)}"
+        )
     if ui and not server:
         lines.append(f"See it in the MLflow UI: {mlflow_ui.command(uri)}")
     return lines
