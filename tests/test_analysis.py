@@ -358,15 +358,15 @@ def test_a_run_made_by_the_lab_says_its_preset_beside_its_sizes(client):
     e = client.create_experiment("time-preset")
     run_id = log_run(
         client, e, command="time", exercise="C2", tags={"cifarexp.preset": "quick"},
-        params={"train_size": 256, "batch_size": 16, "epochs": 5},
+        params={"train_size": 224, "batch_size": 16, "epochs": 5},
         epochs=[epoch(0.1, 1.0, 1.2, 2.0, 0.3)],
     )  # fmt: skip
     section = report.summarize("C2", run_id)
     # the preset in one line, its lr against the study's, then the run's own settings
-    assert "lab preset quick (256 images, batch 16, lr 0.0125 (the study's 0.1 x 16/128), " in (
+    assert "lab preset quick (224 images, batch 16, lr 0.0125 (the study's 0.1 x 16/128), " in (
         section.source
     )
-    assert "5 epochs), train_size=256" in section.source
+    assert "5 epochs), train_size=224" in section.source
     assert "batch_size=16, epochs=5" in section.source
 
 
