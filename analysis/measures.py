@@ -81,6 +81,7 @@ class Measure:
     values: tuple[float, ...] = ()
     text: str = ""  # a TEXT figure's value (what bounds the step)
     settings: Mapping[str, str] = field(default_factory=dict)
+    epoch_s: float | None = None  # a time's run's median epoch: the scale of its noise
 
     @property
     def value(self) -> float:
@@ -135,14 +136,14 @@ def measures(ex: Exercise) -> list[Measure]:
         suffix = f" ({variant})" if isinstance(variant, str) and variant else ""
         settings = run_settings(run)
         epochs = _epochs_of(ex, run["run_id"])
+        epoch_s = _median_epoch(epochs)
         metrics = [*TIMED.get(ex.name, ()), "energy_j"] if ex.name in TIMED else []
         for metric in metrics:
             if metric in epochs and epochs[metric].notna().any():
                 kind = ENERGY if metric == "energy_j" else TIME
                 values = tuple(epochs[metric].dropna())
-                found.append(
-                    Measure(ex.name, FIGURE_NAMES[metric] + suffix, kind, values, "", settings)
-                )
+                name = FIGURE_NAMES[metric] + suffix
+                found.append(Measure(ex.name, name, kind, values, "", settings, epoch_s))
         if (
             ex.name in FINAL_ACCURACY
             and "train_acc" in epochs
@@ -162,6 +163,13 @@ def _epochs_of(ex: Exercise, run_id: str) -> pd.DataFrame:
     return epochs[epochs["epoch"] >= first] if len(epochs) >= first else epochs
 
 
+def _median_epoch(epochs: pd.DataFrame) -> float | None:
+    """The median epoch time of a run's epochs, where they have one."""
+    if "epoch_time_s" not in epochs or epochs["epoch_time_s"].isna().all():
+        return None
+    return float(epochs["epoch_time_s"].median())
+
+
 def _answers(ex: Exercise) -> list[Measure]:
     """The item's answers that are no per-run figure: the best worker count and the loader
     at it (C3), the GPU's speedup (C5), what bounds the step (C2, when profiled), the
@@ -177,10 +185,11 @@ def _answers(ex: Exercise) -> list[Measure]:
             if run.get("params.workers") == str(best) and run.get("params.loader") != "gpu"
         ]
         if at_best:
-            epochs = _epochs_of(ex, at_best[0]["run_id"])["data_time_s"].dropna()
+            epochs = _epochs_of(ex, at_best[0]["run_id"])
+            waits = tuple(epochs["data_time_s"].dropna())
             kept = {k: v for k, v in run_settings(at_best[0]).items() if k != "workers"}
             name = "data-loading s/epoch (best count)"
-            found.append(Measure("C3", name, TIME, tuple(epochs), "", kept))
+            found.append(Measure("C3", name, TIME, waits, "", kept, _median_epoch(epochs)))
     if ex.name == "C5":
         per_device = {
             run.get("params.device"): _epochs_of(ex, run["run_id"])["epoch_time_s"].median()

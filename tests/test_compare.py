@@ -1,6 +1,7 @@
 """`cifarexp compare`: two studies side by side, noise-aware, with a regression check; and
 the reference study beside every item of the report."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -8,6 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis import report
+from analysis.compare import Row
+from analysis.measures import TIME, Measure
 from benchmarks.fake_runs import epoch, log_run, log_study
 from tests.conftest import all_runs, one_message
 
@@ -24,15 +27,21 @@ def baseline(tmp_path, empty_store) -> tuple[str, MlflowClient]:
 
 
 def log_time(
-    client: MlflowClient, *, slower: float = 1.0, joules: float | None = None, **params: object
+    client: MlflowClient,
+    *,
+    slower: float = 1.0,
+    joules: float | None = None,
+    data_s: float = 2.0,
+    **params: object,
 ) -> str:
-    """A finished `time` run (C2) of three epochs around 10 s, each `slower` times longer
-    (and around `joules` each, if given)."""
+    """A finished `time` run (C2) of three epochs around 10 s (`data_s` of them waiting for
+    data), each `slower` times longer (and around `joules` each, if given)."""
     experiment = client.create_experiment(f"cifarexp-time-{len(client.search_experiments())}")
     energy = [{"energy_j": joules * k} if joules else {} for k in (1.0, 1.02, 0.99)]
+    wait, train = data_s * slower, (9.8 - data_s) * slower
     return log_run(
         client, experiment, command="time", exercise="C2", params={**STUDY_PARAMS, **params},
-        epochs=[{**epoch(0.2 * slower, 9.6 * slower, total * slower, 1.0, 0.6), **joules_of}
+        epochs=[{**epoch(wait, train, total * slower, 1.0, 0.6), **joules_of}
                 for total, joules_of in zip((10.0, 10.2, 9.9), energy, strict=True)],
     )  # fmt: skip
 
@@ -130,6 +139,20 @@ def test_one_epoch_each_is_within_noise_up_to_1_percent(cli, client, baseline, t
     assert compared(tmp_path / "cmp").loc[("C2", "epoch s"), "verdict"] == "slower"
 
 
+def test_a_wait_that_differs_by_less_than_1_percent_of_its_epoch_is_within_noise():
+    # given one epoch on each side of about 10 s, whose data-loading wait went from 0.20 s
+    # to 0.216 s (+8% of itself, 0.16% of the epoch: C3's one epoch per worker count)
+    baseline = Measure("C3", "data-loading s/epoch (workers=0)", TIME, (0.20,), epoch_s=10.0)
+    yours = replace(baseline, values=(0.216,), epoch_s=10.1)
+    # then it is within noise, and no regression
+    assert Row("C3", baseline.figure, baseline, yours).verdict == "within noise"
+    assert not Row("C3", baseline.figure, baseline, yours).slower_than(0.05)
+    # but a wait 0.5 s longer (5% of the epoch) is slower
+    longer = replace(baseline, values=(0.70,), epoch_s=10.5)
+    assert Row("C3", baseline.figure, baseline, longer).verdict == "slower"
+    assert Row("C3", baseline.figure, baseline, longer).slower_than(0.05)
+
+
 def test_figures_measured_with_other_settings_are_not_comparable(cli, client, baseline, tmp_path):
     # given a baseline at batch 128 and yours at batch 16, 20% slower
     uri, other = baseline
@@ -179,7 +202,7 @@ def test_an_item_one_side_lacks_is_missing_not_zero(cli, client, baseline, tmp_p
     # given a whole study as the baseline, and only C2 in yours
     uri, other = baseline
     log_study(other)
-    log_time(client)
+    log_time(client, data_s=0.2)  # waiting as long as the study's C2
     # when compared
     result = cli("compare", "--baseline", uri, "--fail-if-slower", "5%", "--out", "cmp")
     # then the items you lack are missing (no value, no ratio), and nothing fails
