@@ -23,7 +23,7 @@ from cifarexp.study.catalogue import SECTIONS
 
 CAPTION = (
     f"{measures.SPREAD}; within noise: the two sides' epochs overlap, or differ by "
-    f"{EPOCH_NOISE:.0%} of the epoch at most; ratio: yours / the "
+    f"{EPOCH_NOISE:.0%} of the epoch (of the energy) at most; ratio: yours / the "
     "baseline's; not comparable: the settings that differ, the baseline's vs yours"
 )
 BASELINE_GRAMMAR = (
@@ -206,8 +206,9 @@ class Row:
     def within_noise(self) -> bool:
         """Whether the two sides' epochs overlap (some epoch of one took as long as some epoch
         of the other: every epoch of yours must be slower for a slow-down), or their medians
-        differ by less than EPOCH_NOISE of the epoch (a figure of one epoch has no spread of
-        its own; a wait of 0.05 s that grew by 8% in a 5 s epoch is noise)."""
+        differ by less than EPOCH_NOISE of the epoch, for a time, or of themselves, for an
+        energy (a figure of one epoch has no spread of its own; a wait of 0.05 s that grew
+        by 8% in a 5 s epoch is noise)."""
         b, y = self.baseline, self.yours
         overlap = y.low <= b.high and b.low <= y.high
         scale = max(b.epoch_s or b.value, y.epoch_s or y.value, b.value, y.value)

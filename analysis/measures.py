@@ -143,7 +143,8 @@ def measures(ex: Exercise) -> list[Measure]:
                 kind = ENERGY if metric == "energy_j" else TIME
                 values = tuple(epochs[metric].dropna())
                 name = FIGURE_NAMES[metric] + suffix
-                found.append(Measure(ex.name, name, kind, values, "", settings, epoch_s))
+                scale = epoch_s if kind == TIME else None  # an energy's noise is its own
+                found.append(Measure(ex.name, name, kind, values, "", settings, scale))
         if (
             ex.name in FINAL_ACCURACY
             and "train_acc" in epochs

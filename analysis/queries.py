@@ -19,6 +19,25 @@ EPOCH_METRICS = [
 ]  # fmt: skip
 
 
+def _ran_variants(tag: str, found: set[str]) -> list[str]:
+    """The variants in a VARIANTS tag. Before VARIANTS_SEPARATOR, stores joined them with
+    commas, which a variant may hold (gpus=2,scaling=weak): there, a run of pieces that
+    names a variant found is that variant, and the pieces no found variant takes are the
+    missing ones."""
+    separator = tracking.VARIANTS_SEPARATOR.strip()
+    if separator in tag or "," not in tag:
+        return [v.strip() for v in tag.split(separator) if v.strip()]
+    variants, pending = [], []
+    for piece in tag.split(","):
+        pending.append(piece)
+        for start in range(len(pending)):
+            if ",".join(pending[start:]) in found:
+                variants += [*pending[:start], ",".join(pending[start:])]
+                pending = []
+                break
+    return variants + pending
+
+
 @dataclass(frozen=True)
 class Exercise:
     """The runs that answer one item of the study.
@@ -76,8 +95,7 @@ class Exercise:
         """The variants the comparison ran whose finished runs are no longer in the store."""
         ran = str(self.parent.get(f"tags.{tracking.VARIANTS}") or "")
         found = set(self.runs.get(f"tags.{tracking.VARIANT}", pd.Series(dtype=object)))
-        ran_variants = [v.strip() for v in ran.split(tracking.VARIANTS_SEPARATOR.strip())]
-        return [v for v in ran_variants if v and v not in found]
+        return [v for v in _ran_variants(ran, found) if v not in found]
 
     @property
     def diverged(self) -> dict[str, str]:

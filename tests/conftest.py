@@ -82,8 +82,10 @@ def store(tmp_path, monkeypatch, empty_store) -> str:
 
 @pytest.fixture(autouse=True)
 def quiet_machine(monkeypatch):
-    """No run is flagged as disturbed unless its test sets the thresholds (test_noise): the
-    other test process, or any other load, must not change what a test reads."""
+    """No run of this process is flagged as disturbed unless its test sets the thresholds
+    (test_noise): the other test process, or any other load, must not change what a test
+    reads. (Runs in processes of their own keep the real thresholds: no test of them reads
+    the flag.)"""
     from cifarexp.training import noise
 
     monkeypatch.setattr(noise, "OTHER_CPU_SHARE", float("inf"))

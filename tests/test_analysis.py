@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from analysis import queries, report, tables
+from analysis.queries import _ran_variants
 from benchmarks.fake_runs import epoch, log_run, log_study
 from tests.conftest import one_message
 
@@ -404,3 +405,13 @@ def test_plots_show_every_point_the_data_loading_curve_on_its_own_axis():
                         "speedup vs cpu": [1.0]})  # fmt: skip
     [ax] = plots.device_breakdown(one).axes
     assert ax.get_xscale() == "linear" and ax.get_xlim()[1] < 200  # not a log axis to 6000 s
+
+
+def test_a_variants_tag_joined_with_commas_by_an_older_store_is_read_by_its_variants():
+    # a variant may hold a comma (gpus=2,scaling=weak): the tag is read by the variants found
+    found = {"gpus=1", "gpus=2,scaling=weak"}
+    both = ["gpus=1", "gpus=2,scaling=weak"]
+    assert _ran_variants("gpus=1; gpus=2,scaling=weak", found) == both  # today's tag
+    assert _ran_variants("gpus=1,gpus=2,scaling=weak", found) == both  # an older store's
+    # and a variant no run is found for is left over: missing, not swallowed
+    assert _ran_variants("adam,sgd", {"sgd"}) == ["adam", "sgd"]

@@ -125,7 +125,7 @@ def test_compare_device_estimates_the_cpu_epoch_from_its_first_batches(cli, clie
 def test_compare_device_without_cuda_says_what_c5_needs_and_marks_partial_epochs(
     cli, client, monkeypatch
 ):
-    # Given a machine where torch finds no CUDA device, 4 batches an epoch
+    # Given a machine where torch finds no CUDA device, 16 batches an epoch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     args = [*without("--train-size", without("--device", ONE_EPOCH)), "--train-size", "64"]
