@@ -211,7 +211,7 @@ class Row:
         by 8% in a 5 s epoch is noise)."""
         b, y = self.baseline, self.yours
         overlap = y.low <= b.high and b.low <= y.high
-        scale = max(b.epoch_s or b.value, y.epoch_s or y.value, b.value, y.value)
+        scale = max(b.value, y.value, b.epoch_s or 0.0, y.epoch_s or 0.0)
         return overlap or abs(y.value - b.value) <= EPOCH_NOISE * scale
 
     @property
