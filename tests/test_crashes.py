@@ -3,6 +3,7 @@ epochs kept; a comparison's parent ends FAILED too, its finished children intact
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 
@@ -150,14 +151,18 @@ def test_a_stopped_dataloader_worker_ends_the_run_and_the_process_within_the_tim
 
 
 def wait_for_worker(process, timeout: float = 180) -> psutil.Process:
-    """The DataLoader worker of `process`, once it has delivered a batch or two."""
+    """The DataLoader worker of `process` (a forked child: its own executable, not a short
+    `git` that the run's start asks for its commit), once it has delivered a batch or two."""
     deadline = time.monotonic() + timeout
+    parent = psutil.Process(process.pid)
     while time.monotonic() < deadline:
         assert process.poll() is None, process.log()
-        workers = psutil.Process(process.pid).children()
-        if workers:
-            time.sleep(2)  # into the epoch
-            return workers[0]
+        for child in parent.children():
+            with contextlib.suppress(psutil.Error):
+                if child.exe() == parent.exe():
+                    time.sleep(2)  # into the epoch
+                    if child.is_running():
+                        return child
         time.sleep(0.1)
     raise AssertionError(f"no DataLoader worker in {timeout} s:\n{process.log()}")
 
