@@ -190,9 +190,9 @@ def test_compare_device_gpus_rejects_bad_counts_with_one_line(cli, store, args, 
 def test_stopping_compare_device_gpus_stops_its_torchrun_job_and_its_run(
     client, tmp_path, stop, code, parent
 ):
-    # one step an epoch: the 1-process baseline is over soon, the 2-process child runs on
+    # a few steps an epoch: the 1-process baseline is over soon, the 2-process child runs on
     args = [*without("--device", without("--epochs", without("--train-size"))), "--epochs", "20"]
-    args += ["--train-size", str(TINY.batch_size), "--devices", "cpu"]
+    args += ["--train-size", str(4 * TINY.batch_size), "--devices", "cpu"]
     process = start_cifarexp("compare-device", *args, "--gpus", "1,2", "--scaling", "weak",
                              cwd=tmp_path)  # fmt: skip
     try:

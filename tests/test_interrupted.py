@@ -16,7 +16,7 @@ import pytest
 
 from analysis import queries, report, tables
 from cifarexp import processes, tracking
-from tests.conftest import TINY_ARGS, all_runs, without
+from tests.conftest import TINY, TINY_ARGS, all_runs, without
 from tests.processes import start_cifarexp, wait_for_epoch
 
 COMPARE_OPTIM = ["compare-optim", *TINY_ARGS, "--optimizers", "sgd,adam"]
@@ -131,7 +131,9 @@ def test_a_comparison_killed_outright_is_unfinished_until_resume_completes_it(
 def test_sigterm_ends_the_run_killed_with_its_finished_epochs(client, tmp_path):
     # Given a run with a DataLoader worker, and SIGTERM sent to its whole process group as
     # `timeout` and schedulers send it (the worker dies of it too, not of a fault of its own),
-    args = [*without("--workers", without("--epochs")), "--workers", "1", "--epochs", "20"]
+    # epochs of 8 steps (about a second): the stop lands in training, not at an epoch's start
+    args = [*without("--workers", without("--epochs", without("--train-size"))), "--workers", "1"]
+    args += ["--epochs", "20", "--train-size", str(8 * TINY.batch_size)]
     process = start_cifarexp("time", *args, cwd=tmp_path)
     try:
         run = wait_for_epoch(client, process)
@@ -291,7 +293,9 @@ def test_a_comparison_whose_child_was_deleted_is_reported_as_incomplete(cli, cli
 def test_sigusr1_from_outside_ends_the_run_killed_with_its_finished_epochs(client, tmp_path):
     # Given a run with a DataLoader worker (whose watchdog also uses SIGUSR1), and SIGUSR1,
     # which has no handler of its own, sent to it once an epoch is in the store,
-    args = [*without("--workers", without("--epochs")), "--workers", "1", "--epochs", "20"]
+    # epochs of 8 steps (about a second): the stop lands in training, not at an epoch's start
+    args = [*without("--workers", without("--epochs", without("--train-size"))), "--workers", "1"]
+    args += ["--epochs", "20", "--train-size", str(8 * TINY.batch_size)]
     process = start_cifarexp("time", *args, cwd=tmp_path)
     try:
         run = wait_for_epoch(client, process)
