@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.noise import HIGH, LOW  # a timing's range over the epochs
 from cifarexp import tracking
 from cifarexp.config import ConfigError
 
@@ -131,9 +132,6 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *lines])
 
 
-SPREAD_LOW, SPREAD_HIGH = " min", " max"  # a timing's range over the epochs (analysis.noise)
-
-
 def displayed(table: pd.DataFrame) -> tuple[list[str], list[bool], list[list[str]]]:
     """A table as a reader reads it: its columns, whether each is right-aligned (numbers),
     and its rows' values as text. A timing with its range over the epochs (columns `X`,
@@ -142,9 +140,9 @@ def displayed(table: pd.DataFrame) -> tuple[list[str], list[bool], list[list[str
     ranged = {
         str(c)
         for c in table.columns
-        if f"{c}{SPREAD_LOW}" in table.columns and f"{c}{SPREAD_HIGH}" in table.columns
+        if f"{c}{LOW}" in table.columns and f"{c}{HIGH}" in table.columns
     }
-    hidden = {f"{c}{end}" for c in ranged for end in (SPREAD_LOW, SPREAD_HIGH)}
+    hidden = {f"{c}{end}" for c in ranged for end in (LOW, HIGH)}
     columns = [c for c in table.columns if str(c) not in hidden]
     right = [pd.api.types.is_numeric_dtype(table[c]) for c in columns]
     at = {str(c): i for i, c in enumerate(table.columns)}
@@ -154,9 +152,7 @@ def displayed(table: pd.DataFrame) -> tuple[list[str], list[bool], list[list[str
         for c in columns:
             text = format_value(c, row[at[str(c)]])
             if str(c) in ranged:
-                low, high = (
-                    format_value(c, row[at[f"{c}{end}"]]) for end in (SPREAD_LOW, SPREAD_HIGH)
-                )
+                low, high = (format_value(c, row[at[f"{c}{end}"]]) for end in (LOW, HIGH))
                 if text != "–" and low != high:
                     text = f"{text} ({low}–{high})"
             values.append(text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from html import escape
 from pathlib import Path
@@ -240,10 +240,9 @@ def timing_notes(item: str, ex: queries.Exercise, built: Mapping[str, pd.DataFra
         runs = ex.runs.set_index("run_id").loc[times.index]
         names = list(runs.get(f"tags.{tracking.VARIANT}", pd.Series(list(times.index))))
         timings = [
-            noise.Timing(row[metric], row[metric + noise.LOW], row[metric + noise.HIGH],
-                         run_id in disturbed)
+            replace(noise.Timing.of(row, metric), disturbed=run_id in disturbed)
             for run_id, row in times.iterrows()
-        ]  # fmt: skip
+        ]
         note = noise.within_noise_note(names, timings, what, tolerance)
         notes += [note] if note else []
     return notes
