@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import typer.testing
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -132,9 +133,16 @@ def client(store) -> MlflowClient:
     return MlflowClient(store)
 
 
+@pytest.fixture(scope="session")
+def click_command():
+    """The CLI as one click command, built once (typer builds it anew on every invoke)."""
+    return typer.main.get_command(app)
+
+
 @pytest.fixture
-def cli():
+def cli(monkeypatch, click_command):
     """Invoke the CLI in-process: cli("time", "--epochs", "1") -> click Result."""
+    monkeypatch.setattr(typer.testing, "_get_command", lambda _: click_command)
     runner = CliRunner()
 
     def invoke(*args: str):

@@ -93,6 +93,11 @@ _forkserver = multiprocessing.get_context("forkserver")
 _forkserver.set_forkserver_preload(PRELOAD)
 
 
+# start_cifarexp's stdout: a pipe whose reader has gone, as `cifarexp ... | head -1`'s once
+# head has read its line.
+BROKEN_PIPE = "|"
+
+
 @dataclass
 class ForkedProcess(Started):
     """`cifarexp ARGS` forked from the preloaded server (see `start_cifarexp`)."""
@@ -126,7 +131,12 @@ def _run_cifarexp(
     os.environ.clear()
     os.environ.update(env)
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(log if stdout is None else os.open(stdout, os.O_WRONLY), 1)
+    if stdout == BROKEN_PIPE:
+        reader, out = os.pipe()
+        os.close(reader)
+    else:
+        out = log if stdout is None else os.open(stdout, os.O_WRONLY)
+    os.dup2(out, 1)
     os.dup2(log, 2)
     sys.argv = ["cifarexp", *args]
     from cifarexp.cli import main
@@ -142,7 +152,7 @@ def start_cifarexp(
     stdout: str | None = None,
 ) -> ForkedProcess:
     """`cifarexp ARGS` in a process of its own (see PRELOAD), output into `cwd`/`name`.log
-    (only its stderr if `stdout`, a file's path, takes its stdout)."""
+    (only its stderr if `stdout`, a file's path or BROKEN_PIPE, takes its stdout)."""
     log_path = cwd / f"{name}.log"
     log_path.touch()
     environment = {**os.environ, **(env or {})}

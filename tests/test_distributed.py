@@ -19,6 +19,8 @@ from cifarexp.study import runs
 from cifarexp.study.catalogue import Labels
 from cifarexp.study.session import Session
 from cifarexp.tracking import Tracker
+from cifarexp.training.build import train_loader
+from cifarexp.training.data import load_split
 from cifarexp.training.distributed import COMM_BUDGET, Combiner, World
 from cifarexp.training.engine import EpochResult, Execution
 from tests import ddp_entry
@@ -46,9 +48,10 @@ def torchrun(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: 
 
 
 def test_time_under_torchrun_logs_one_run_from_rank_0(client, tmp_path):
-    # 20 steps of 2 images per rank and epoch: each epoch affords a pair of comm passes
+    # 10 steps of 2 images per rank and epoch: the 20 steps of 2 epochs afford a pair of
+    # comm passes (COMM_BUDGET), measured after epoch 2
     args = [*without("--batch-size", without("--train-size")), "--batch-size", "2"]
-    args += ["--train-size", "80"]
+    args += ["--train-size", "40"]
     done = torchrun("-m", "cifarexp", "time", *args, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -57,61 +60,69 @@ def test_time_under_torchrun_logs_one_run_from_rank_0(client, tmp_path):
     params = run.data.params
     assert (params["world_size"], params["backend"], params["scaling"]) == ("2", "gloo", "weak")
     assert params["batch_size"] == "2"
-    for name in [*METRICS, "comm_time_s"]:  # one point per epoch: rank 0 alone logged
+    for name in METRICS:  # one point per epoch: rank 0 alone logged
         history = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in history] == [1, 2], name
-    assert all(m.value >= 0 for m in client.get_metric_history(run.info.run_id, "comm_time_s"))
-    # weak scaling: each rank trains 40 of the 80 images, so an epoch covers all 80
+    [comm] = client.get_metric_history(run.info.run_id, "comm_time_s")
+    assert comm.step == 2 and comm.value >= 0
+    # weak scaling: each rank trains 20 of the 40 images, so an epoch covers all 40
     rate = client.get_metric_history(run.info.run_id, "images_per_s")[0].value
     epoch = client.get_metric_history(run.info.run_id, "epoch_time_s")[0].value
-    assert rate * epoch == pytest.approx(80)
+    assert rate * epoch == pytest.approx(40)
 
 
-def test_each_rank_trains_a_disjoint_shard_reshuffled_every_epoch(tmp_path):
-    done = torchrun("-m", "tests.ddp_entry", "shards", cwd=tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
-    rank0, rank1 = (
-        [
-            list(map(int, line.split()))
-            for line in (tmp_path / f"rank{r}.txt").read_text().splitlines()
-        ]
-        for r in (0, 1)
-    )
-    assert len(rank0) == len(rank1) == 2  # one line per epoch
+def test_each_rank_trains_a_disjoint_shard_reshuffled_every_epoch():
+    # Given the training loaders of ranks 0 and 1 of two, as each rank builds its own,
+    cfg = TINY.replace(train_size=16)
+    train_set = load_split(cfg, train=True)
+    loaders = [
+        train_loader(cfg, World(r, 2, "gloo"), train_set, torch.device("cpu")) for r in (0, 1)
+    ]
+
+    # when each is iterated for two epochs,
+    def shards(loader) -> list[list[int]]:
+        epochs = []
+        for _ in range(2):
+            iter(loader)  # one epoch: reshuffles the shard
+            epochs.append(list(loader.sampler))
+        return epochs
+
+    rank0, rank1 = (shards(loader) for loader in loaders)
+
+    # then in each epoch the two shards split the set between them,
     for mine, theirs in zip(rank0, rank1, strict=True):
         assert not set(mine) & set(theirs)
         assert sorted(mine + theirs) == list(range(16))
-    assert rank0[0] != rank0[1]  # set_epoch: a new shuffle each epoch
+    assert rank0[0] != rank0[1]  # and set_epoch draws a new shuffle each epoch
 
 
-def test_strong_scaling_on_two_ranks_matches_one_process_with_the_global_batch(client, tmp_path):
-    done = torchrun("-m", "tests.ddp_entry", "strong", cwd=tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
+def test_two_ranks_train_as_one_process_with_the_global_batch_until_rank_1_crashes(
+    client, tmp_path
+):
+    # Given two ranks training the BN-free model on 8 images with strong scaling (4 each),
+    # rank 1 crashing as epoch CRASH_EPOCH starts,
+    done = torchrun("-m", "tests.ddp_entry", cwd=tmp_path)
+
+    # then the job fails naming the crash, and the one run (rank 0's) ends FAILED with the
+    # error, its finished epochs kept,
+    assert done.returncode != 0
+    assert "rank 1 crashed" in done.stdout + done.stderr
     [ddp] = all_runs(client)
-    assert ddp.data.params["world_size"] == "2"
-    assert ddp.data.params["scaling"] == "strong"
+    assert ddp.info.status == "FAILED", done.stdout + done.stderr
+    assert "cifarexp.error" in ddp.data.tags
+    assert (ddp.data.params["world_size"], ddp.data.params["scaling"]) == ("2", "strong")
 
+    # and those epochs are one process's with the global batch. Epoch 1: the same weights
+    # on the same 8 augmented images. Epoch 2: after one step whose gradient DDP averaged
+    # over the two halves, i.e. the mean over all 8.
+    finished = ddp_entry.STRONG.replace(epochs=ddp_entry.CRASH_EPOCH - 1)
     session = Session(Tracker.open(None), experiment="one")
-    single = runs.run_training(ddp_entry.STRONG, Labels("time", "C2"), session)
-
-    # Epoch 1: the same weights on the same 8 augmented images. Epoch 2: after one step
-    # whose gradient DDP averaged over the two halves, i.e. the mean over all 8.
+    single = runs.run_training(finished, Labels("time", "C2"), session)
     for name in ("train_loss", "train_acc"):
         history = client.get_metric_history(ddp.info.run_id, name)
         expected = [getattr(r, name) for r in single.results]
         assert [m.value for m in history] == pytest.approx(expected, rel=1e-5), name
     assert single.results[0].train_loss != single.results[1].train_loss  # it did learn
-
-
-def test_a_crash_on_rank_1_ends_the_run_failed_and_every_process_exits(client, tmp_path):
-    done = torchrun("-m", "tests.ddp_entry", "crash", cwd=tmp_path)
-    assert done.returncode != 0
-    assert "rank 1 crashed" in done.stdout + done.stderr
-    [run] = all_runs(client)
-    assert run.info.status == "FAILED", done.stdout + done.stderr
-    assert "cifarexp.error" in run.data.tags
-    history = client.get_metric_history(run.info.run_id, "epoch_time_s")
-    assert [m.step for m in history] == [1]  # the finished epoch is kept
 
 
 def test_nproc_relaunches_the_same_command_through_torch_distributed_run(cli, monkeypatch):
@@ -190,9 +201,10 @@ def test_compare_device_gpus_rejects_bad_counts_with_one_line(cli, store, args, 
 def test_stopping_compare_device_gpus_stops_its_torchrun_job_and_its_run(
     client, tmp_path, stop, code, parent
 ):
-    # a few steps an epoch: the 1-process baseline is over soon, the 2-process child runs on
-    args = [*without("--device", without("--epochs", without("--train-size"))), "--epochs", "20"]
-    args += ["--train-size", str(4 * TINY.batch_size), "--devices", "cpu"]
+    # 8 steps an epoch: the 1-process baseline is over in seconds; the 2-process child, 4
+    # steps a rank, is stopped in the 3 epochs it has left after its first (about a second each)
+    args = [*without("--device", without("--epochs", without("--train-size"))), "--epochs", "4"]
+    args += ["--train-size", str(8 * TINY.batch_size), "--devices", "cpu"]
     process = start_cifarexp("compare-device", *args, "--gpus", "1,2", "--scaling", "weak",
                              cwd=tmp_path)  # fmt: skip
     try:

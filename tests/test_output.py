@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from benchmarks.fake_runs import log_study
 from tests.conftest import TINY_ARGS, all_runs, one_message
-from tests.processes import start, start_cifarexp
+from tests.processes import BROKEN_PIPE, start_cifarexp
 from tests.test_store import error_lines, immutable
 
 SHOWN = [arg for arg in TINY_ARGS if arg != "--quiet"]  # a line per epoch, as a user sees it
@@ -52,13 +51,7 @@ def test_stdout_on_a_full_disk_ends_the_run_finished_and_says_so_in_one_line(cli
 
 def test_stdout_closed_early_as_by_head_ends_the_run_finished(client, tmp_path):
     # Given `cifarexp time ... | head -1` whose reader has gone before the first line,
-    reader, writer = os.pipe()
-    os.close(reader)
-    command = [sys.executable, "-m", "cifarexp", "time", *SHOWN]
-    try:
-        process = start(command, tmp_path, "head", stdout=writer)
-    finally:
-        os.close(writer)
+    process = start_cifarexp("time", *SHOWN, cwd=tmp_path, stdout=BROKEN_PIPE)
     try:
         code = process.wait()
     finally:
