@@ -164,8 +164,8 @@ def epochs(runs: pd.DataFrame) -> pd.DataFrame:
     whole epoch that its epoch_time_s estimates."""
     frames = []
     for run in runs.to_dict("records"):
-        # the keys it logged (a query each), as its latest values in `runs` show them
-        logged = [key for key in EPOCH_METRICS if pd.notna(run.get(f"metrics.{key}"))]
+        # a query per key: only those that a run of `runs` logged (a column of theirs)
+        logged = [key for key in EPOCH_METRICS if f"metrics.{key}" in run]
         history = tracking.metric_history(run["run_id"], logged)
         if "partial_total_s" in history:
             scale = history["epoch_time_s"] / history["partial_total_s"]
