@@ -13,9 +13,11 @@ import sys
 import time
 
 import pytest
+from torch.utils.data import dataloader
 
 from analysis import queries, report, tables
 from cifarexp import processes, tracking
+from cifarexp.training.data import load_split, make_loader
 from tests.conftest import TINY, TINY_ARGS, all_runs, without
 from tests.processes import start_cifarexp, wait_for_epoch
 
@@ -223,6 +225,32 @@ def test_a_stop_swallowed_by_python_still_ends_the_run_killed(
     [run] = all_runs(client)
     assert run.info.status == "KILLED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+
+
+def test_a_stop_while_the_dataloader_starts_its_workers_comes_once_they_are_started(
+    stop_handlers, monkeypatch
+):
+    # Given a loader with a worker, and a SIGTERM that arrives as its iterator is being made
+    # (before the iterator has what its cleanup needs),
+    processes.handle_stops(under_torchrun=False)
+    made = dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def stopped_meanwhile(self, loader):
+        signal.raise_signal(signal.SIGTERM)
+        made(self, loader)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__", stopped_meanwhile)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda raised: unraisable.append(raised.exc_value))
+    cfg = TINY.replace(workers=1)
+    loader = make_loader(cfg, load_split(cfg, train=True), train=True)
+
+    # when the epoch starts, the stop is raised,
+    with pytest.raises(processes.Interrupted):
+        next(iter(loader))
+    gc.collect()
+    # then only once the iterator is whole: collected, it ends its worker without an error.
+    assert unraisable == []
 
 
 def test_two_resumes_at_once_run_each_missing_variant_once(cli, client, after_each_epoch, tmp_path):

@@ -181,12 +181,18 @@ class WatchedLoader:
 
     def __iter__(self) -> Iterator:
         if self.timeout <= 0 or self.loader.num_workers == 0:  # no worker to wait for
-            return iter(self.loader)
+            return self._started()
         return self._watched()
+
+    def _started(self) -> Iterator:
+        """The DataLoader's iterator, which starts its workers. A stop waits until it is
+        made: one stopped half-made would report its missing parts as it is collected."""
+        with processes.uninterruptible():
+            return iter(self.loader)
 
     def _watched(self) -> Iterator:
         watch = _Watchdog(self.timeout, can_interrupt=processes.allow_interrupts())
-        batches = iter(self.loader)  # starts the workers: part of waiting for batch 1
+        batches = self._started()  # starts the workers: part of waiting for batch 1
         watch.start()
         try:
             while True:
