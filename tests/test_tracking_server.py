@@ -50,6 +50,9 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
     return sorted(paths)
 
 
+FIELDS = ("experiment", "status", "params", "tags", "has parent", "metric steps", "artifacts")
+
+
 def contents(uri: str) -> list[tuple]:
     """What a user finds in a store, less what differs between any two runs (ids, generated
     names, times, values, system metrics): per run its experiment, status, params, cifarexp
@@ -91,9 +94,11 @@ def test_the_commands_log_the_same_to_a_tracking_server_as_to_the_local_store(
     assert len(local) == 1 + 3 + 1 + 1  # time, compare-optim and its children, inspect, report
     assert len(remote) == len(local)
     differing = [
-        (mine, theirs) for mine, theirs in zip(local, remote, strict=True) if mine != theirs
+        {field: (a, b) for field, a, b in zip(FIELDS, mine, theirs, strict=True) if a != b}
+        for mine, theirs in zip(local, remote, strict=True)
+        if mine != theirs
     ]
-    assert not differing, differing  # (local, server) for each run that differs
+    assert not differing, differing  # field: (local, server), for each run that differs
     readable_in_the_ui(MlflowClient(server.url))
     a_server_going_away_mid_run_fails_the_command_saying_what_was_logged(
         cli, server, after_each_epoch

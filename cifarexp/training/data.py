@@ -175,6 +175,7 @@ class WatchedLoader:
 
     def __init__(self, loader: DataLoader, timeout: float) -> None:
         self.loader, self.timeout = loader, timeout
+        self.made = False  # whether an iterator has been made (see _started)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -185,10 +186,16 @@ class WatchedLoader:
         return self._watched()
 
     def _started(self) -> Iterator:
-        """The DataLoader's iterator, which starts its workers. A stop waits until it is
-        made: one stopped half-made would report its missing parts as it is collected."""
-        with processes.uninterruptible():
+        """The DataLoader's iterator. Making one starts its workers, and a stop waits until
+        it is made: one stopped half-made would report its missing parts as it is collected.
+        Persistent workers are started once; each later epoch waits for them to be ready,
+        and a stop is taken in that wait (a stuck worker would hold it forever)."""
+        if self.loader.persistent_workers and self.made:
             return iter(self.loader)
+        with processes.uninterruptible():
+            batches = iter(self.loader)
+        self.made = True
+        return batches
 
     def _watched(self) -> Iterator:
         watch = _Watchdog(self.timeout, can_interrupt=processes.allow_interrupts())
