@@ -13,7 +13,7 @@ One card, synthetic CIFAR-shaped images (the same for every path), batch 128:
   (d) the eager floor: what one step of the same model and optimizer costs on one fixed
       batch already on the device, the step (c) captures replayed: `len(loader)` replays,
       timed as one epoch
-  (f) the compiled floor: (d) with the compiled model and optimizer step captured whole
+  (f) the compiled floor: (d) with the compiled model's step captured whole
       (--compile default --cuda-graph)
   (g) the fast path with that compiled step: (c) with --compile default
   (e) optional: the fast path with --compile reduce-overhead instead of --cuda-graph
@@ -64,6 +64,7 @@ class Path:
     rounds: list[float] = field(default_factory=list)  # per round: the median epoch
     first_acc: float | None = None  # after the first (untimed) epoch
     train_acc: float | None = None  # after the last epoch
+    logged: list[float] = field(default_factory=list)  # cifarexp's: each epoch's epoch_time_s
 
 
 # ----------------------------------------------------------------- the paths
@@ -78,14 +79,17 @@ def bare_path(cfg: TrainConfig) -> Path:
 def cifarexp_path(name: str, cfg: TrainConfig, tracker: Tracker) -> Path:
     """(b), (c), (e): cifarexp's engine with its warm-up, each epoch logged to the store."""
     training = build_training(cfg)
-    warmup_s = training.warm_up()
+    path = Path(name, lambda: (0.0, None), training.warm_up())
 
     def epoch() -> tuple[float, float]:
         start = time.perf_counter()
         (result,) = training.train(tracker.log_epoch, epochs=1)
-        return time.perf_counter() - start, result.train_acc
+        seconds = time.perf_counter() - start
+        path.logged.append(result.epoch_time_s)
+        return seconds, result.train_acc
 
-    return Path(name, epoch, warmup_s)
+    path.epoch = epoch
+    return path
 
 
 def floor_path(name: str, cfg: TrainConfig) -> Path:
@@ -118,6 +122,7 @@ def run_rounds(paths: dict[str, Path], rounds: int, epochs: int) -> None:
     """One untimed epoch of every path, then `rounds` rounds of `epochs` epochs each, in turn."""
     for path in paths.values():
         path.first_acc = path.epoch()[1]
+        path.logged.clear()  # the untimed epoch's
     for r in range(1, rounds + 1):
         for key, path in paths.items():
             runs = [path.epoch() for _ in range(epochs)]
@@ -126,8 +131,8 @@ def run_rounds(paths: dict[str, Path], rounds: int, epochs: int) -> None:
             print(f"round {r}: ({key}) {path.rounds[-1]:.3f} s", flush=True)
 
 
-def seconds(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}"
+def seconds(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def report(paths: dict[str, Path], args: argparse.Namespace, device: torch.device) -> None:
@@ -139,18 +144,22 @@ def report(paths: dict[str, Path], args: argparse.Namespace, device: torch.devic
     )
     width = max(len(p.name) for p in paths.values())
     header = (
-        f"{'path':<{width}}  {'epoch s':>8}  {'range':>13}  {'warm-up s':>9}  "
+        f"{'path':<{width}}  {'epoch s':>8}  {'range':>13}  {'logged s':>8}  {'warm-up s':>9}  "
         f"{'acc ep. 1':>9}  {'acc last':>9}"
     )
     print(header)
     for p in paths.values():
         spread = f"{min(p.rounds):.3f}-{max(p.rounds):.3f}"
         median = statistics.median(p.rounds)
+        logged = statistics.median(p.logged) if p.logged else None
         print(
-            f"{p.name:<{width}}  {median:>8.3f}  {spread:>13}  {seconds(p.warmup_s):>9}  "
-            f"{percent(p.first_acc):>9}  {percent(p.train_acc):>9}"
+            f"{p.name:<{width}}  {median:>8.3f}  {spread:>13}  {seconds(logged, 3):>8}  "
+            f"{seconds(p.warmup_s):>9}  {percent(p.first_acc):>9}  {percent(p.train_acc):>9}"
         )
-    print()
+    print(
+        "(epoch s: the wall clock of a whole epoch's call, logging included; logged s: the "
+        "median epoch_time_s that cifarexp logged for the same epochs, C2's epoch)\n"
+    )
     targets = (("b", "a", 1.02), ("c", "d", 1.10), ("g", "f", 1.10), ("g", "c", 1.0))
     targets += (("c", "b", 0.333),)
     for top, bottom, target in targets:
@@ -158,10 +167,15 @@ def report(paths: dict[str, Path], args: argparse.Namespace, device: torch.devic
             ratios = [t / b for t, b in zip(paths[top].rounds, paths[bottom].rounds, strict=True)]
             print(f"  per round: {', '.join(f'{x:.3f}' for x in ratios)}")
             print(ratios_line(f"({top})/({bottom})", ratios, target))
-    fastest = [statistics.median(paths[k].rounds) for k in "cg" if k in paths]
-    if fastest:
-        met = "met" if min(fastest) <= 0.95 else "NOT met"
-        print(f"fastest of (c), (g): {min(fastest):.3f} s an epoch (target <= 0.95 s: {met})")
+    fast = [paths[k] for k in "cg" if k in paths]
+    if fast:
+        best = min(fast, key=lambda p: statistics.median(p.rounds))
+        wall, logged = statistics.median(best.rounds), statistics.median(best.logged)
+        met = "met" if wall <= 0.95 else "NOT met"
+        print(
+            f"fastest of (c), (g): {wall:.3f} s an epoch, {logged:.3f} s logged "
+            f"(target <= 0.95 s: {met})"
+        )
     b = paths.get("b")
     for key in "cg":
         path = paths.get(key)

@@ -59,8 +59,9 @@ PRESETS: dict[str, dict[str, float | None]] = {
 
 
 # `--fast`: the fastest settings this tool has measured per device type (docs/results.md:
-# 1.18 s a CIFAR-10 epoch on an H200). The compiled step captured whole (--cuda-graph
-# --compile default) joins them once measured faster on a GPU.
+# 1.18 s a CIFAR-10 epoch on an H200). The compiled model's step captured whole
+# (--cuda-graph --compile default) joins them once it is measured faster and training as the
+# eager step does on a GPU.
 FAST_SETTINGS: dict[str, dict[str, object]] = {
     "cuda": {
         "loader": "gpu",

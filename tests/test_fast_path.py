@@ -199,6 +199,41 @@ def test_warm_up_leaves_model_optimizer_and_rng_as_they_were():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@pytest.mark.parametrize("name", ["sgd", "nesterov"])
+def test_the_fused_sgd_of_a_captured_step_trains_as_the_studys_sgd_even_from_a_zeroed_state(
+    name,
+):
+    # Given the study's SGD and the fused one a GraphedStep runs, on two copies of a model in
+    # channels_last memory (as --fast keeps it), the fused one with momentum buffers that
+    # earlier steps made and that were then zeroed in place (as GraphedStep's warm-up leaves
+    # them),
+    torch.manual_seed(0)
+    study_model = small_model().to(memory_format=torch.channels_last)
+    fused_model = copy.deepcopy(study_model)
+    study = build_optimizer(name, study_model.parameters())
+    fused = build_optimizer(name, fused_model.parameters(), fused=True)
+    criterion = nn.CrossEntropyLoss()
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(4)]
+    before = copy.deepcopy(fused_model.state_dict())
+    for images, labels in batches[:2]:
+        train_step(fused_model, criterion, fused, images, labels, Execution())
+    fused_model.load_state_dict(before)
+    for state in fused.state.values():
+        state["momentum_buffer"].zero_()
+
+    # when both train on the same batches,
+    for images, labels in batches:
+        for model, optimizer in ((study_model, study), (fused_model, fused)):
+            train_step(model, criterion, optimizer, images, labels, Execution())
+
+    # then they end with the same weights and momentum (up to float rounding).
+    assert fused.defaults["fused"] and not study.defaults["fused"]
+    for p, q in zip(study_model.parameters(), fused_model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        momenta = fused.state[q]["momentum_buffer"], study.state[p]["momentum_buffer"]
+        torch.testing.assert_close(*momenta, rtol=1e-5, atol=1e-6)
+
+
 def test_a_compiled_model_compiles_once_in_warm_up_and_trains_as_the_eager_one():
     # Given a small model compiled with a backend that only counts compilations,
     compilations = []
@@ -434,10 +469,11 @@ def test_on_cuda_an_events_epoch_never_waits_for_the_device_before_its_end(
 # (relative), and on what the five steps changed in the weights, in the batch-norm
 # statistics and in the momentum, each apart (the norm of the difference over the norm of
 # the eager change: a lost or doubled update is off by 100%). The eager step captured runs
-# the same kernels: only the capture's choice of algorithms differs, with exact fp32
-# convolutions. The compiled step runs Inductor's kernels, which fuse batch-norm, ReLU and
-# the additions and sum in another order; on random data five steps amplify that rounding
-# (0.5% on a loss, measured on an H200), still far from 100%.
+# the same model kernels (only the capture's choice of algorithms differs, with exact fp32
+# convolutions) and the fused SGD kernel, the eager foreach kernels' maths in one. The
+# compiled step runs Inductor's kernels, which fuse batch-norm, ReLU and the additions and
+# sum in another order; on random data five steps amplify that rounding (0.5% on a loss,
+# measured on an H200), still far from 100%.
 TOLERANCES = {"none": (1e-4, 1e-3), "default": (2e-2, 5e-2)}
 
 
@@ -450,19 +486,13 @@ def relative_change_error(
     return float((diff / change).sqrt())
 
 
-# On an H200 the compiled step captured agreed on each loss (0.5%) but its momentum buffers
-# ended 64% off the eager ones (on CPU, uncaptured, the compiled step agrees to 1e-6):
-# why is open (issue 27), and --fast keeps the eager step until this passes.
-COMPILED_MOMENTUM = pytest.mark.xfail(reason="compiled captured step: momentum off (issue 27)")
-
-
 @pytest.mark.gpu
 @cuda_only
-@pytest.mark.parametrize("compile_mode", ["none", pytest.param("default", marks=COMPILED_MOMENTUM)])
+@pytest.mark.parametrize("compile_mode", ["none", "default"])
 def test_on_cuda_a_graphed_step_trains_as_the_eager_step_does(monkeypatch, compile_mode):
-    # Given two copies of one model and SGD, one stepped eagerly, one through a GraphedStep
-    # captured during the warm-up (whose state it then zeroes in place): the eager step, or
-    # the compiled model's and the compiled optimizer step's,
+    # Given two copies of one model and SGD, one stepped eagerly as the study steps, one
+    # through a GraphedStep captured during the warm-up (whose state it then zeroes in place)
+    # with the fused SGD it runs: the eager model's step, or the compiled model's,
     device = torch.device("cuda")
     # Exact fp32 convolutions, chosen the same way for both: TF32 and autotuning would each
     # round differently, and capture may pick other algorithms than eager steps do.
@@ -476,11 +506,11 @@ def test_on_cuda_a_graphed_step_trains_as_the_eager_step_does(monkeypatch, compi
     before_statistics = [b.clone() for b in eager_model.buffers() if b.is_floating_point()]
     # (lr 0.01: on random data lr 0.1 diverges, and a diverging run amplifies any rounding.)
     eager_opt = build_optimizer("nesterov", eager_model.parameters(), lr=0.01)
-    graph_opt = build_optimizer("nesterov", graph_model.parameters(), lr=0.01)
+    graph_opt = build_optimizer("nesterov", graph_model.parameters(), lr=0.01, fused=True)
     compiled = compile_mode != "none"
     trained = fastpath.compile_model(graph_model, compile_mode)
     execution = Execution(compiled=compiled)
-    step = GraphedStep(fastpath.compile_optimizer(graph_opt) if compiled else None)
+    step = GraphedStep()
     warm_up(trained, graph_opt, device, batch_sizes=[32, 8], execution=execution, step=step)
     assert step.graph is not None
 

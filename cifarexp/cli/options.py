@@ -184,7 +184,7 @@ CudaGraph = Annotated[
     _option(
         "Capture the whole training step (forward, backward, SGD step) as one CUDA graph "
         "during the warm-up and replay it each step: no per-kernel launches (CUDA, sgd or "
-        "nesterov; with --compile default, the compiled model's and optimizer's kernels).",
+        "nesterov, as a fused SGD; with --compile default, the compiled model's kernels).",
         FAST,
         envvar=_env("cuda_graph"),
     ),

@@ -138,6 +138,7 @@ def build_training(cfg: TrainConfig, world: World = World()) -> Training:
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,
+        fused=cfg.cuda_graph,
     )
     loader = train_loader(cfg, world, train_set, device)
     execution = fastpath.execution(cfg, model, device)
@@ -161,18 +162,11 @@ def build_training(cfg: TrainConfig, world: World = World()) -> Training:
         train_model=fastpath.compile_model(ddp_model, cfg.compile),  # shares model's parameters
         optimizer=optimizer,
         execution=execution,
-        step=graphed_step(cfg, optimizer) if cfg.cuda_graph else train_step,
+        step=GraphedStep() if cfg.cuda_graph else train_step,
         combine=combine,
         energy=find_counter(device, world.world_size),
         other_load=find_other_load(whole_job=world.joined),
     )
-
-
-def graphed_step(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> GraphedStep:
-    """The step captured as one CUDA graph: the eager step's, or with a compiled model the
-    compiled model's and a compiled optimizer step's."""
-    compiled = cfg.compile != "none"
-    return GraphedStep(fastpath.compile_optimizer(optimizer) if compiled else None)
 
 
 def train_loader(

@@ -187,11 +187,9 @@ def train_step(
     execution: Execution,
     *,
     autocast_cache: bool = True,
-    optimizer_step: Callable[[], object] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, loss, backward, optimizer step (`optimizer.step`, or `optimizer_step`: a
-    compiled one): the computation C2.2 times. Returns the loss and the logits, to be read
-    before the next step."""
+    """Forward, loss, backward, optimizer step: the computation C2.2 times. Returns the loss
+    and the logits, to be read before the next step."""
     if execution.compiled:
         # CUDA graphs (compile modes reduce-overhead, max-autotune) reuse their output memory
         # at each replay: mark the start of a step, the previous step's outputs being read.
@@ -201,7 +199,7 @@ def train_step(
         logits = model(images)
         loss = criterion(logits, labels)
     loss.backward()
-    (optimizer_step or optimizer.step)()
+    optimizer.step()
     return loss, logits
 
 

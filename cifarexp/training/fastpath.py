@@ -4,8 +4,6 @@ measured against (the model's FLOPs and the device's peak, for `mfu`)."""
 from __future__ import annotations
 
 import copy
-import logging
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -75,22 +73,6 @@ def compile_model(model: nn.Module, mode: str) -> nn.Module:
     if mode == "none":
         return model
     return torch.compile(model, mode=mode, dynamic=False)
-
-
-def compile_optimizer(optimizer: torch.optim.Optimizer) -> Callable[[], object]:
-    """`optimizer.step` compiled by Inductor: the parameter updates fused into a few kernels
-    (compiled by the warm-up's first steps; a captured step replays them).
-
-    Dynamo's one warning on tracing it, "Profiler record function ... will be ignored"
-    (`step`'s own profiler range, of no use compiled), is not shown."""
-    dynamo_log = logging.getLogger("torch._dynamo.variables.ctx_manager")
-    if _ignored_range not in dynamo_log.filters:
-        dynamo_log.addFilter(_ignored_range)
-    return torch.compile(optimizer.step)
-
-
-def _ignored_range(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Profiler record function")
 
 
 def execution(cfg: TrainConfig, model: nn.Module, device: torch.device) -> Execution:

@@ -27,8 +27,11 @@ def build_optimizer(
     lr: float = 0.1,
     weight_decay: float = 5e-4,
     momentum: float = 0.9,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
-    """The optimizer called `name`; unknown names fail listing the valid ones."""
+    """The optimizer called `name`; unknown names fail listing the valid ones. `fused`:
+    PyTorch's fused implementation, its update in one kernel (the same maths; sgd and
+    nesterov only: what a captured step runs, see `warmup.GraphedStep`)."""
     try:
         factory, takes_momentum = FACTORIES[name]
     except KeyError:
@@ -37,4 +40,6 @@ def build_optimizer(
             f"{', '.join(FACTORIES)}"
         ) from None
     extra = {"momentum": momentum} if takes_momentum else {}
+    if fused:
+        extra["fused"] = True
     return factory(params, lr=lr, weight_decay=weight_decay, **extra)

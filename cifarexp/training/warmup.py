@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -49,8 +49,7 @@ def warm_up(
             # The first size compiles; the others run as the epochs will run them.
             with compiled_shapes_only(execution) if i else contextlib.nullcontext():
                 for _ in range(steps):
-                    warm_step = step.eager if graphed else train_step
-                    warm_step(model, criterion, optimizer, images, labels, execution)
+                    train_step(model, criterion, optimizer, images, labels, execution)
             if graphed and i == 0:
                 # The warm steps made the optimizer's state: the graph captures its update.
                 assert steps >= 1 and optimizer.state, "capture needs a warm step first"
@@ -71,27 +70,20 @@ class GraphedStep:
     optimizer step captured by `warm_up`, then replayed on each batch copied into the
     graph's input tensors: one launch a step instead of hundreds of kernels. Any other
     shape (an epoch's smaller last batch) steps eagerly, on the same parameters and state.
+    A compiled model (`--compile default`) is captured with Inductor's kernels, compiled by
+    the warm-up's steps before the capture.
 
-    With `optimizer_step`, a compiled `optimizer.step` (`fastpath.compile_optimizer`), the
-    step captured is the compiled model's (`--compile default`: Inductor's fused kernels)
-    and the compiled optimizer's, each compiled by the warm-up's steps before the capture.
-
-    Only for SGD with or without Nesterov momentum (config.GRAPHED_OPTIMIZERS): its state
-    (the momentum buffers) is made by the warm-up's steps, captured, then zeroed in place;
-    with no dampening a zero buffer's first update is the gradient, as a fresh buffer's is,
-    so it trains as a fresh optimizer does.
+    Only for SGD with or without Nesterov momentum (config.GRAPHED_OPTIMIZERS), fused (its
+    update one kernel; `optim.build_optimizer`): its state (the momentum buffers) is made
+    by the warm-up's steps, captured, then zeroed in place; with no dampening a zero
+    buffer's first update is the gradient, as a fresh buffer's is, so it trains as a fresh
+    optimizer does.
     """
 
-    def __init__(self, optimizer_step: Callable[[], object] | None = None) -> None:
-        self.optimizer_step = optimizer_step
+    def __init__(self) -> None:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # the graph's images, labels
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # its loss, logits
-
-    def eager(self, *step: object, **settings: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step run as `train_step` runs it (arguments alike), with this step's
-        optimizer step: the warm-up's steps, the captured one, another shape's."""
-        return train_step(*step, optimizer_step=self.optimizer_step, **settings)
 
     def capture(
         self,
@@ -107,7 +99,7 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         optimizer.zero_grad(set_to_none=True)  # backward makes the grads in the graph's pool
         with torch.cuda.graph(self.graph):
-            loss, logits = self.eager(
+            loss, logits = train_step(
                 model, criterion, optimizer, *self.inputs, execution, autocast_cache=False
             )
         # Detached (the same memory): the captured autograd graph is freed, so the eager
@@ -126,7 +118,7 @@ class GraphedStep:
         if self.graph is None or self.inputs is None:
             raise RuntimeError("a GraphedStep trains only once warm_up has captured it")
         if images.shape != self.inputs[0].shape:
-            return self.eager(model, criterion, optimizer, images, labels, execution)
+            return train_step(model, criterion, optimizer, images, labels, execution)
         self.inputs[0].copy_(images)
         self.inputs[1].copy_(labels)
         self.graph.replay()
