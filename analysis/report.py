@@ -170,7 +170,7 @@ def section(item: str, ex: queries.Exercise | None) -> Section:
     if ex is not None:
         result.tables, result.figures, result.text = BUILDERS[item](ex)
         result.tables |= reference.beside(item, ex)
-        result.notes = warnings(ex) + timing_notes(item, ex, result.tables)
+        result.notes = warnings(ex) + timing_notes(item, ex)
         result.disturbed = ex.disturbed
         result.dataset, result.run_id = ex.dataset, ex.parent_id
         result.settings = ex.params
@@ -228,7 +228,7 @@ NOISE_COMPARED = {
 }
 
 
-def timing_notes(item: str, ex: queries.Exercise, built: Mapping[str, pd.DataFrame]) -> list[str]:
+def timing_notes(item: str, ex: queries.Exercise) -> list[str]:
     """The runs whose timing was disturbed, with why; for a comparison of timings (C5, C6),
     the variants whose time is within noise of the fastest's (C3's best count and C4's
     shortest epoch take noise into account themselves)."""

@@ -19,10 +19,6 @@ from cifarexp.tracking.names import DATASET, DEVICE, EXERCISE, PARENT, SETTINGS,
 from cifarexp.tracking.store import STORE_SCHEMES, redact, root_cause, sqlite_path
 
 
-def current_uri() -> str:
-    return mlflow.get_tracking_uri()
-
-
 def where(run_id: str, *, ui: bool = True) -> list[str]:
     """Where to find `run_id`: its experiment and run, the UI links (runs view; for a
     comparison, its variants on MLflow's compare page too), and, for a store that is no
