@@ -55,8 +55,10 @@ FIELDS = ("experiment", "status", "params", "tags", "has parent", "metric steps"
 
 def contents(uri: str) -> list[tuple]:
     """What a user finds in a store, less what differs between any two runs (ids, generated
-    names, times, values, system metrics): per run its experiment, status, params, cifarexp
-    tags, whether it has a parent, each metric's steps and the artifact paths."""
+    names, times, values, system metrics, and whether other processes disturbed the timing:
+    the suite's other worker may run beside one run and not the other): per run its
+    experiment, status, params, cifarexp tags, whether it has a parent, each metric's steps
+    and the artifact paths."""
     client = MlflowClient(uri)
     found = []
     for run in all_runs(client):
@@ -65,7 +67,11 @@ def contents(uri: str) -> list[tuple]:
             for key in run.data.metrics
             if not key.startswith("system/")  # sampled each second: how many, when, varies
         }
-        tags = {k: v for k, v in run.data.tags.items() if k.startswith(tracking.TAG)}
+        tags = {
+            k: v
+            for k, v in run.data.tags.items()
+            if k.startswith(tracking.TAG) and k != tracking.TIMING_DISTURBED
+        }
         found.append(
             (
                 client.get_experiment(run.info.experiment_id).name,
