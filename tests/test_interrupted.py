@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import signal
 import sqlite3
@@ -17,6 +18,7 @@ from torch.utils.data import dataloader
 
 from analysis import queries, report, tables
 from cifarexp import processes, tracking
+from cifarexp.tracking import lifecycle
 from cifarexp.training.data import load_split, make_loader
 from tests.conftest import TINY, TINY_ARGS, all_runs, without
 from tests.processes import start_cifarexp, wait_for_epoch
@@ -251,6 +253,22 @@ def test_a_stop_while_the_dataloader_starts_its_workers_comes_once_they_are_star
     gc.collect()
     # then only once the iterator is whole: collected, it ends its worker without an error.
     assert unraisable == []
+
+
+def test_a_run_owner_is_alive_while_its_process_runs_even_if_the_clock_moved():
+    # Given this process's owner tag, as a run it starts records it,
+    [tag] = lifecycle.owner_tag().values()
+    owner = json.loads(tag)
+
+    # when the clock has moved an hour since (the start on the clock is off by as much),
+    # or the pid now belongs to a process started later,
+    moved = json.dumps(owner | {"started": owner["started"] + 3600})
+    later = json.dumps(owner | {"since_boot": owner["since_boot"] + 5})
+
+    # then the owner is alive as long as its process runs, and a later process is not it.
+    assert lifecycle.owner_alive(tag) and lifecycle.owner_alive(moved)
+    assert lifecycle.owner_alive(later) is False
+    assert lifecycle.owner_alive(json.dumps(owner | {"host": "elsewhere"})) is None
 
 
 def test_two_resumes_at_once_run_each_missing_variant_once(cli, client, after_each_epoch, tmp_path):

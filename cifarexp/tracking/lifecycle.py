@@ -254,18 +254,23 @@ def kill_stale_children(parent_id: str) -> list[str]:
 
 
 def owner_tag() -> dict[str, str]:
-    """This process, as the owner of the run it starts: host, pid and start time."""
+    """This process, as the owner of the run it starts: host, pid, start time (for people)
+    and start in seconds since boot (what tells it from a later process of the same pid)."""
     me = psutil.Process()
-    return {
-        OWNER: json.dumps(
-            {"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()}
-        )
-    }
+    owner = {"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()}
+    return {OWNER: json.dumps(owner | {"since_boot": _since_boot(me)})}
 
 
-def _owner_alive(text: str | None) -> bool | None:
+def _since_boot(process: psutil.Process) -> float:
+    """When `process` started, in seconds since boot: unlike its start on the clock (psutil
+    adds the boot time as the clock now puts it), no clock adjustment moves it."""
+    return process.create_time() - psutil.boot_time()
+
+
+def owner_alive(text: str | None) -> bool | None:
     """Whether the process of an owner tag still runs: None where it cannot be told (another
-    host's process); False without a tag (a run from before owners were recorded)."""
+    host's process); False without a tag or its start since boot (a run from before they
+    were recorded)."""
     try:
         owner = json.loads(text or "")
     except json.JSONDecodeError:
@@ -273,7 +278,7 @@ def _owner_alive(text: str | None) -> bool | None:
     if owner.get("host") != socket.gethostname():
         return None
     try:
-        return abs(psutil.Process(owner["pid"]).create_time() - owner["started"]) < 1
+        return abs(_since_boot(psutil.Process(owner["pid"])) - owner["since_boot"]) < 0.5
     except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError):
         return False
 
@@ -290,7 +295,7 @@ def _claim(run_id: str) -> None:
     with lock or contextlib.nullcontext():
         run = client.get_run(run_id)
         holder = run.data.tags.get(OWNER)
-        if run.info.status == "RUNNING" and _owner_alive(holder) is not False:
+        if run.info.status == "RUNNING" and owner_alive(holder) is not False:
             raise CifarexpError(
                 f"run {run_id} is still being run by {_describe(holder)}: wait for it to end, "
                 "or stop it first (its finished variants are kept)"
