@@ -9,7 +9,8 @@ from statistics import median
 
 import pandas as pd
 
-from analysis.queries import Exercise
+from analysis.queries import Exercise, run_settings
+from analysis.tables import SCALING_STEADY_FROM
 from cifarexp import tracking
 
 # The kinds of figure: per-epoch seconds or joules, a final accuracy, a count of the model's
@@ -25,9 +26,8 @@ TIMED = {
     "C6": ("train_time_s",),
     "C7": (),
 }
-# The item's steady epochs, where its table leaves out the first (cuDNN's autotuning and the
-# workers' start on every GPU: see tables.c5_scaling).
-FIRST_EPOCH = {"C5-scaling": 2}
+# The item's steady epochs, where its table leaves out the first ones.
+FIRST_EPOCH = {"C5-scaling": SCALING_STEADY_FROM}
 FIGURE_NAMES = {
     "data_time_s": "data-loading s/epoch",
     "train_time_s": "training s/epoch",
@@ -117,15 +117,6 @@ class Measure:
         if len(self.values) == 1:
             return f"{self.value:.2f} {unit} (1 epoch)"
         return f"{self.value:.2f} {unit} ({self.low:.2f}–{self.high:.2f})"
-
-
-def run_settings(run: Mapping[str, object]) -> dict[str, str]:
-    """A run's params, by name."""
-    return {
-        str(k).removeprefix("params."): v
-        for k, v in run.items()
-        if str(k).startswith("params.") and isinstance(v, str)
-    }
 
 
 def measures(ex: Exercise) -> list[Measure]:

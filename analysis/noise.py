@@ -54,12 +54,11 @@ class Timing:
         return None
 
 
-def spread(ex: Exercise, metrics: dict[str, str], first_epoch: int = 1) -> pd.DataFrame:
+def spread(ex: Exercise, metrics: dict[str, str]) -> pd.DataFrame:
     """Per measured run (in run order, indexed by run id): each of `metrics` (metric -> its
     column's name) as the median over its epochs, then its min and max (`name min`, `name
     max`)."""
-    epochs = ex.epochs[ex.epochs["epoch"] >= first_epoch]
-    grouped = epochs.groupby("run_id", sort=False)[list(metrics)]
+    grouped = ex.epochs.groupby("run_id", sort=False)[list(metrics)]
     median, low, high = grouped.median(), grouped.min(), grouped.max()
     columns = {}
     for metric, name in metrics.items():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pandas as pd
 
 from cifarexp import tracking
 from cifarexp.config import PRESETS, preset_text
+from cifarexp.training.engine import whole_epoch_times
 
 EPOCH_METRICS = [
     "data_time_s", "train_time_s", "epoch_time_s", "train_loss", "train_acc", "images_per_s",
@@ -36,6 +38,15 @@ def _ran_variants(tag: str, found: set[str]) -> list[str]:
                 pending = []
                 break
     return variants + pending
+
+
+def run_settings(run: Mapping[str, object]) -> dict[str, str]:
+    """A run's params (a row of `search_runs`), by name."""
+    return {
+        str(k).removeprefix("params."): v
+        for k, v in run.items()
+        if str(k).startswith("params.") and isinstance(v, str)
+    }
 
 
 @dataclass(frozen=True)
@@ -84,11 +95,7 @@ class Exercise:
     @property
     def params(self) -> dict[str, str]:
         """The parent's params (the settings its children share, and what varies)."""
-        return {
-            key.removeprefix("params."): value
-            for key, value in sorted(self.parent.items())
-            if key.startswith("params.") and isinstance(value, str)
-        }
+        return dict(sorted(run_settings(self.parent).items()))
 
     @property
     def missing_variants(self) -> list[str]:
@@ -167,10 +174,7 @@ def epochs(runs: pd.DataFrame) -> pd.DataFrame:
         # a query per key: only those that a run of `runs` logged (a column of theirs)
         logged = [key for key in EPOCH_METRICS if f"metrics.{key}" in run]
         history = tracking.metric_history(run["run_id"], logged)
-        if "partial_total_s" in history:
-            scale = history["epoch_time_s"] / history["partial_total_s"]
-            history["data_time_s"] = history["partial_data_s"] * scale
-            history["train_time_s"] = history["partial_train_s"] * scale
+        history = history.assign(**whole_epoch_times(history))
         history.insert(0, "variant", run.get(f"tags.{tracking.VARIANT}", ""))
         history.insert(0, "run_id", run["run_id"])
         frames.append(history.rename(columns={"step": "epoch"}))

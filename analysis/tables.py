@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.noise import Timing, disturbed_column, spread
-from analysis.queries import Exercise
+from analysis.queries import Exercise, run_settings
 from cifarexp import tracking
 from cifarexp.config import WORKERS_TOLERANCE, plural
 from cifarexp.training import profiling
@@ -242,12 +242,17 @@ def c5_devices(ex: Exercise) -> pd.DataFrame:
     return table
 
 
+# C5 extended counts the steady epochs: from this one on, where a run has so many (epoch 1
+# holds cuDNN's autotuning and the workers' start on every GPU).
+SCALING_STEADY_FROM = 2
+
+
 def c5_scaling(ex: Exercise) -> pd.DataFrame:
-    """C5 extended: per scaling mode and GPU count, the steady epoch (epochs 2 on, when there
-    are several: epoch 1 holds cuDNN autotuning and the workers' start), the slowest GPU's
-    parts of it, the gradient communication backward did not hide, images/s, and the
-    speedup (images/s against 1 GPU) and scaling efficiency (speedup / GPUs)."""
-    first = 2 if ex.epochs["epoch"].max() > 1 else 1
+    """C5 extended: per scaling mode and GPU count, the steady epoch (SCALING_STEADY_FROM),
+    the slowest GPU's parts of it, the gradient communication backward did not hide,
+    images/s, and the speedup (images/s against 1 GPU) and scaling efficiency (speedup /
+    GPUs)."""
+    first = SCALING_STEADY_FROM if ex.epochs["epoch"].max() >= SCALING_STEADY_FROM else 1
     runs = per_run_means(ex, first_epoch=first)
     steady = ex.epochs[ex.epochs["epoch"] >= first]
     images = (steady["images_per_s"] * steady["epoch_time_s"]).groupby(steady["run_id"]).sum()
@@ -359,8 +364,7 @@ def q1_q4_answers(answers: dict) -> pd.DataFrame:
 def profile_label(run: pd.Series) -> str:
     """A profiled run as the study names it, short: its command and variant (but `time`),
     then how it trained where that differs from the study's defaults."""
-    p = {k.removeprefix("params."): v for k, v in run.items()
-         if str(k).startswith("params.") and isinstance(v, str)}  # fmt: skip
+    p = run_settings(run)
     name = " ".join(str(run.get(f"tags.{t}") or "") for t in (tracking.COMMAND, tracking.VARIANT))
     name = name.strip().removeprefix("time").strip()
     settings = ["loader=gpu"] if p.get("loader") == "gpu" else [f"workers={p.get('workers')}"]

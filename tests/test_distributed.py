@@ -255,3 +255,18 @@ def test_measuring_comm_time_costs_at_most_a_tenth_of_the_steps_trained(
     assert all(value is not None and value >= 0 for value in logged[first:])
     assert combiner.passes == 2 * len(combiner.differences)
     assert (first < epochs) == (COMM_BUDGET * steps * epochs >= 2)
+
+
+def test_an_epoch_cut_short_logs_its_comm_time_and_the_whole_epochs_scaled_as_its_time():
+    # Given an epoch cut short after 1 s, estimated at 4 s whole, whose steps' all-reduce
+    # left 0.2 s unhidden,
+    result = EpochResult(
+        1, 0.1, 0.8, 1.0, 2.0, 0.5, images=8, estimated_epoch_s=4.0, comm_time_s=0.2
+    )
+    # when its metrics are logged,
+    metrics = result.metrics()
+    # then the 0.2 s are its partial_comm_s, and comm_time_s is the whole epoch's, beside its
+    # epoch_time_s.
+    assert metrics["partial_comm_s"] == pytest.approx(0.2)
+    assert metrics["comm_time_s"] == pytest.approx(0.8)
+    assert metrics["epoch_time_s"] == pytest.approx(4.0)

@@ -183,6 +183,31 @@ def test_events_timing_trains_as_sync_does_and_reports_every_batch_after_the_epo
     assert 0 < events.data_time_s + events.train_time_s <= events.epoch_time_s
 
 
+def test_events_timing_estimates_an_epoch_cut_short_as_sync_timing_does(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", FakeCudaEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    # Given 4 batches of which an epoch trains the first 3 (max_batches),
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(4)]
+    for timing in ("sync", "events"):
+        model = small_model()
+        optimizer = build_optimizer("sgd", model.parameters())
+        # when it is timed by each method,
+        result = train_one_epoch(
+            model, batches, optimizer, CPU, epoch=1, max_batches=3,
+            execution=Execution(timing=timing),
+        )  # fmt: skip
+        # then each estimates the whole epoch alike: the first batch once, then 3 of the
+        # later ones' time, with their range.
+        assert result.images == 12
+        low, estimate, high = (
+            result.estimate_low_s,
+            result.estimated_epoch_s,
+            result.estimate_high_s,
+        )
+        assert 0 < low <= estimate <= high, (timing, result)
+        assert estimate > result.epoch_time_s
+
+
 def test_warm_up_leaves_model_optimizer_and_rng_as_they_were():
     model = small_model()
     optimizer = build_optimizer("sgd", model.parameters())

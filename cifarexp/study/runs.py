@@ -32,10 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainingRun:
     run_id: str | None  # None on a rank other than 0 (only rank 0 logs)
-    config: TrainConfig
-    device: torch.device
     results: list[EpochResult]
-    warmup_s: float | None = None  # untimed steps before epoch 1 (on CUDA, unless --no-warmup)
 
 
 def cpu_name() -> str:
@@ -104,7 +101,7 @@ def run_training(
     with data_loader_errors(), run as run_id:
         log_summary(tracker, training)
         log_train_set(tracker, training)
-        warmup_s = warm_up_before_epoch_1(tracker, training)
+        warm_up_before_epoch_1(tracker, training)
         with session.show(labels.variant, cfg.epochs, training.batches) as display:
 
             def on_epoch(result: EpochResult) -> None:
@@ -123,7 +120,7 @@ def run_training(
                     display.on_profile(profile)
     if session.finished is not None and run_id is not None and tracker.world.world_size == 1:
         session.finished[cfg] = run_id
-    return TrainingRun(run_id, cfg, training.device, results, warmup_s)
+    return TrainingRun(run_id, results)
 
 
 def time_run(cfg: TrainConfig, session: Session, *, run_name: str | None = None) -> str | None:
@@ -188,14 +185,13 @@ def log_train_set(tracker: Tracker, training: Training) -> None:
     )
 
 
-def warm_up_before_epoch_1(tracker: Tracker, training: Training) -> float | None:
+def warm_up_before_epoch_1(tracker: Tracker, training: Training) -> None:
     """The untimed warm-up before epoch 1 (`Training.warm_up`), logged as warmup_s: CUDA's
     lazy start-up, cuDNN autotuning, compilation and graph capture, which would otherwise
     land in epoch 1's times (docs/timing.md: "Warm-up")."""
     warmup_s = training.warm_up()
     if warmup_s is not None:
         tracker.log_metrics({"warmup_s": warmup_s})
-    return warmup_s
 
 
 def profile_and_log(

@@ -181,6 +181,3 @@ def reading(uri: str) -> Iterator[None]:
         yield
     finally:
         mlflow.set_tracking_uri(previous)
-
-
-# ---------------------------------------------------------------- who runs a comparison

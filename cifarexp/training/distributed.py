@@ -273,12 +273,14 @@ class Combiner:
 
 
 def combine(result: EpochResult, world: World, execution: Execution) -> EpochResult:
-    """This rank's epoch -> the run's: the slowest rank's times (all-reduce MAX), loss and
-    accuracy over every rank's images (sums of loss * n, correct and n), energy over every
-    rank's device (a sum, where every rank measured it)."""
+    """This rank's epoch -> the run's: the slowest rank's times (all-reduce MAX; a partial
+    epoch's whole-epoch estimate and its range too), loss and accuracy over every rank's
+    images (sums of loss * n, correct and n), energy over every rank's device (a sum, where
+    every rank measured it)."""
     device = _collective_device(world)
     times = [result.data_time_s, result.train_time_s, result.epoch_time_s]
-    times.append(result.estimated_epoch_s or 0.0)
+    times += [result.estimated_epoch_s or 0.0, result.estimate_low_s or 0.0]
+    times.append(result.estimate_high_s or 0.0)
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     n = result.images
@@ -289,7 +291,7 @@ def combine(result: EpochResult, world: World, execution: Execution) -> EpochRes
         device=device,
     )
     dist.all_reduce(sums)
-    data_time, train_time, epoch_time, est = slowest.tolist()
+    data_time, train_time, epoch_time, est, low, high = slowest.tolist()
     loss_sum, correct, images, energy_j, ranks_measured = sums.tolist()
     mfu = execution.mfu(int(images), epoch_time)
     return replace(
@@ -298,6 +300,8 @@ def combine(result: EpochResult, world: World, execution: Execution) -> EpochRes
         train_time_s=train_time,
         epoch_time_s=epoch_time,
         estimated_epoch_s=est if result.estimated_epoch_s is not None else None,
+        estimate_low_s=low if result.estimate_low_s is not None else None,
+        estimate_high_s=high if result.estimate_high_s is not None else None,
         train_loss=loss_sum / images,
         train_acc=correct / images,
         images=round(images),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -58,8 +58,9 @@ class EpochResult:
     def metrics(self) -> dict[str, float]:
         """The per-epoch metrics (test metrics only when evaluation ran; energy_j, power_w
         and energy_per_image_mj only where a counter measured them). A partial epoch
-        (max_batches) logs its own times and energy as partial_*, and its whole-epoch
-        estimates as epoch_time_s and energy_j: a metric named like an epoch's is an epoch's."""
+        (max_batches) logs its own times, energy and communication as partial_*, and its
+        whole-epoch estimates as epoch_time_s, energy_j and comm_time_s (the last two scaled
+        as its time is): a metric named like an epoch's is an epoch's."""
         values = {k: v for k, v in asdict(self).items() if k not in ("epoch", "images")}
         values["images_per_s"] = self.images_per_s
         if self.energy_j is not None:
@@ -71,9 +72,13 @@ class EpochResult:
             values["partial_train_s"] = values.pop("train_time_s")
             values["partial_total_s"] = values["epoch_time_s"]
             values["epoch_time_s"] = estimate
-            if self.energy_j is not None:
-                values["partial_energy_j"] = self.energy_j
-                values["energy_j"] = self.energy_j * estimate / self.epoch_time_s
+            for name, partial in (
+                ("energy_j", "partial_energy_j"),
+                ("comm_time_s", "partial_comm_s"),
+            ):
+                if values[name] is not None:
+                    values[partial] = values[name]
+                    values[name] = values[name] * estimate / self.epoch_time_s
         return {k: float(v) for k, v in values.items() if v is not None}
 
 
@@ -84,25 +89,34 @@ def summary(results: list[EpochResult]) -> dict[str, float]:
     where every epoch measured it, energy."""
     if not results:
         return {}
-    epochs = [result.metrics() for result in results]
+    epochs = [(m := result.metrics()) | whole_epoch_times(m) for result in results]
 
-    def mean(key: str, partial: str = "") -> float:
-        values = [
-            m[partial] * m["epoch_time_s"] / m["partial_total_s"] if partial in m else m[key]
-            for m in epochs
-        ]
-        return sum(values) / len(values)
+    def mean(key: str) -> float:
+        return sum(m[key] for m in epochs) / len(epochs)
 
     values = {
         "final_loss": results[-1].train_loss,
         "final_acc": results[-1].train_acc,
         "avg_epoch_time_s": mean("epoch_time_s"),
-        "avg_train_time_s": mean("train_time_s", "partial_train_s"),
-        "avg_data_time_s": mean("data_time_s", "partial_data_s"),
+        "avg_train_time_s": mean("train_time_s"),
+        "avg_data_time_s": mean("data_time_s"),
     }
     if all("energy_j" in m for m in epochs):
         values["avg_energy_j"] = mean("energy_j")
     return values
+
+
+def whole_epoch_times(metrics: Mapping) -> dict:
+    """A partial epoch's (max_batches) data-loading and training times scaled, as its total
+    was, to the whole epoch that its epoch_time_s estimates, as data_time_s and train_time_s;
+    nothing for a whole epoch. `metrics`: one epoch's metrics, or a DataFrame of them."""
+    if "partial_total_s" not in metrics:
+        return {}
+    scale = metrics["epoch_time_s"] / metrics["partial_total_s"]
+    return {
+        "data_time_s": metrics["partial_data_s"] * scale,
+        "train_time_s": metrics["partial_train_s"] * scale,
+    }
 
 
 @dataclass(frozen=True)
@@ -364,6 +378,8 @@ def _train_one_epoch_events(
             on_batch(index, loss, correct / n)
     seen = sum(sizes)
     batches = len(loader) if isinstance(loader, Sized) else len(sizes)
+    # A partial epoch's step ends, on the device's clock from its first event.
+    ends = [marks[0][0].elapsed_time(m[3]) / 1000 for m in marks] if len(sizes) < batches else []
     return EpochResult(
         epoch=epoch,
         data_time_s=sum(a.elapsed_time(r) for a, r, _, _ in marks) / 1000,  # ms -> s
@@ -372,7 +388,7 @@ def _train_one_epoch_events(
         train_loss=sum(loss * n for (loss, _), n in zip(per_batch, sizes, strict=True)) / seen,
         train_acc=sum(correct for _, correct in per_batch) / seen,
         images=seen,
-        estimated_epoch_s=epoch_time * batches / len(sizes) if len(sizes) < batches else None,
+        **estimate_epoch(ends, batches, epoch_time),
         mfu=execution.mfu(seen, epoch_time),
         energy_j=energy_j,
     )
