@@ -21,7 +21,7 @@ nvidia-smi -L
 for part in "${@:-core}"; do case "$part" in
   core)  # C2, the harness's overhead, C3/C4, the fast path
     run c2_time python3 -m cifarexp time "${FULL[@]}" --epochs 5 --workers 8
-    run overhead python3 benchmarks/overhead.py --train-size 50000 --workers 8 --pairs 3
+    run overhead python3 benchmarks/overhead.py --train-size 50000 --workers 8 --rounds 3
     run c3_sweep python3 -m cifarexp sweep-workers "${FULL[@]}"
     run epoch_time python3 benchmarks/epoch_time.py --workers 16
     run gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu

@@ -74,11 +74,12 @@ FAST_SETTINGS: dict[str, dict[str, object]] = {
 }
 
 
-def fast_settings(device_type: str, optimizer: str) -> dict[str, object]:
-    """`--fast`'s settings on a device type for an optimizer: one a captured step cannot
-    train (not GRAPHED_OPTIMIZERS) has its model compiled with CUDA graphs instead."""
+def fast_settings(device_type: str, optimizer: str, *, several: bool = False) -> dict[str, object]:
+    """`--fast`'s settings on a device type for an optimizer, for one process or `several`
+    (under torchrun): where a captured step cannot train (an optimizer not in
+    GRAPHED_OPTIMIZERS, several processes) the model is compiled with CUDA graphs instead."""
     settings = dict(FAST_SETTINGS[device_type])
-    if settings.get("cuda_graph") and optimizer not in GRAPHED_OPTIMIZERS:
+    if settings.get("cuda_graph") and (several or optimizer not in GRAPHED_OPTIMIZERS):
         settings |= {"cuda_graph": False, "compile": "reduce-overhead"}
     return settings
 

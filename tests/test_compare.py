@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis import report
-from analysis.compare import Row
+from analysis.compare import Row, parse_source
 from analysis.measures import TIME, Measure
 from benchmarks.fake_runs import epoch, log_run, log_study
 from tests.conftest import all_runs, one_message
@@ -79,7 +79,7 @@ def test_identical_studies_are_within_noise_and_the_check_passes(cli, client, ba
     assert {"comparison.csv", "comparison.json", "compare.md", "compare_c2.png"} <= artifacts
     assert {"compare_c3.png", "compare_c5.png", "compare_c6.png"} <= artifacts
     assert "Regression check: nothing slower" in run.data.tags["mlflow.note.content"]
-    assert run.data.params["baseline"] == uri
+    assert run.data.params["baseline"] == uri and run.info.run_name == f"compare with {uri}"
 
 
 def test_epochs_20_percent_slower_are_flagged_one_line_each_and_exit_1(
@@ -276,3 +276,13 @@ def test_the_report_shows_the_reference_beside_each_item(client, tmp_path):
     assert q.loc["Q1 conv layers", "reference"] == "wrong"
     assert q.loc["Q1 conv layers", "yours"] == 20
     assert q.loc["Q1 conv layers", "comparable"].startswith("no: the reference's answer is wrong")
+
+
+@pytest.mark.parametrize(
+    "text", ["http://alice:s3cret@mlflow.example:5000", "postgresql://alice:s3cret@db/mlflow"]
+)
+def test_a_baseline_is_shown_with_its_password_masked(text):
+    # Given a baseline URI with a password, when it is shown (the comparison's run name and
+    # its baseline param), then the password is masked.
+    shown = parse_source(text).shown
+    assert "s3cret" not in shown and "alice:***@" in shown

@@ -390,15 +390,19 @@ def test_bad_or_cuda_only_fast_path_options_are_a_usage_error_and_leave_no_run(
     assert all_runs(client) == []
 
 
-def test_fast_picks_the_fastest_settings_per_device_and_optimizer():
-    # a captured step on CUDA for SGD; a model compiled with CUDA graphs for the others
+def test_fast_picks_the_fastest_settings_per_device_optimizer_and_processes():
+    # a captured step on CUDA for SGD in one process; a model compiled with CUDA graphs for
+    # the others and under torchrun: each a config it can train
     assert fast_settings("cuda", "nesterov") == {
         "loader": "gpu", "precision": "bf16", "channels_last": True,
         "cuda_graph": True, "timing": "events",
     }  # fmt: skip
     adam = fast_settings("cuda", "adam")
     assert (adam["cuda_graph"], adam["compile"]) == (False, "reduce-overhead")
-    TrainConfig(**adam, optimizer="adam").check_device("cuda")  # a config it can train
+    TrainConfig(**adam, optimizer="adam").check_device("cuda")
+    several = fast_settings("cuda", "sgd", several=True)
+    assert (several["cuda_graph"], several["compile"]) == (False, "reduce-overhead")
+    TrainConfig(**several).check_processes(several=True)
     assert fast_settings("cpu", "sgd") == {"loader": "gpu"}
 
 

@@ -150,7 +150,8 @@ def training_config(ctx: typer.Context, tracker: Tracker) -> TrainConfig:
         from cifarexp.training.engine import resolve_device
 
         device_type = resolve_device(given.get("device", "auto")).type
-        for field, value in fast_settings(device_type, given["optimizer"]).items():
+        fast = fast_settings(device_type, given["optimizer"], several=processes.launched())
+        for field, value in fast.items():
             source = ctx.get_parameter_source(options[field])  # typer may vendor click's enum
             if source is None or source.name == "DEFAULT":
                 given[field] = value

@@ -206,7 +206,8 @@ Fast = Annotated[
     _option(
         "The fastest settings this tool has for the device: on CUDA "
         + ", ".join(fast_flags("cuda"))
-        + "; on CPU "
+        + " (--compile reduce-overhead for --cuda-graph where a step cannot be captured: "
+        "adagrad, adadelta, adam, --nproc); on CPU "
         + ", ".join(fast_flags("cpu"))
         + ". An option given as well overrides its part.",
         FAST,

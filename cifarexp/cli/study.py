@@ -202,7 +202,7 @@ def log_comparison(
     labels = Labels("compare", "compare")
     params = {"baseline": source.shown, "fail_if_slower": threshold, "out": str(out)}
     with session.tracker.start_run(
-        session.experiment_of("compare"), run_name=f"compare with {source.text}"[:200],
+        session.experiment_of("compare"), run_name=f"compare with {source.shown}"[:200],
         tags=labels.tags(), params=params, about=labels.about(),
     ) as run_id:  # fmt: skip
         session.tracker.log_artifacts(out)
