@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -86,9 +86,7 @@ def fast_settings(device_type: str, optimizer: str, *, several: bool = False) ->
 
 def fast_flags(device_type: str) -> list[str]:
     """`--fast`'s settings for a device type, as the options that set them."""
-    return [
-        (flag(k) if v is True else f"{flag(k)} {v}") for k, v in FAST_SETTINGS[device_type].items()
-    ]
+    return flags(FAST_SETTINGS[device_type])
 
 
 def plural(count: float, word: str) -> str:
@@ -304,6 +302,12 @@ def logged_params(params: dict[str, object], device_type: str) -> dict[str, obje
 def flag(field: str) -> str:
     """The command-line flag of a config field (or of a command's own option)."""
     return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def flags(settings: Mapping[str, object]) -> list[str]:
+    """Settings as the options that set them: {workers: 8, pin_memory: True} ->
+    ["--workers 8", "--pin-memory"]."""
+    return [flag(k) if v is True else f"{flag(k)} {v}" for k, v in settings.items()]
 
 
 def check_device_name(device: str, field: str = "device") -> None:

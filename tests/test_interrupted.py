@@ -418,3 +418,17 @@ def test_resume_with_nothing_to_resume_says_it_starts_a_new_comparison(cli, clie
     assert "Nothing to resume: no run with these settings; starting a new one." in result.output
     [parent] = [run for run in all_runs(client) if PARENT not in run.data.tags]
     assert_one_complete_comparison(client, parent.info.run_id)
+
+
+def test_a_stop_before_any_run_started_says_no_run_was_logged(cli, client, monkeypatch):
+    # Given a stop that arrives while the training set is loaded, before the run starts,
+    def stopped(*args, **kwargs):
+        raise processes.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr("cifarexp.training.build.load_split", stopped)
+    # when
+    result = cli("time", *TINY_ARGS)
+    # then the command says so, and the store holds no run.
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert "Interrupted by SIGTERM before a run started: no run was logged." in result.output
+    assert all_runs(client) == []

@@ -50,15 +50,16 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
     return sorted(paths)
 
 
+NOTES = "notes.md"  # a comparison's notes: a disturbed timing, variants within noise
 FIELDS = ("experiment", "status", "params", "tags", "has parent", "metric steps", "artifacts")
 
 
 def contents(uri: str) -> list[tuple]:
     """What a user finds in a store, less what differs between any two runs (ids, generated
-    names, times, values, system metrics, and whether other processes disturbed the timing:
-    the suite's other worker may run beside one run and not the other): per run its
-    experiment, status, params, cifarexp tags, whether it has a parent, each metric's steps
-    and the artifact paths."""
+    names, times, values, system metrics, and what the timings' noise decides: the
+    timing_disturbed tag and a comparison's notes.md, since the suite's other worker may run
+    beside one run and not the other): per run its experiment, status, params, cifarexp
+    tags, whether it has a parent, each metric's steps and the artifact paths."""
     client = MlflowClient(uri)
     found = []
     for run in all_runs(client):
@@ -80,7 +81,7 @@ def contents(uri: str) -> list[tuple]:
                 tags,
                 "mlflow.parentRunId" in run.data.tags,
                 metrics,
-                artifact_paths(client, run.info.run_id),
+                [path for path in artifact_paths(client, run.info.run_id) if path != NOTES],
             )
         )
     return sorted(found, key=repr)

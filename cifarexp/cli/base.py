@@ -300,10 +300,12 @@ def _print_interrupted(session: Session | None, stop: KeyboardInterrupt) -> None
     name = processes.signal_name(stop)
     what = "Interrupted" if name == "SIGINT" else f"Interrupted by {name}"
     ended = session.tracker.last_ended() if session is not None else None
-    if ended is None or ended[1] != "FINISHED":
-        err_console.print(f"{what}: finished epochs are in the store; the run is KILLED.")
-    else:
+    if ended is None:
+        err_console.print(f"{what} before a run started: no run was logged.")
+    elif ended[1] == "FINISHED":
         err_console.print(f"{what} after run {ended[0]} had FINISHED; nothing is lost.")
+    else:
+        err_console.print(f"{what}: finished epochs are in the store; the run is {ended[1]}.")
 
 
 def main() -> None:

@@ -103,8 +103,6 @@ def sweep_workers(
     cfg = training_config(ctx, session.tracker)
     from cifarexp.study import comparisons
 
-    if gpu_loader is None:
-        gpu_loader = comparisons.resolve_device(cfg.device).type == "cuda"
     answer(session, "C3", comparisons.sweep_workers(cfg, counts, session, gpu_loader=gpu_loader))
 
 

@@ -243,7 +243,13 @@ TrackingUri = Annotated[
     _option("MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).", RUN),
 ]
 Experiment = Annotated[str | None, _option("MLflow experiment (default: cifarexp-COMMAND).", RUN)]
-Quiet = Annotated[bool, _option("No progress: only the answer at the end.", RUN)]
+Quiet = Annotated[
+    bool,
+    _option(
+        "No progress: only the answer at the end (report and lab: only where the report is).",
+        RUN,
+    ),
+]
 SystemMetrics = Annotated[
     bool,
     _option(
@@ -335,7 +341,8 @@ Gpus = Annotated[
 Scalings = Annotated[
     str,
     _option(
-        "With --gpus: weak (--batch-size per GPU), strong (--batch-size in total, split), or both.",
+        "With --gpus: weak (--batch-size per GPU), strong (--batch-size in total, split), or "
+        "weak,strong (both).",
         SCALE,
         "--scaling",
     ),

@@ -1,5 +1,6 @@
-"""The commands that answer from the model and the store: inspect (Q1-Q4), report, and
-lab, the whole study from nothing to every answer."""
+"""The commands that answer from the model and the store: inspect (Q1-Q4), report, lab
+(the whole study from nothing to every answer), compare (your study beside another) and ui
+(MLflow's UI on the store)."""
 
 from __future__ import annotations
 
@@ -128,14 +129,14 @@ def compare_(
     source = compare.parse_source(baseline)
     threshold = compare.parse_threshold(fail_if_slower) if fail_if_slower is not None else None
     session = open_session(ctx)
-    check_out(out, session)
+    check_out(out, session, "the comparison")
     from cifarexp.cli.console import print_comparison
 
     result = compare.compare(compare.read_baseline(source), compare.latest("yours"))
     try:
         compare.write(result, out, threshold)
     except OSError as exc:
-        raise _unwritable(out, exc) from None
+        raise _unwritable(out, exc, "the comparison") from None
     print_comparison(result, threshold, quiet=quiet)
     log_comparison(session, result, out, source, threshold)
     if result.slower(threshold):
@@ -212,9 +213,9 @@ def log_comparison(
     print_where(run_id)
 
 
-def check_out(out: Path, session: Session) -> None:
-    """Whether the report (or a comparison) can be written to `out` (`folder.check_out`),
-    before anything runs: the store's own folders are no place for it."""
+def check_out(out: Path, session: Session, what: str = "the report") -> None:
+    """Whether `what` (the report, a comparison) can be written to `out`
+    (`folder.check_out`), before anything runs: the store's own folders are no place for it."""
     from analysis import folder
     from cifarexp import tracking
 
@@ -222,11 +223,11 @@ def check_out(out: Path, session: Session) -> None:
     try:
         folder.check_out(out, [] if store is None else [store])
     except OSError as exc:
-        raise _unwritable(out, exc) from None
+        raise _unwritable(out, exc, what) from None
 
 
-def _unwritable(out: Path, exc: OSError) -> UserError:
-    return CifarexpError(f"cannot write the report to {out} ({exc.strerror})", "out")
+def _unwritable(out: Path, exc: OSError, what: str = "the report") -> UserError:
+    return CifarexpError(f"cannot write {what} to {out} ({exc.strerror})", "out")
 
 
 def write_and_log_report(sections: list, out: Path, session: Session, *, quiet: bool) -> None:

@@ -149,13 +149,19 @@ def max_workers() -> int:
 
 
 def sweep_workers(
-    base: TrainConfig, workers: list[int] | None, session: Session, *, gpu_loader: bool = False
+    base: TrainConfig,
+    workers: list[int] | None,
+    session: Session,
+    *,
+    gpu_loader: bool | None = None,
 ) -> str:
     """C3/C4: one child per worker count; the parent's run id. Without a list: 1 (for C4),
     then 0, 4, 8, ... (and the CPU count between them) until data-loading time stops falling
     by more than WORKERS_TOLERANCE.
-    With `gpu_loader`, a last child with the data kept on the device: what no count can
-    reach."""
+    With `gpu_loader` (by default on CUDA), a last child with the data kept on the device:
+    what no count can reach."""
+    if gpu_loader is None:
+        gpu_loader = resolve_device(base.device).type == "cuda"
     options = {
         "workers_list": ",".join(map(str, workers)) if workers else "auto",
         "gpu_loader": gpu_loader,

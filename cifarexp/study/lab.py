@@ -48,7 +48,7 @@ def steps(base: TrainConfig, preset: Preset, session: Session) -> Iterator[Step]
     )  # fmt: skip (inspect logs its answers as it runs)
     yield Step("C2: time", "C2", lambda: runs.time_run(cfg, session))
     yield Step("C3, C4: sweep-workers", "C3", lambda: comparisons.sweep_workers(
-        cfg.replace(epochs=1), None, session, gpu_loader=on_cuda))  # fmt: skip
+        cfg.replace(epochs=1), None, session))  # fmt: skip
     workers = comparisons.resolve_best_workers(session.tracker, cfg.device, cfg.dataset)
     best = cfg.replace(workers=workers)
     devices = ["cpu", "cuda"] if on_cuda else ["cpu"]

@@ -32,7 +32,14 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, record_function
 
-from cifarexp.config import GRAPHED_OPTIMIZERS, TrainConfig, fast_settings, flag, plural
+from cifarexp.config import (
+    GRAPHED_OPTIMIZERS,
+    TrainConfig,
+    fast_settings,
+    flag,
+    flags,
+    plural,
+)
 from cifarexp.training.build import Training
 from cifarexp.training.energy import joules_text
 from cifarexp.training.engine import Batch, EpochResult, compiled_shapes_only, train_one_epoch
@@ -466,7 +473,7 @@ def _faster_compute(cfg: TrainConfig, device_type: str, world_size: int) -> str:
 def _try(**settings: object) -> str:
     """Settings as the flags that set them: workers=8, pin_memory=True -> "--workers 8
     --pin-memory"."""
-    return " ".join(flag(f) if v is True else f"{flag(f)} {v}" for f, v in settings.items())
+    return " ".join(flags(settings))
 
 
 def split_text(split: Mapping[str, float]) -> str:
