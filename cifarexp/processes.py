@@ -236,7 +236,8 @@ def launched() -> bool:
 
 def relaunch(nproc: int, argv: list[str]) -> None:
     """Run this command again as `nproc` processes on this machine, through torchrun's own
-    launcher (torch.distributed.run), in place of this process; never returns."""
+    launcher (torch.distributed.run, as `cifarexp.torchrun` runs it), in place of this
+    process; never returns."""
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, torchrun_command(nproc, without_nproc(argv)))
@@ -295,11 +296,12 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    """`python -m torch.distributed.run` running `cifarexp ARGV` as `nproc` processes here."""
+    """torchrun's launcher (`cifarexp.torchrun`) running `cifarexp ARGV` as `nproc`
+    processes here."""
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "cifarexp.torchrun",
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",

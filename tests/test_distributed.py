@@ -139,7 +139,7 @@ def test_nproc_relaunches_the_same_command_through_torch_distributed_run(cli, mo
     assert result.exit_code == 0, result.output
     [command] = launched
     assert command[1:] == [
-        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "-m", "cifarexp.torchrun", "--standalone", "--nproc-per-node=2",
         "-m", "cifarexp", "time", *TINY_ARGS, "--scaling", "strong",
     ]  # fmt: skip
 
@@ -212,6 +212,7 @@ def test_stopping_compare_device_gpus_stops_its_torchrun_job_and_its_run(
         os.kill(process.pid, stop)  # this process alone, not its torchrun job
         assert process.wait(timeout=120) == code, process.log()
         assert wait_until_gone(tmp_path, timeout=60) == [], process.log()  # nothing is left
+        assert "Traceback" not in process.log()  # torchrun's agent, stopped, printed one
     finally:
         process.stop()
         for pid in processes_in(tmp_path):

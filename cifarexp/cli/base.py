@@ -294,9 +294,12 @@ def _print_error(message: str) -> None:
 
 def _print_interrupted(session: Session | None, stop: KeyboardInterrupt) -> None:
     """What a stop left in the store, as the session's tracker saw it (None: stopped before
-    the session opened); the signal named unless it was Ctrl-C's."""
+    the session opened); the signal named unless it was Ctrl-C's. A rank that logs nothing
+    (not rank 0 of a torchrun job) says nothing: rank 0 says it."""
     from cifarexp.cli.console import err_console
 
+    if session is not None and not session.tracker.writes:
+        return
     name = processes.signal_name(stop)
     what = "Interrupted" if name == "SIGINT" else f"Interrupted by {name}"
     ended = session.tracker.last_ended() if session is not None else None

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from cifarexp.config import ConfigError, TrainConfig
+from cifarexp.config import ConfigError, TrainConfig, plural
 from cifarexp.processes import LAUNCH_VARIABLES, launched
 from cifarexp.training.engine import (
     Batch,
@@ -254,8 +254,8 @@ class Combiner:
             if not self.differences and self.world.writes:
                 log.info(
                     f"comm_time_s: measured after each epoch in pairs of passes with and "
-                    f"without all-reduce, within {COMM_BUDGET:.0%} of its steps ({pairs} "
-                    f"pairs after epoch {epoch})"
+                    f"without all-reduce, within {COMM_BUDGET:.0%} of its steps "
+                    f"({plural(pairs, 'pair')} after epoch {epoch})"
                 )
             self.differences += measure_pairs(
                 self.model, self.device, self.execution, batch_size=self.batch_size, pairs=pairs
