@@ -87,9 +87,11 @@ def beside(item: str, ex: Exercise) -> dict[str, pd.DataFrame]:
 
 
 def _row(reference: Reference, yours: Measure | None) -> dict[str, object]:
-    ratio = (
+    ratio = (  # of quantities: a worker count is a choice, not a quantity (0 is no less)
         yours.value / reference.value
-        if yours is not None and reference.value and yours.kind != measures.TEXT
+        if yours is not None
+        and reference.value
+        and yours.kind not in (measures.TEXT, measures.WORKERS)
         else None
     )
     return {

@@ -437,10 +437,13 @@ def write_report(sections: list[Section], out: Path, tracking_uri: str) -> Path:
     it renders HTML, never markdown's image links); written whole or not at all
     (`folder.write_folder`)."""
     page = Page("cifarexp report")
-    if any(s.dataset == "synthetic" for s in sections):
+    synthetic = [s for s in sections if s.dataset == "synthetic"]
+    if synthetic:
+        ran = [s for s in sections if s.dataset]
+        which = "All the results" if len(synthetic) == len(ran) else "Some results"
         page.note(
             "Synthetic data.",
-            " Some results below were measured on the synthetic, CIFAR-shaped dataset, not on "
+            f"{which} below were measured on the synthetic, CIFAR-shaped dataset, not on "
             "CIFAR-10: timings mean the same, accuracies do not.",
         )
     page.paragraph(f"Built {datetime.now():%Y-%m-%d %H:%M} from {tracking_uri}.")
@@ -482,8 +485,9 @@ class Page:
         self.body.append(f"<h2>{escape(text)}</h2>")
 
     def note(self, bold: str, rest: str = "") -> None:
-        self.md += [f"> **{md_text(bold)}**{md_text(rest)}", ""]
-        self.body.append(f"<blockquote><b>{escape(bold)}</b>{escape(rest)}</blockquote>")
+        space = " " if rest else ""
+        self.md += [f"> **{md_text(bold)}**{space}{md_text(rest)}", ""]
+        self.body.append(f"<blockquote><b>{escape(bold)}</b>{space}{escape(rest)}</blockquote>")
 
     def missing(self, command: str) -> None:
         self.md += [f"*Not run yet.* Produce it with `{command}`.", ""]

@@ -161,13 +161,13 @@ def c4_explanation(c3: pd.DataFrame, cpus: str = "?") -> str:
     )
     if best.name == 0:
         text += (
-            f"0 workers is the best count: loading each batch in the main process waited "
-            f"{best[DATA]:.2f} s, no longer than any count of workers beyond noise. A batch is "
-            f"cheap to prepare here against its computation, so worker processes have little "
-            f"to hide and cost their start-up. "
+            f"With 0 workers, each batch loaded in the main process, the device waited "
+            f"{best[DATA]:.2f} s, no longer than with any count of workers beyond noise. A "
+            f"batch is cheap to prepare here against its computation, so worker processes have "
+            f"little to hide and cost their start-up. "
         )
     elif best.name == 1:
-        text += "1 worker is the best count: more workers did not cut the wait beyond noise. " + (
+        text += "More workers did not cut the wait beyond noise. " + (
             "One worker already prepares the next batch while the device computes the "
             "current one, so more workers cannot shorten the wait. "
             if one[DATA] < one[TRAIN]

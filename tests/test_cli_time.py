@@ -104,3 +104,12 @@ def test_off_a_terminal_each_epoch_and_each_variant_is_one_line(cli, store):
     assert result.exit_code == 0, result.output
     assert "optimizer=sgd  epoch 2/2  data " in result.output
     assert "optimizer=sgd: 2 epochs in " in result.output
+
+
+def test_a_batch_other_than_the_studys_without_lr_says_the_lr_of_the_same_step(cli, store):
+    # Given the study's lr (0.1 for batch 128), when a run trains batches of 4 without --lr,
+    # then it says which lr takes the same step per image; with --lr it says nothing.
+    notice = "lr 0.1 is the study's for batch 128; at --batch-size 4 the same step per image "
+    notice += "is --lr 0.003125."
+    assert notice in " ".join(cli("time", *TINY_ARGS).output.split())
+    assert "same step per image" not in cli("time", *TINY_ARGS, "--lr", "0.1").output

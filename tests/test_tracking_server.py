@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from cifarexp import __version__, tracking
 from cifarexp.study.catalogue import short_name
+from cifarexp.tracking import ui
 from tests.conftest import TINY, TINY_ARGS, all_runs, without
 from tests.processes import free_port, start_cifarexp, start_server, wait_until_gone
 
@@ -216,3 +217,18 @@ def test_ui_says_which_port_is_taken(store, cli):
         result = cli("ui", "--port", str(port))
     assert result.exit_code == 2
     assert f"127.0.0.1:{port} is in use" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("argv0", "on_path", "shown"),
+    [
+        (".venv/bin/cifarexp", None, ".venv/bin/cifarexp"),  # make run's, venv not activated
+        (".venv/bin/cifarexp", ".venv/bin/cifarexp", "cifarexp"),  # the same one on PATH
+        ("cifarexp", "/usr/bin/cifarexp", "cifarexp"),  # found on PATH as typed
+        ("/x/cifarexp/__main__.py", None, "cifarexp"),  # python -m cifarexp, torchrun's ranks
+    ],
+)
+def test_the_ui_command_printed_is_the_one_the_user_started(monkeypatch, argv0, on_path, shown):
+    monkeypatch.setattr("sys.argv", [argv0, "time"])
+    monkeypatch.setattr("shutil.which", lambda name: on_path)
+    assert ui.command("sqlite:///mlflow.db") == f"{shown} ui"

@@ -9,6 +9,7 @@ when it runs, so that `--help` and a usage error answer at once.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import typing
@@ -21,6 +22,7 @@ import typer
 from cifarexp import __version__, processes
 from cifarexp.cli.options import Sets
 from cifarexp.config import (
+    STUDY_BATCH,
     ConfigError,
     TrainConfig,
     UserError,
@@ -110,9 +112,15 @@ def command(name: str, *, under_torchrun: bool = False, hidden: bool = False) ->
                     )
                 return fn(*args, **kwargs)
 
-        return app.command(name, hidden=hidden)(run)
+        return app.command(name, hidden=hidden, help=reflowed(fn.__doc__ or ""))(run)
 
     return decorate
+
+
+def reflowed(doc: str) -> str:
+    """A docstring as --help shows it: each paragraph one line, which the terminal wraps
+    (typer would keep the docstring's own line breaks)."""
+    return "\n\n".join(" ".join(part.split()) for part in inspect.cleandoc(doc).split("\n\n"))
 
 
 # ---------------------------------------------------------------- a command's session
@@ -152,8 +160,7 @@ def training_config(ctx: typer.Context, tracker: Tracker) -> TrainConfig:
         device_type = resolve_device(given.get("device", "auto")).type
         fast = fast_settings(device_type, given["optimizer"], several=processes.launched())
         for field, value in fast.items():
-            source = ctx.get_parameter_source(options[field])  # typer may vendor click's enum
-            if source is None or source.name == "DEFAULT":
+            if not _given(ctx, options[field]):
                 given[field] = value
     workers = given.get("workers")
     if workers == "best":
@@ -163,7 +170,20 @@ def training_config(ctx: typer.Context, tracker: Tracker) -> TrainConfig:
         given["workers"] = resolve_best_workers(tracker, device, given["dataset"])
     elif isinstance(workers, str):
         given["workers"] = parse_int("workers", workers)
-    return TrainConfig(**given)
+    cfg = TrainConfig(**given)
+    if cfg.batch_size != STUDY_BATCH and "lr" in options and not _given(ctx, options["lr"]):
+        scaled = cfg.lr * cfg.batch_size / STUDY_BATCH
+        ctx.obj.say_once(
+            f"lr {cfg.lr:g} is the study's for batch {STUDY_BATCH}; at {flag('batch_size')} "
+            f"{cfg.batch_size} the same step per image is {flag('lr')} {scaled:g}."
+        )
+    return cfg
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option `name` was given (on the command line or by its env var)."""
+    source = ctx.get_parameter_source(name)  # typer may vendor click's enum: compare names
+    return source is not None and source.name != "DEFAULT"
 
 
 @functools.cache

@@ -373,7 +373,7 @@ def print_comparison(comparison: Comparison, threshold: float | None, *, quiet: 
         console.print(study.about(), style="dim", highlight=False, soft_wrap=True)
     if not quiet:
         table = render(comparison.table(), TITLES["comparison"])
-        table.caption = CAPTION
+        table.caption, table.caption_justify = CAPTION, "left"
         console.print(table)
     console.print(comparison.summary(threshold), style="bold", highlight=False, soft_wrap=True)
     for line in comparison.slower(threshold):

@@ -130,14 +130,15 @@ def compare_(
     threshold = compare.parse_threshold(fail_if_slower) if fail_if_slower is not None else None
     session = open_session(ctx)
     check_out(out, session, "the comparison")
-    from cifarexp.cli.console import print_comparison
+    from cifarexp.cli.console import console, print_comparison
 
     result = compare.compare(compare.read_baseline(source), compare.latest("yours"))
     try:
-        compare.write(result, out, threshold)
+        path = compare.write(result, out, threshold)
     except OSError as exc:
         raise _unwritable(out, exc, "the comparison") from None
     print_comparison(result, threshold, quiet=quiet)
+    console.print(f"Comparison written to {path}.")
     log_comparison(session, result, out, source, threshold)
     if result.slower(threshold):
         raise typer.Exit(1)

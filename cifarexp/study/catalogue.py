@@ -66,7 +66,7 @@ ITEMS: dict[str, Item] = {
         compares=True,
     ),
     "C6": Item(
-        "How do SGD, Nesterov, Adagrad, Adadelta and Adam train with lr 0.1?",
+        "How do SGD, Nesterov, Adagrad, Adadelta and Adam train with the same learning rate?",
         "C6: five optimizers",
         "cifarexp compare-optim --workers best",
         {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,12 +33,24 @@ RUNS_VIEW = "?workflowType=machine_learning"  # the experiment's runs, not MLflo
 
 
 def command(uri: str) -> str:
-    """The command that opens the UI on `uri`: MLflow's default store (mlflow.db in this
-    folder) needs no option."""
+    """The command that opens the UI on `uri`, started as this process was (`program`):
+    MLflow's default store (mlflow.db in this folder) needs no option."""
     default = uri.startswith("sqlite:///") and "?" not in uri and (
         Path(sqlite_path(uri)).resolve() == Path(sqlite_path(DEFAULT_URI)).resolve()
     )  # fmt: skip
-    return "cifarexp ui" if default else f"cifarexp ui --tracking-uri {redact(uri)}"
+    ui = f"{program()} ui"
+    return ui if default else f"{ui} --tracking-uri {redact(uri)}"
+
+
+def program() -> str:
+    """`cifarexp`, or the path this process was started by where `cifarexp` alone would not
+    find it (`.venv/bin/cifarexp` with the venv not activated, as `make run` runs it)."""
+    typed = sys.argv[0] if sys.argv else ""
+    if Path(typed).name != "cifarexp" or os.sep not in typed:
+        return "cifarexp"
+    found = shutil.which("cifarexp")
+    same = found is not None and Path(found).resolve() == Path(typed).resolve()
+    return "cifarexp" if same else typed
 
 
 def is_server(uri: str) -> bool:
