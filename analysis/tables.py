@@ -156,7 +156,7 @@ def c4_explanation(c3: pd.DataFrame, cpus: str = "?") -> str:
     fastest = counts.loc[shortest_epoch(c3)]
     text = (
         f"With 1 worker the device waited {one[DATA]:.2f} s per epoch for data "
-        f"({one[DATA] / one[TOTAL]:.0%} of the {one[TOTAL]:.2f} s epoch) and computed for "
+        f"({one[DATA] / one[TOTAL]:.1%} of the {one[TOTAL]:.2f} s epoch) and computed for "
         f"{one[TRAIN]:.2f} s. "
     )
     if best.name == 0:
@@ -177,7 +177,7 @@ def c4_explanation(c3: pd.DataFrame, cpus: str = "?") -> str:
     else:
         text += (
             f"With {plural(best.name, 'worker')} the wait is {best[DATA]:.2f} s "
-            f"({best[DATA] / best[TOTAL]:.0%} of {best[TOTAL]:.2f} s). Workers decode and "
+            f"({best[DATA] / best[TOTAL]:.1%} of {best[TOTAL]:.2f} s). Workers decode and "
             "augment batches in parallel while the device computes; "
         ) + (
             f"once they deliver batches faster than the device consumes them (here "
