@@ -148,10 +148,11 @@ def open_session(ctx: typer.Context, **given: Any) -> Session:
     return ctx.obj
 
 
-def training_config(ctx: typer.Context, tracker: Tracker) -> TrainConfig:
+def training_config(ctx: typer.Context, session: Session) -> TrainConfig:
     """The TrainConfig of the command's options that set a config field (`options.Sets`),
     with --fast's settings for the device where an option was not given; workers "best" is
-    resolved from the store."""
+    resolved from the session's store. A batch other than the study's without --lr is
+    told the lr of the study's step per image."""
     options = {field: name for name, field in _config_options(ctx.command.callback)}
     given = {field: ctx.params[name] for field, name in options.items()}
     if ctx.params.get("fast"):  # the fastest settings, but for the options given
@@ -167,13 +168,13 @@ def training_config(ctx: typer.Context, tracker: Tracker) -> TrainConfig:
         from cifarexp.study.comparisons import resolve_best_workers
 
         device = given.get("device", "auto")
-        given["workers"] = resolve_best_workers(tracker, device, given["dataset"])
+        given["workers"] = resolve_best_workers(session.tracker, device, given["dataset"])
     elif isinstance(workers, str):
         given["workers"] = parse_int("workers", workers)
     cfg = TrainConfig(**given)
     if cfg.batch_size != STUDY_BATCH and "lr" in options and not _given(ctx, options["lr"]):
         scaled = cfg.lr * cfg.batch_size / STUDY_BATCH
-        ctx.obj.say_once(
+        session.say_once(
             f"lr {cfg.lr:g} is the study's for batch {STUDY_BATCH}; at {flag('batch_size')} "
             f"{cfg.batch_size} the same step per image is {flag('lr')} {scaled:g}."
         )

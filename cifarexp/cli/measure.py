@@ -52,7 +52,7 @@ def time_(
 ) -> None:
     """C1, C2: train and time every epoch: data-loading wait, computation, wall clock."""
     session = open_session(ctx)
-    cfg = training_config(ctx, session.tracker)
+    cfg = training_config(ctx, session)
     from cifarexp.study import runs
 
     answer(session, "C2", runs.time_run(cfg, session, run_name=run_name))
@@ -100,7 +100,7 @@ def sweep_workers(
         if any(c < 0 for c in counts):
             raise ConfigError(f"counts must be >= 0, got {worker_counts!r}", "workers")
     session = open_session(ctx)
-    cfg = training_config(ctx, session.tracker)
+    cfg = training_config(ctx, session)
     from cifarexp.study import comparisons
 
     answer(session, "C3", comparisons.sweep_workers(cfg, counts, session, gpu_loader=gpu_loader))
@@ -146,7 +146,7 @@ def compare_device(
     """C5: average epoch time on each device (GPU vs CPU) and the GPU speedup; with --gpus,
     epoch time, images/s, speedup and scaling efficiency on 1, 2, 4 ... GPUs."""
     session = open_session(ctx)
-    cfg = training_config(ctx, session.tracker)
+    cfg = training_config(ctx, session)
     from cifarexp.study import comparisons
 
     if gpus is not None:
@@ -216,7 +216,7 @@ def compare_optim(
     """C6: SGD, Nesterov, Adagrad, Adadelta, Adam: training time, loss and accuracy."""
     names = parse_list("optimizers", optimizers, OPTIMIZERS)
     session = open_session(ctx)
-    cfg = training_config(ctx, session.tracker)
+    cfg = training_config(ctx, session)
     from cifarexp.study import comparisons
 
     answer(session, "C6", comparisons.compare_optim(cfg, names, session))
@@ -259,7 +259,7 @@ def no_bn(
 ) -> None:
     """C7: the model without BatchNorm against the BN model: loss and accuracy."""
     session = open_session(ctx)
-    cfg = training_config(ctx, session.tracker)
+    cfg = training_config(ctx, session)
     from cifarexp.study import comparisons
 
     answer(session, "C7", comparisons.no_bn(cfg, session, baseline=baseline))

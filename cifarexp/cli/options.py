@@ -35,7 +35,7 @@ SCALE = "Several processes (torchrun)"
 
 @dataclass(frozen=True)
 class Sets:
-    """Marks an option as setting this field of the TrainConfig (see `cli.training_config`)."""
+    """Marks an option as setting this field of the TrainConfig (see `cli.base.training_config`)."""
 
     field: str
 
