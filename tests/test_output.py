@@ -223,3 +223,5 @@ def test_help_at_80_columns_never_cuts_an_option_name(monkeypatch):
     assert "--persistent-workers" in result.output and "--no-persistent-workers" in result.output
     assert "--channels-last" in result.output and "--no-channels-last" in result.output
     assert max(len(line) for line in result.output.splitlines()) <= 80
+    # and the help text keeps room beside them (a switch's negative name under its name)
+    assert "Keep DataLoader workers" in result.output

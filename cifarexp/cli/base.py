@@ -40,12 +40,21 @@ if TYPE_CHECKING:
 def _keep_option_names_whole() -> None:
     """--help never cuts an option's name: in a narrow terminal (80 columns) rich shrank
     every column of typer's options table alike ("--persistent-wor…"); the columns that
-    hold option names now keep their width, and the help text beside them wraps instead."""
+    hold option names now keep their width, and the help text beside them wraps instead.
+    A switch's negative name goes under its name, not in a column of its own beside it,
+    which left the help text a dozen columns at 80."""
     from rich.table import Table
+    from rich.text import Text
     from typer import rich_utils
 
     class OptionsTable(Table):
         def add_row(self, *renderables: Any, **settings: Any) -> None:
+            # typer's row: [required,] name, short name, negative name, its short, type, help
+            name, negative = renderables[-6], renderables[-4]
+            if str(negative):
+                renderables = list(renderables)
+                renderables[-6] = Text.assemble(name, "\n", negative)
+                renderables[-4] = ""
             super().add_row(*renderables, **settings)
             for column, cell in zip(self.columns, renderables, strict=False):
                 if str(cell).startswith("-"):  # --name, -h, --no-name
