@@ -263,9 +263,14 @@ def test_report_cli_names_missing_items_with_the_command_to_run(cli, client, tmp
     assert "not run yet; run `cifarexp sweep-workers`" in note
 
 
-def test_report_runs_option_picks_runs_and_rejects_malformed_pairs(cli, study, tmp_path):
+def test_report_runs_option_picks_runs_and_rejects_malformed_pairs(cli, client, study, tmp_path):
+    # Given a newer study beside the first, when the report picks the first's C6,
+    newer = log_study(client)
     result = cli("report", "--out", str(tmp_path / "r"), "--runs", f"C6={study['C6']}")
     assert result.exit_code == 0, result.output
+    # then its C6 comes from the run picked, the other items from the newer study.
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert study["C6"] in text and newer["C6"] not in text and newer["C2"] in text
     result = cli("report", "--runs", "C9=abc")
     assert result.exit_code == 2 and "--runs" in result.output
 

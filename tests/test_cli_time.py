@@ -87,7 +87,7 @@ def test_a_crash_ends_failed_with_the_error_recorded(cli, client, monkeypatch):
 
     monkeypatch.setattr(Training, "train", crash)
     result = cli("time", *TINY_ARGS)
-    assert result.exit_code != 0
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError), result.output
     [run] = all_runs(client)
     assert run.info.status == "FAILED"
     assert "worker died" in run.data.tags["cifarexp.error"]
@@ -111,5 +111,7 @@ def test_a_batch_other_than_the_studys_without_lr_says_the_lr_of_the_same_step(c
     # then it says which lr takes the same step per image; with --lr it says nothing.
     notice = "lr 0.1 is the study's for batch 128; at --batch-size 4 the same step per image "
     notice += "is --lr 0.003125."
-    assert notice in " ".join(cli("time", *TINY_ARGS).output.split())
-    assert "same step per image" not in cli("time", *TINY_ARGS, "--lr", "0.1").output
+    without_lr, with_lr = cli("time", *TINY_ARGS), cli("time", *TINY_ARGS, "--lr", "0.1")
+    assert without_lr.exit_code == with_lr.exit_code == 0, (without_lr.output, with_lr.output)
+    assert notice in " ".join(without_lr.output.split())
+    assert "same step per image" not in with_lr.output

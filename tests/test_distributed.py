@@ -24,7 +24,7 @@ from cifarexp.training.data import load_split
 from cifarexp.training.distributed import COMM_BUDGET, Combiner, World
 from cifarexp.training.engine import EpochResult, Execution
 from tests import ddp_entry
-from tests.conftest import TINY, TINY_ARGS, all_runs, without
+from tests.conftest import TINY, TINY_ARGS, all_runs, one_message, without
 from tests.processes import (
     free_port,
     processes_in,
@@ -184,10 +184,11 @@ def test_compare_device_gpus_runs_each_count_as_a_child_and_tabulates_scaling(cl
         (["--gpus", "1,2", "--devices", "cpu", "--scaling", "wide"], "unknown 'wide'"),
     ],
 )
-def test_compare_device_gpus_rejects_bad_counts_with_one_line(cli, store, args, message):
+def test_compare_device_gpus_rejects_bad_counts_with_one_line(cli, client, args, message):
     result = cli("compare-device", *without("--device"), *args)
     assert result.exit_code == 2
-    assert message in result.output
+    assert message in one_message(result.output)
+    assert all_runs(client) == []
 
 
 @pytest.mark.parametrize(

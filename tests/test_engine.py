@@ -1,9 +1,12 @@
 import math
+import time
 
 import pytest
 import torch
+from torch import nn
 
 from cifarexp.config import OPTIMIZERS
+from cifarexp.training import engine
 from cifarexp.training.data import load_split, make_loader
 from cifarexp.training.engine import (
     EpochResult,
@@ -55,9 +58,18 @@ def test_loss_falls_when_overfitting_one_small_batch():
     assert results[-1].train_acc == 1.0
 
 
-def test_each_epoch_is_reported_as_it_ends_and_evaluation_is_outside_the_timing():
+def test_each_epoch_is_reported_as_it_ends_and_evaluation_is_outside_the_timing(monkeypatch):
     model, optimizer, loader = tiny_setup()
     test_loader = make_loader(TINY, load_split(TINY, train=False), train=False)
+    # an evaluation that takes 1000 s on the clock the engine reads
+    real_evaluate, clock, skipped = engine.evaluate, time.perf_counter, [0.0]
+
+    def slow_evaluate(*args, **kwargs):
+        skipped[0] += 1000
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", slow_evaluate)
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock() + skipped[0])
     seen = []
     results = train(
         model,
@@ -71,6 +83,7 @@ def test_each_epoch_is_reported_as_it_ends_and_evaluation_is_outside_the_timing(
     assert seen == results and [r.epoch for r in results] == [1, 2]
     assert all(r.test_loss is not None and 0 <= r.test_acc <= 1 for r in results)
     assert {"test_loss", "test_acc"} <= set(results[0].metrics())
+    assert all(r.epoch_time_s < 1000 for r in results)  # the evaluation is in no epoch
 
 
 def test_max_batches_stops_the_epoch_early():
@@ -80,9 +93,16 @@ def test_max_batches_stops_the_epoch_early():
 
 
 def test_evaluate_returns_mean_loss_and_accuracy():
-    model, _, loader = tiny_setup()
-    loss, acc = evaluate(model, loader, CPU)
-    assert loss > 0 and 0 <= acc <= 1
+    # Given a model whose logits are all equal, and batches whose labels are known,
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    nn.init.zeros_(model[1].weight)
+    nn.init.zeros_(model[1].bias)
+    labels = torch.tensor([0, 0, 3, 7, 0, 9])
+    batches = [(torch.randn(3, 3, 32, 32), labels[:3]), (torch.randn(3, 3, 32, 32), labels[3:])]
+    # when it is evaluated,
+    loss, acc = evaluate(model, batches, CPU)
+    # then the loss is the mean cross-entropy, log 10, and a tie picks class 0 (3 of 6).
+    assert loss == pytest.approx(math.log(10)) and acc == pytest.approx(3 / 6)
 
 
 def test_every_optimizer_in_the_table_builds_and_steps():
@@ -90,9 +110,12 @@ def test_every_optimizer_in_the_table_builds_and_steps():
     for name in OPTIMIZERS:
         model = build_model()
         optimizer = build_optimizer(name, model.parameters())
+        before = [p.detach().clone() for p in model.parameters()]
         model(torch.randn(2, 3, 32, 32)).sum().backward()
         optimizer.step()
         assert optimizer.defaults["lr"] == 0.1 and optimizer.defaults["weight_decay"] == 5e-4
+        after = list(model.parameters())
+        assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True)), name
     nesterov = build_optimizer("nesterov", build_model().parameters())
     assert nesterov.defaults["nesterov"] and nesterov.defaults["momentum"] == 0.9
 

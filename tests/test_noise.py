@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import psutil
@@ -36,6 +37,9 @@ def cpu_burner():
     pid = int(started.stdout)
     try:
         assert pid not in {p.pid for p in psutil.Process().children(recursive=True)}
+        burner, deadline = psutil.Process(pid), time.monotonic() + 30
+        while burner.cpu_times().user < 0.2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # started: Python's start-up is behind it, the loop burns
         yield pid
     finally:
         os.kill(pid, signal.SIGKILL)
@@ -50,16 +54,18 @@ def limits(monkeypatch, *, other_cpus: float, spread: float) -> None:
 def test_a_cpu_burner_beside_a_tiny_run_is_measured_and_flags_its_timing(
     cli, client, monkeypatch, cpu_burner
 ):
-    # Given a process burning a CPU beside the run, and a flag raised by any other load
-    limits(monkeypatch, other_cpus=0.0, spread=1e9)
+    # Given a process burning a CPU beside the run, and a flag raised where other processes
+    # keep a fifth of the CPUs busy (0.4 of this machine's 2)
+    limits(monkeypatch, other_cpus=0.2, spread=1e9)
     # When a tiny run trains two epochs
     result = cli("time", *TINY_ARGS)
     assert result.exit_code == 0, result.output
-    # Then each epoch logged the CPUs other processes used (the burner among them)
+    # Then each epoch logged the CPUs other processes used: the burner's one at least half
+    # (it shares the 2 cores with the run and, under xdist, the other worker's tests)
     [run] = all_runs(client)
     history = client.get_metric_history(run.info.run_id, "other_cpu_load_cpus")
     assert [m.step for m in history] == [1, 2]
-    assert all(m.value > 0 for m in history)
+    assert all(m.value >= 0.5 for m in history), [m.value for m in history]
     # and the run says its timing was disturbed: tag, terminal, description
     reason = run.data.tags[tracking.TIMING_DISTURBED]
     assert reason.startswith("other processes used ") and reason.endswith(" CPUs")
