@@ -42,6 +42,7 @@ for part in "${@:-core}"; do case "$part" in
     # --fast with the compiled step, the last with an empty compile cache (cold), then warm
     run gpu_tests timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
     run step_probe timeout 500 python3 benchmarks/step_probe.py --timeout 240
+    run captured_diff timeout 300 python3 benchmarks/captured_diff.py
     run epoch_time timeout 300 python3 benchmarks/epoch_time.py --workers 8 --paths abcdfg \
       --rounds 5 --epochs 1
     run overhead timeout 120 python3 benchmarks/overhead.py --train-size 50000 --workers 8 --rounds 5

@@ -517,9 +517,17 @@ def relative_change_error(
     return float((diff / change).sqrt())
 
 
+# On an H200 the compiled model's step captured agreed on each loss (0.5%) but changed the
+# weights 45% and the momentum 64% otherwise than the eager step did, with the compiled
+# optimizer step (2026-12-05) and with the fused SGD alike: its capture, not the optimizer,
+# is at fault (benchmarks/captured_diff.py names the parameters); --fast keeps the eager
+# step until this passes.
+COMPILED_CAPTURE = pytest.mark.xfail(reason="compiled model captured: weights off (issue 27)")
+
+
 @pytest.mark.gpu
 @cuda_only
-@pytest.mark.parametrize("compile_mode", ["none", "default"])
+@pytest.mark.parametrize("compile_mode", ["none", pytest.param("default", marks=COMPILED_CAPTURE)])
 def test_on_cuda_a_graphed_step_trains_as_the_eager_step_does(monkeypatch, compile_mode):
     # Given two copies of one model and SGD, one stepped eagerly as the study steps, one
     # through a GraphedStep captured during the warm-up (whose state it then zeroes in place)

@@ -264,8 +264,8 @@ FAST = TINY.replace(loader="gpu", precision="bf16", channels_last=True, cuda_gra
          "host-launch-bound: in the profiled steps the GPU computed 40%, waited 50% for the "
          "host's launches, 5% for copies, 5% for data; the epochs waited 3% of their time for "
          "data (0 workers); try `cifarexp time --fast` (--loader gpu --precision bf16 "
-         "--channels-last --cuda-graph --timing events; the fast path with it took 1.21 s per "
-         "epoch on an H200, the standard path 5.62 s)"),
+         "--channels-last --cuda-graph --timing events; the fast path with it took 1.19 s per "
+         "epoch on an H200, the standard path 5.11 s)"),
         (GPU_STEP, "cuda", TINY.replace(optimizer="adam"), Epochs(0.03),
          "host-launch-bound: in the profiled steps the GPU computed 40%, waited 50% for the "
          "host's launches, 5% for copies, 5% for data; the epochs waited 3% of their time for "
