@@ -289,7 +289,7 @@ FAST = TINY.replace(loader="gpu", precision="bf16", channels_last=True, cuda_gra
          Epochs(0.05), "compute-bound: in the profiled steps the GPU computed 80%, waited 10% "
          "for the host's launches, 5% for copies, 5% for data; the epochs waited 5% of their "
          "time for data (0 workers); try `cifarexp time --fast` (--loader gpu --precision bf16 "
-         "--channels-last --cuda-graph --timing events; the fast path with it took 1.21 s per "
+         "--channels-last --cuda-graph --timing events; the fast path with it took 1.19 s per "
          "epoch on an H200"),
         ({"data_wait": 0.0, "host": 0.1, "copy": 0.0, "compute": 0.9}, "cuda", FAST, Epochs(0.0),
          "compute-bound: in the profiled steps the GPU computed 90%, waited 10% for the host's "
