@@ -79,17 +79,17 @@ def bare_path(cfg: TrainConfig) -> Path:
 def cifarexp_path(name: str, cfg: TrainConfig, tracker: Tracker) -> Path:
     """(b), (c), (e): cifarexp's engine with its warm-up, each epoch logged to the store."""
     training = build_training(cfg)
-    path = Path(name, lambda: (0.0, None), training.warm_up())
+    warmup_s = training.warm_up()
+    logged: list[float] = []
 
     def epoch() -> tuple[float, float]:
         start = time.perf_counter()
         (result,) = training.train(tracker.log_epoch, epochs=1)
         seconds = time.perf_counter() - start
-        path.logged.append(result.epoch_time_s)
+        logged.append(result.epoch_time_s)
         return seconds, result.train_acc
 
-    path.epoch = epoch
-    return path
+    return Path(name, epoch, warmup_s, logged=logged)
 
 
 def floor_path(name: str, cfg: TrainConfig) -> Path:

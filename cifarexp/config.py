@@ -50,10 +50,17 @@ CHOICES = {  # the fields with a fixed set of values
 # 2-core CPU (quick): 70 steps of 16 images, at the study's step per image: lr 0.1 x 16/128
 # (the linear scaling rule; the study's lr 0.1 at batch 16 throws the loss far up first).
 STUDY_BATCH, STUDY_LR = 128, 0.1
+
+
+def study_lr(batch_size: int) -> float:
+    """The lr that takes the study's step per image at `batch_size` (STUDY_LR at STUDY_BATCH)."""
+    return STUDY_LR * batch_size / STUDY_BATCH
+
+
 PRESETS: dict[str, dict[str, float | None]] = {
     "full": {"train_size": None, "epochs": 5, "batch_size": STUDY_BATCH, "lr": STUDY_LR,
              "cpu_batches": 20},
-    "quick": {"train_size": 224, "epochs": 5, "batch_size": 16, "lr": STUDY_LR * 16 / STUDY_BATCH,
+    "quick": {"train_size": 224, "epochs": 5, "batch_size": 16, "lr": study_lr(16),
               "cpu_batches": 4},
 }  # fmt: skip
 
@@ -170,7 +177,7 @@ class TrainConfig:
     batch_norm: bool = True  # False = the C7 variant with every BatchNorm removed
     # optimisation
     optimizer: Optimizer = "sgd"
-    lr: float = 0.1
+    lr: float = STUDY_LR
     momentum: float = 0.9  # used by sgd/nesterov only
     weight_decay: float = 5e-4
     epochs: int = 5

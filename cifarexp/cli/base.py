@@ -29,6 +29,7 @@ from cifarexp.config import (
     did_you_mean,
     fast_settings,
     flag,
+    study_lr,
 )
 
 if TYPE_CHECKING:
@@ -182,10 +183,10 @@ def training_config(ctx: typer.Context, session: Session) -> TrainConfig:
         given["workers"] = parse_int("workers", workers)
     cfg = TrainConfig(**given)
     if cfg.batch_size != STUDY_BATCH and "lr" in options and not _given(ctx, options["lr"]):
-        scaled = cfg.lr * cfg.batch_size / STUDY_BATCH
         session.say_once(
             f"lr {cfg.lr:g} is the study's for batch {STUDY_BATCH}; at {flag('batch_size')} "
-            f"{cfg.batch_size} the same step per image is {flag('lr')} {scaled:g}."
+            f"{cfg.batch_size} the same step per image is {flag('lr')} "
+            f"{study_lr(cfg.batch_size):g}."
         )
     return cfg
 
