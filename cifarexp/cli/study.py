@@ -200,11 +200,12 @@ def log_comparison(
     verdict as its description."""
     from cifarexp.cli.console import print_where
     from cifarexp.study.catalogue import Labels
+    from cifarexp.tracking import redact
 
     labels = Labels("compare", "compare")
     params = {"baseline": source.shown, "fail_if_slower": threshold, "out": str(out)}
     with session.tracker.start_run(
-        session.experiment_of("compare"), run_name=f"compare with {source.shown}"[:200],
+        session.experiment_of("compare"), run_name=f"compare with {redact(source.text)}"[:200],
         tags=labels.tags(), params=params, about=labels.about(),
     ) as run_id:  # fmt: skip
         session.tracker.log_artifacts(out)
