@@ -38,19 +38,19 @@ for part in "${@:-core}"; do case "$part" in
     tar czf "$OUT/report.tgz" report
     ;;
   fast)  # the GPU tests; the step's candidate variants; paths a-d, f, g alternated in
-    # rounds; the harness's overhead; a 5-epoch run of the standard path, of --fast and of
-    # --fast with the compiled step, the last with an empty compile cache (cold), then warm
+    # rounds; the harness's overhead; a 5-epoch run of the standard path, of --fast (the
+    # compiled step) with an empty compile cache (cold), then warm, and of --fast with the
+    # eager step
     run gpu_tests timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
     run step_probe timeout 500 python3 benchmarks/step_probe.py --timeout 240
-    run captured_diff timeout 300 python3 benchmarks/captured_diff.py
     run epoch_time timeout 300 python3 benchmarks/epoch_time.py --workers 8 --paths abcdfg \
       --rounds 5 --epochs 1
     run overhead timeout 120 python3 benchmarks/overhead.py --train-size 50000 --workers 8 --rounds 5
     run standard5 python3 -m cifarexp time "${FULL[@]}" --epochs 5 --workers 8
-    run fast5 python3 -m cifarexp time "${FULL[@]}" --epochs 5 --fast
+    run eager5 python3 -m cifarexp time "${FULL[@]}" --epochs 5 --fast --compile none
     export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cold
-    run compiled5_cold python3 -m cifarexp time "${FULL[@]}" --epochs 5 --fast --compile default
-    run compiled1_warm python3 -m cifarexp time "${FULL[@]}" --epochs 1 --fast --compile default
+    run fast5_cold python3 -m cifarexp time "${FULL[@]}" --epochs 5 --fast
+    run fast1_warm python3 -m cifarexp time "${FULL[@]}" --epochs 1 --fast
     unset TORCHINDUCTOR_CACHE_DIR
     ;;
   lab)  # the full lab into its own store, its report (with the reference column), and the

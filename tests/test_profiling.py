@@ -236,7 +236,9 @@ def test_the_split_of_a_gpu_trace_follows_the_device_timeline():
 
 
 GPU_STEP = {"data_wait": 0.05, "host": 0.5, "copy": 0.05, "compute": 0.4}  # host-launch-bound
-FAST = TINY.replace(loader="gpu", precision="bf16", channels_last=True, cuda_graph=True)
+FAST = TINY.replace(
+    loader="gpu", precision="bf16", channels_last=True, compile="default", cuda_graph=True
+)
 
 
 @pytest.mark.parametrize(
@@ -264,13 +266,13 @@ FAST = TINY.replace(loader="gpu", precision="bf16", channels_last=True, cuda_gra
          "host-launch-bound: in the profiled steps the GPU computed 40%, waited 50% for the "
          "host's launches, 5% for copies, 5% for data; the epochs waited 3% of their time for "
          "data (0 workers); try `cifarexp time --fast` (--loader gpu --precision bf16 "
-         "--channels-last --cuda-graph --timing events; the fast path with it took 1.19 s per "
-         "epoch on an H200, the standard path 5.11 s)"),
+         "--channels-last --compile default --cuda-graph --timing events; the fast path with it "
+         "took 1.01 s per epoch on an H200, the standard path 5.11 s)"),
         (GPU_STEP, "cuda", TINY.replace(optimizer="adam"), Epochs(0.03),
          "host-launch-bound: in the profiled steps the GPU computed 40%, waited 50% for the "
          "host's launches, 5% for copies, 5% for data; the epochs waited 3% of their time for "
          "data (0 workers); try `cifarexp time --fast` (--loader gpu --precision bf16 "
-         "--channels-last --timing events --compile reduce-overhead; the fast path with it took "
+         "--channels-last --compile reduce-overhead --timing events; the fast path with it took "
          "1.94 s per epoch on an H200)"),
         # one setting short of --fast: that setting
         (GPU_STEP, "cuda", FAST, Epochs(0.0),
@@ -289,8 +291,8 @@ FAST = TINY.replace(loader="gpu", precision="bf16", channels_last=True, cuda_gra
          Epochs(0.05), "compute-bound: in the profiled steps the GPU computed 80%, waited 10% "
          "for the host's launches, 5% for copies, 5% for data; the epochs waited 5% of their "
          "time for data (0 workers); try `cifarexp time --fast` (--loader gpu --precision bf16 "
-         "--channels-last --cuda-graph --timing events; the fast path with it took 1.19 s per "
-         "epoch on an H200"),
+         "--channels-last --compile default --cuda-graph --timing events; the fast path with it "
+         "took 1.01 s per epoch on an H200"),
         ({"data_wait": 0.0, "host": 0.1, "copy": 0.0, "compute": 0.9}, "cuda", FAST, Epochs(0.0),
          "compute-bound: in the profiled steps the GPU computed 90%, waited 10% for the host's "
          "launches, 0% for copies, 0% for data; the epochs waited 0% of their time for data "
