@@ -1,4 +1,4 @@
-"""The training set kept on the device and augmented there, a whole epoch at a time.
+"""The training set kept on the device and augmented there, a whole batch at a time.
 
 The study's augmentation, vectorised: per-sample random crop with 4-pixel zero padding
 (offsets uniform over 0..8 in each axis), per-sample horizontal flip with probability 0.5,
@@ -68,10 +68,8 @@ class GpuLoader:
 
     Each epoch draws a permutation, crop offsets and flips from one generator seeded once
     with `seed` (as the DataLoader's shuffling is), all on the device: the host launches
-    kernels and never waits. The epoch is augmented whole as it starts (4 bytes a pixel:
-    ~600 MB for 50,000 images), and its batches are slices of it: (images, labels) already
-    on the device, so the engine's copy to the device is a no-op. The last batch may be
-    smaller.
+    kernels and never waits. Batches come as (images, labels) already on the device, so
+    the engine's copy to the device is a no-op. The last batch may be smaller.
 
     `shard` = (rank, world size): every rank draws the same epoch and trains on positions
     rank, rank + world size, ... of it, wrapping round so that each rank gets as many
@@ -115,18 +113,16 @@ class GpuLoader:
         order, offsets, flips = self.draw(len(self.labels))
         if self.sharded:
             order, offsets, flips = (x[self.positions] for x in (order, offsets, flips))
-        # The whole epoch augmented as it starts: a few large kernels, where a batch at a
-        # time launched a dozen small ones per step (the same draws, the same pixels);
-        # each batch is then a slice, no work at all.
-        images = crop_flip_normalize(
-            self.padded,
-            order,
-            offsets,
-            flips,
-            self.mean,
-            self.std,
-            channels_last=self.channels_last,
-        )
-        labels = self.labels[order]
         for start in range(0, len(order), self.batch_size):
-            yield images[start : start + self.batch_size], labels[start : start + self.batch_size]
+            index = order[start : start + self.batch_size]
+            batch = slice(start, start + len(index))
+            images = crop_flip_normalize(
+                self.padded,
+                index,
+                offsets[batch],
+                flips[batch],
+                self.mean,
+                self.std,
+                channels_last=self.channels_last,
+            )
+            yield images, self.labels[index]
