@@ -81,12 +81,18 @@ FAST_SETTINGS: dict[str, dict[str, object]] = {
 }
 
 
-def fast_settings(device_type: str, optimizer: str, *, several: bool = False) -> dict[str, object]:
+def fast_settings(
+    device_type: str, optimizer: str, *, several: bool = False, compile: str | None = None
+) -> dict[str, object]:
     """`--fast`'s settings on a device type for an optimizer, for one process or `several`
-    (under torchrun): where a captured step cannot train (an optimizer not in
-    GRAPHED_OPTIMIZERS, several processes) the model is compiled with CUDA graphs instead."""
+    (under torchrun), beside a `compile` mode given: where a captured step cannot train (an
+    optimizer not in GRAPHED_OPTIMIZERS, several processes, a mode that captures CUDA graphs
+    of its own) the model is compiled with CUDA graphs instead."""
     settings = dict(FAST_SETTINGS[device_type])
-    if settings.get("cuda_graph") and (several or optimizer not in GRAPHED_OPTIMIZERS):
+    own_graphs = compile not in (None, "none", "default")
+    if settings.get("cuda_graph") and (
+        several or own_graphs or optimizer not in GRAPHED_OPTIMIZERS
+    ):
         settings |= {"cuda_graph": False, "compile": "reduce-overhead"}
     return settings
 

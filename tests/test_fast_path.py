@@ -394,7 +394,8 @@ def test_bad_or_cuda_only_fast_path_options_are_a_usage_error_and_leave_no_run(
 
 def test_fast_picks_the_fastest_settings_per_device_optimizer_and_processes():
     # the compiled model's step captured on CUDA for SGD in one process; a model compiled
-    # with CUDA graphs for the others and under torchrun: each a config it can train
+    # with CUDA graphs for the other optimizers, under torchrun and beside a compile mode
+    # with graphs of its own: each a config it can train
     assert fast_settings("cuda", "nesterov") == {
         "loader": "gpu", "precision": "bf16", "channels_last": True, "compile": "default",
         "cuda_graph": True, "timing": "events",
@@ -405,6 +406,11 @@ def test_fast_picks_the_fastest_settings_per_device_optimizer_and_processes():
     several = fast_settings("cuda", "sgd", several=True)
     assert (several["cuda_graph"], several["compile"]) == (False, "reduce-overhead")
     TrainConfig(**several).check_processes(several=True)
+    # a compile mode given that captures graphs of its own: no captured step beside it
+    own = fast_settings("cuda", "sgd", compile="max-autotune") | {"compile": "max-autotune"}
+    assert own["cuda_graph"] is False
+    TrainConfig(**own).check_device("cuda")
+    assert fast_settings("cuda", "sgd", compile="none")["cuda_graph"] is True
     assert fast_settings("cpu", "sgd") == {"loader": "gpu"}
 
 

@@ -169,7 +169,11 @@ def training_config(ctx: typer.Context, session: Session) -> TrainConfig:
         from cifarexp.training.engine import resolve_device
 
         device_type = resolve_device(given.get("device", "auto")).type
-        fast = fast_settings(device_type, given["optimizer"], several=processes.launched())
+        given_compile = "compile" in options and _given(ctx, options["compile"])
+        compile_mode = given["compile"] if given_compile else None
+        fast = fast_settings(
+            device_type, given["optimizer"], several=processes.launched(), compile=compile_mode
+        )
         for field, value in fast.items():
             if not _given(ctx, options[field]):
                 given[field] = value
