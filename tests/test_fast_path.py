@@ -550,8 +550,8 @@ def test_on_cuda_a_graphed_step_trains_as_its_kernels_do_uncaptured_and_as_the_s
 ):
     # Given three copies of one model: one stepped as the study steps (eager, its SGD); one
     # by the step a GraphedStep captures (the eager or the compiled model, the fused SGD),
-    # uncaptured; one through the GraphedStep, captured during the warm-up for both batch
-    # sizes, its optimizer's state then zeroed in place,
+    # uncaptured; one through the GraphedStep, captured during the warm-up, its optimizer's
+    # state then zeroed in place,
     device = torch.device("cuda")
     # Exact fp32 convolutions, chosen the same way for all: TF32 and autotuning would each
     # round differently, and capture may pick other algorithms than eager steps do.
@@ -571,9 +571,10 @@ def test_on_cuda_a_graphed_step_trains_as_its_kernels_do_uncaptured_and_as_the_s
     trained = [study] + [fastpath.compile_model(m, compile_mode) for m in (uncaptured, graphed)]
     for model, optimizer, step in zip(trained[1:], optimizers[1:], steps[1:], strict=True):
         warm_up(model, optimizer, device, batch_sizes=[32, 8], execution=execution, step=step)
-    assert set(steps[2].graphs) == {(32, 3, 32, 32), (8, 3, 32, 32)}
+    assert steps[2].graph is not None
 
-    # when all three train the same batches, one of them of the other size,
+    # when all three train the same batches, one of them of the other size (stepped eagerly
+    # by the GraphedStep),
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator(device).manual_seed(1)
     losses = []

@@ -7,7 +7,6 @@ import contextlib
 import copy
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,11 +50,10 @@ def warm_up(
             with compiled_shapes_only(execution) if i else contextlib.nullcontext():
                 for _ in range(steps):
                     train_step(model, criterion, optimizer, images, labels, execution)
-            if graphed:
+            if graphed and i == 0:
                 # The warm steps made the optimizer's state: the graph captures its update.
                 assert steps >= 1 and optimizer.state, "capture needs a warm step first"
-                captured = model if i == 0 else getattr(model, "_orig_mod", model)
-                step.capture(captured, criterion, optimizer, images, labels, execution)
+                step.capture(model, criterion, optimizer, images, labels, execution)
     synchronize(device)
     seconds = time.perf_counter() - start
     model.load_state_dict(saved_model)  # copies in place: parameters keep their memory
@@ -68,13 +66,12 @@ def warm_up(
 
 
 class GraphedStep:
-    """`train_step` as one CUDA graph per batch shape: forward, loss, backward and the
-    optimizer step captured by `warm_up` for each shape an epoch sees (the full batch, and a
-    smaller last one), then replayed on each batch copied into the graph's input tensors:
-    one launch a step instead of hundreds of kernels. A compiled model (`--compile default`)
-    is captured with Inductor's kernels, compiled by the warm-up's steps before the capture,
-    for the full batch; the last batch's graph holds the model's eager kernels (no second
-    compilation). A shape never captured steps eagerly, on the same parameters and state.
+    """`train_step` for one batch shape as one CUDA graph: forward, loss, backward and the
+    optimizer step captured by `warm_up`, then replayed on each batch copied into the
+    graph's input tensors: one launch a step instead of hundreds of kernels. Any other
+    shape (an epoch's smaller last batch) steps eagerly, on the same parameters and state.
+    A compiled model (`--compile default`) is captured with Inductor's kernels, compiled by
+    the warm-up's steps before the capture.
 
     Only for SGD with or without Nesterov momentum (config.GRAPHED_OPTIMIZERS), fused (its
     update one kernel; `optim.build_optimizer`): its state (the momentum buffers) is made
@@ -84,7 +81,9 @@ class GraphedStep:
     """
 
     def __init__(self) -> None:
-        self.graphs: dict[torch.Size, _Graph] = {}  # by the images' shape
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # the graph's images, labels
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # its loss, logits
 
     def capture(
         self,
@@ -96,16 +95,16 @@ class GraphedStep:
         execution: Execution,
     ) -> None:
         """Record one step on `images`' shape (run on a side stream after warm steps)."""
-        inputs = images.clone(), labels.clone()  # clone keeps the memory order
-        graph = torch.cuda.CUDAGraph()
+        self.inputs = images.clone(), labels.clone()  # clone keeps the memory order
+        self.graph = torch.cuda.CUDAGraph()
         optimizer.zero_grad(set_to_none=True)  # backward makes the grads in the graph's pool
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(self.graph):
             loss, logits = train_step(
-                model, criterion, optimizer, *inputs, execution, autocast_cache=False
+                model, criterion, optimizer, *self.inputs, execution, autocast_cache=False
             )
         # Detached (the same memory): the captured autograd graph is freed, so the eager
         # steps do not find its gradient accumulators alive on the capture's stream.
-        self.graphs[images.shape] = _Graph(graph, inputs, (loss.detach(), logits.detach()))
+        self.outputs = loss.detach(), logits.detach()
 
     def __call__(
         self,
@@ -116,22 +115,15 @@ class GraphedStep:
         labels: torch.Tensor,
         execution: Execution,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.graphs:
+        if self.graph is None or self.inputs is None:
             raise RuntimeError("a GraphedStep trains only once warm_up has captured it")
-        captured = self.graphs.get(images.shape)
-        if captured is None:
+        if images.shape != self.inputs[0].shape:
             return train_step(model, criterion, optimizer, images, labels, execution)
-        captured.inputs[0].copy_(images)
-        captured.inputs[1].copy_(labels)
-        captured.graph.replay()
-        return captured.outputs
-
-
-@dataclass(frozen=True)
-class _Graph:
-    graph: torch.cuda.CUDAGraph
-    inputs: tuple[torch.Tensor, torch.Tensor]  # the images and labels it reads
-    outputs: tuple[torch.Tensor, torch.Tensor]  # the loss and logits it writes
+        self.inputs[0].copy_(images)
+        self.inputs[1].copy_(labels)
+        self.graph.replay()
+        assert self.outputs is not None
+        return self.outputs
 
 
 @contextlib.contextmanager
