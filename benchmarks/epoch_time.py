@@ -77,7 +77,7 @@ def bare_path(cfg: TrainConfig) -> Path:
 
 
 def cifarexp_path(name: str, cfg: TrainConfig, tracker: Tracker) -> Path:
-    """(b), (c), (e): cifarexp's engine with its warm-up, each epoch logged to the store."""
+    """(b), (c), (e), (g): cifarexp's engine with its warm-up, each epoch logged to the store."""
     training = build_training(cfg)
     warmup_s = training.warm_up()
     logged: list[float] = []

@@ -530,16 +530,17 @@ def change_errors(before: nn.Module, models: tuple[nn.Module, nn.Module], optimi
     }
 
 
-# Measured on an H100 (torch 2.11): the compiled model's step, captured or not, gives each
-# loss as the eager step does (1e-7 on the first), but its gradients differ by 0.4% (up to
-# 0.6% on batch-norm parameters): Inductor's kernels sum in another order, and on random
-# data a batch's gradient is a small sum of large terms that cancel. Each further step then
-# amplifies the difference about five-fold (random labels, the steepest directions), to
-# 45% of the weights' change after five steps, so a tolerance over five steps would test
-# nothing. Against the study's step, the compiled one is held to its first step: the same
-# loss (1e-5) and the same update (2%); a lost or doubled update, or a wrong gradient, is off
-# by 100%.
-FIRST_STEP_TOLERANCE = {"none": 1e-4, "default": 2e-2}
+# How closely the captured step's kernels, run uncaptured, train as the study's step: (the
+# steps compared, the tolerance on their losses and on the change they made). The eager
+# model's kernels and the fused SGD (the study's SGD's maths) agree every step, to rounding.
+# The compiled model's, measured on an H100 (torch 2.11): each loss as the study's (1e-7 on
+# the first), the first gradients 0.4% off (0.6% on batch-norm parameters). Inductor's fp32
+# batch-norm kernels round more than eager's: against a float64 step on CPU, its first
+# gradients were 6e-3 off and eager's 1.3e-4, and without batch norm both were as close.
+# Each further step on random labels amplified the difference about five-fold, to 45% of
+# the weights' change after five steps, so the compiled kernels are held to their first
+# step: a lost or doubled update, or a wrong gradient, is off by 100%.
+STUDY_TOLERANCE = {"none": (5, 1e-4, 1e-3), "default": (1, 1e-5, 2e-2)}
 
 
 @pytest.mark.gpu
@@ -577,6 +578,7 @@ def test_on_cuda_a_graphed_step_trains_as_its_kernels_do_uncaptured_and_as_the_s
     # by the GraphedStep),
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator(device).manual_seed(1)
+    compared, loss_tolerance, change_tolerance = STUDY_TOLERANCE[compile_mode]
     losses = []
     for index, size in enumerate((32, 32, 8, 32, 32)):
         images = torch.randn(size, 3, 32, 32, device=device, generator=generator)
@@ -586,16 +588,17 @@ def test_on_cuda_a_graphed_step_trains_as_its_kernels_do_uncaptured_and_as_the_s
             for model, optimizer, step in zip(trained[1:], optimizers[1:], steps[1:], strict=True):
                 step_losses.append(step(model, criterion, optimizer, images, labels, execution))
         losses.append([loss.item() for loss, _ in step_losses])
-        if index == 0:
-            first_step = change_errors(before, (study, uncaptured), optimizers[:2])
+        if index + 1 == compared:
+            study_errors = change_errors(before, (study, uncaptured), optimizers[:2])
 
     # then the graphed step trains exactly as its kernels do uncaptured, every step;
     assert all(g == pytest.approx(u, rel=1e-5) for _, u, g in losses), losses
     captured = change_errors(before, (uncaptured, graphed), optimizers[1:])
     assert max(captured.values()) <= 1e-4, captured
-    # and those kernels' first step is the study's step: the same loss and update.
-    assert losses[0][1] == pytest.approx(losses[0][0], rel=1e-5), losses
-    assert max(first_step.values()) <= FIRST_STEP_TOLERANCE[compile_mode], first_step
+    # and those kernels' steps compared are the study's: the same losses and changes.
+    studied = losses[:compared]
+    assert all(u == pytest.approx(s, rel=loss_tolerance) for s, u, _ in studied), losses
+    assert max(study_errors.values()) <= change_tolerance, (study_errors, losses)
 
 
 @pytest.mark.gpu

@@ -207,7 +207,8 @@ Fast = Annotated[
         "The fastest settings this tool has for the device: on CUDA "
         + ", ".join(fast_flags("cuda"))
         + " (--compile reduce-overhead for --cuda-graph where a step cannot be captured: "
-        "adagrad, adadelta, adam, --nproc); on CPU "
+        "adagrad, adadelta, adam, --nproc; no --cuda-graph beside a --compile mode with graphs "
+        "of its own); on CPU "
         + ", ".join(fast_flags("cpu"))
         + ". An option given as well overrides its part.",
         FAST,
