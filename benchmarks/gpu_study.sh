@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The study's GPU measurements, run on a GPU machine from the repository root:
-#   bash benchmarks/gpu_study.sh PART...   with PART = core | study | fast | lab | warmup |
-#                                        profile | energy | scaling | scaling-events | scaling-fast
+#   bash benchmarks/gpu_study.sh PART...   with PART = core | study | fast | fast-probes | lab |
+#                               warmup | profile | energy | scaling | scaling-events | scaling-fast
 # Each part writes its printed tables under $OUT (default ./gpu-out) and leaves mlflow.db
 # in the working directory (copied to $OUT after each step), so parts share one store.
 set -uo pipefail
@@ -37,21 +37,23 @@ for part in "${@:-core}"; do case "$part" in
     python3 -m cifarexp report --out report > "$OUT/report.txt" 2>&1
     tar czf "$OUT/report.tgz" report
     ;;
-  fast)  # the GPU tests; the step's candidate variants; paths a-d, f, g alternated in
-    # rounds; the harness's overhead; a 5-epoch run of the standard path, of --fast (the
-    # compiled step) with an empty compile cache (cold), then warm, and of --fast with the
-    # eager step
+  fast)  # the GPU tests; paths a-d, f, g alternated in rounds; a 5-epoch run of the standard
+    # path, of --fast (the compiled step) with an empty compile cache (cold), then warm, and
+    # of --fast with the eager step (~7 minutes on an H200)
     run gpu_tests timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py -m gpu
-    run step_probe timeout 500 python3 benchmarks/step_probe.py --timeout 240
     run epoch_time timeout 300 python3 benchmarks/epoch_time.py --workers 8 --paths abcdfg \
       --rounds 5 --epochs 1
-    run overhead timeout 120 python3 benchmarks/overhead.py --train-size 50000 --workers 8 --rounds 5
     run standard5 python3 -m cifarexp time "${FULL[@]}" --epochs 5 --workers 8
     run eager5 python3 -m cifarexp time "${FULL[@]}" --epochs 5 --fast --compile none
     export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cold
     run fast5_cold python3 -m cifarexp time "${FULL[@]}" --epochs 5 --fast
     run fast1_warm python3 -m cifarexp time "${FULL[@]}" --epochs 1 --fast
     unset TORCHINDUCTOR_CACHE_DIR
+    ;;
+  fast-probes)  # the step's candidate variants, each in its own process; the harness's
+    # overhead against a bare loop
+    run step_probe timeout 500 python3 benchmarks/step_probe.py --timeout 240
+    run overhead timeout 120 python3 benchmarks/overhead.py --train-size 50000 --workers 8 --rounds 5
     ;;
   lab)  # the full lab into its own store, its report (with the reference column), and the
     # counter's joules against MLflow's sampled power over the lab's newest runs
