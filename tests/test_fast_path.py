@@ -3,7 +3,9 @@ and, where there is one, on a CUDA device (marked gpu)."""
 
 import copy
 import itertools
+import logging
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from cifarexp.config import ConfigError, TrainConfig, fast_settings
+from cifarexp.study.runs import warm_up_before_epoch_1
 from cifarexp.training import fastpath
 from cifarexp.training.data import (
     MEAN,
@@ -390,6 +393,32 @@ def test_bad_or_cuda_only_fast_path_options_are_a_usage_error_and_leave_no_run(
     assert result.exit_code == 2, result.output
     assert message in one_message(result.output)
     assert all_runs(client) == []
+
+
+@pytest.mark.parametrize(
+    ("device", "compile_mode", "announced"),
+    [("cuda", "default", True), ("cuda", "none", False), ("cpu", "default", False)],
+)
+def test_a_compiling_warm_up_is_announced_before_its_silent_seconds(
+    caplog, monkeypatch, device, compile_mode, announced
+):
+    # Given a run about to warm up on a device, compiling or not (its notices caught where
+    # the CLI's own handler would show them),
+    monkeypatch.setattr(logging.getLogger("cifarexp"), "handlers", [caplog.handler])
+    logged = {}
+    tracker = SimpleNamespace(writes=True, log_metrics=logged.update)
+    cfg = TINY.replace(compile=compile_mode)
+    training = SimpleNamespace(cfg=cfg, device=torch.device(device), warm_up=lambda: 12.5)
+
+    # when it warms up,
+    with caplog.at_level("INFO", logger="cifarexp"):
+        warm_up_before_epoch_1(tracker, training)
+
+    # then a compilation is announced first, and the warm-up's seconds are logged.
+    said = [r.getMessage() for r in caplog.records]
+    expected = ["Compiling the model (--compile default) in the untimed warm-up..."]
+    assert said == (expected if announced else [])
+    assert logged == {"warmup_s": 12.5}
 
 
 def test_fast_picks_the_fastest_settings_per_device_optimizer_and_processes():
