@@ -14,6 +14,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 
+from cifarexp import tracking
 from cifarexp.config import ConfigError, TrainConfig, fast_settings
 from cifarexp.study.runs import warm_up_before_epoch_1
 from cifarexp.training import fastpath
@@ -658,3 +659,25 @@ def test_on_cuda_the_fast_path_logs_warm_up_and_mfu(cli, client):
     assert metrics["warmup_s"] > 0 and metrics["train_time_s"] > 0
     name = torch.cuda.get_device_name().lower()
     assert ("mfu" in metrics) == any(fragment in name for fragment, _ in fastpath.PEAK_FLOPS)
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_on_cuda_fast_trains_and_profiles_the_compiled_step_captured_whole(cli, client):
+    # Given --fast on CUDA, which compiles the model and captures its step whole,
+    result = cli(
+        "time",
+        *TINY_ARGS,
+        *("--device", "cuda", "--train-size", "1000", "--batch-size", "128"),
+        *("--fast", "--profile"),
+    )
+
+    # then the run trained with those settings, said it was compiling, warmed up, and its
+    # profile gave a verdict.
+    assert result.exit_code == 0, result.output
+    assert "Compiling the model (--compile default)" in result.output
+    [run] = all_runs(client)
+    params = run.data.params
+    assert (params["compile"], params["cuda_graph"], params["loader"]) == ("default", "True", "gpu")
+    assert run.data.metrics["warmup_s"] > 0 and run.data.metrics["train_time_s"] > 0
+    assert run.data.tags[tracking.VERDICT]
