@@ -97,6 +97,13 @@ def fast_settings(
     return settings
 
 
+def has_fast_settings(cfg: TrainConfig, device_type: str, *, several: bool = False) -> bool:
+    """Whether `cfg` has every one of `--fast`'s settings for the device (its run is named
+    so), given or not."""
+    fast = fast_settings(device_type, cfg.optimizer, several=several)
+    return all(getattr(cfg, field) == value for field, value in fast.items())
+
+
 def fast_flags(device_type: str) -> list[str]:
     """`--fast`'s settings for a device type, as the options that set them."""
     return flags(FAST_SETTINGS[device_type])

@@ -445,20 +445,24 @@ def test_fast_picks_the_fastest_settings_per_device_optimizer_and_processes():
 
 
 @pytest.mark.parametrize(
-    ("args", "expected"),
+    ("args", "expected", "name"),
     [
-        ([], {"loader": "gpu", "precision": "fp32", "compile": "none", "timing": "sync"}),
-        (["--loader", "torch"], {"loader": "torch", "precision": "fp32"}),  # given: kept
-        (["--precision", "bf16"], {"loader": "gpu", "precision": "bf16"}),
+        ([], {"loader": "gpu", "precision": "fp32", "compile": "none", "timing": "sync"},
+         "time synthetic cpu fast"),
+        (["--loader", "torch"], {"loader": "torch", "precision": "fp32"},  # given: kept
+         "time synthetic cpu"),
+        (["--precision", "bf16"], {"loader": "gpu", "precision": "bf16"},
+         "time synthetic cpu fast"),
     ],
-)
-def test_fast_on_cpu_takes_its_settings_where_no_option_is_given(cli, client, args, expected):
+)  # fmt: skip
+def test_fast_on_cpu_takes_its_settings_where_no_option_is_given(cli, client, args, expected, name):
     # Given --fast on this CPU-only machine, with or without options of its own,
     result = cli("time", *TINY_ARGS, "--epochs", "1", "--fast", *args)
-    # then the run trains, its params the settings resolved.
+    # then the run trains, its params the settings resolved, named fast where it has them all.
     assert result.exit_code == 0, result.output
     [run] = all_runs(client)
     assert {k: run.data.params[k] for k in expected} == expected
+    assert run.info.run_name == name
 
 
 def test_fast_path_options_reach_the_run_params_and_train_on_cpu(cli, client):

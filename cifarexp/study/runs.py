@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cifarexp import processes, tracking
-from cifarexp.config import CifarexpError, TrainConfig, logged_params
+from cifarexp.config import CifarexpError, TrainConfig, has_fast_settings, logged_params
 from cifarexp.study.catalogue import Labels
 from cifarexp.study.session import Session
 from cifarexp.tracking import Tracker
@@ -86,14 +86,17 @@ def run_training(
 
     Everything that can fail on bad input (device, data) fails while the training is
     built, before the run starts. The session's progress shows it (on rank 0 only). The run
-    is named `run_name`, else by `labels` and the dataset and device.
+    is named `run_name`, else by `labels`, the dataset and device, and "fast" where it has
+    every one of `--fast`'s settings.
     """
     tracker = session.tracker
     training = build_training(cfg, tracker.world)
     tags = {**labels.tags(), tracking.DATASET: cfg.dataset, **environment_tags(training.device)}
     tags[tracking.ENERGY] = energy_source(training, session)
     params = logged_params({**cfg.as_params(), **tracker.world.params(cfg)}, training.device.type)
-    name = run_name or labels.run_name(cfg.dataset, training.device.type)
+    device_type = training.device.type
+    fast = ["fast"] if has_fast_settings(cfg, device_type, several=tracker.world.joined) else []
+    name = run_name or labels.run_name(cfg.dataset, device_type, *fast)
     run = tracker.start_run(
         session.experiment_of(labels.command), run_name=name, tags=tags, params=params,
         parent=parent, training=True, about=labels.about(),
