@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -82,19 +83,33 @@ FAST_SETTINGS: dict[str, dict[str, object]] = {
 
 
 def fast_settings(
-    device_type: str, optimizer: str, *, several: bool = False, compile: str | None = None
+    device_type: str,
+    optimizer: str,
+    *,
+    several: bool = False,
+    compile: str | None = None,
+    compiles: bool | None = None,
 ) -> dict[str, object]:
     """`--fast`'s settings on a device type for an optimizer, for one process or `several`
     (under torchrun), beside a `compile` mode given: where a captured step cannot train (an
     optimizer not in GRAPHED_OPTIMIZERS, several processes, a mode that captures CUDA graphs
-    of its own) the model is compiled with CUDA graphs instead."""
+    of its own) the model is compiled with CUDA graphs instead. Where torch.compile cannot
+    build (`compiles`, by default `can_compile(device_type)`) nothing is compiled."""
     settings = dict(FAST_SETTINGS[device_type])
+    compiles = can_compile(device_type) if compiles is None else compiles
     own_graphs = compile not in (None, "none", "default")
     if settings.get("cuda_graph") and (
         several or own_graphs or optimizer not in GRAPHED_OPTIMIZERS
     ):
         settings |= {"cuda_graph": False, "compile": "reduce-overhead"}
+    if not compiles:
+        settings.pop("compile", None)
     return settings
+
+
+def can_compile(device_type: str) -> bool:
+    """Whether torch.compile can build for the device type: on CUDA it needs Triton."""
+    return device_type != "cuda" or importlib.util.find_spec("triton") is not None
 
 
 def has_fast_settings(cfg: TrainConfig, device_type: str, *, several: bool = False) -> bool:

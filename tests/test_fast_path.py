@@ -442,6 +442,12 @@ def test_fast_picks_the_fastest_settings_per_device_optimizer_and_processes():
     TrainConfig(**own).check_device("cuda")
     assert fast_settings("cuda", "sgd", compile="none")["cuda_graph"] is True
     assert fast_settings("cpu", "sgd") == {"loader": "gpu"}
+    # where torch.compile cannot build (no Triton), nothing compiled: the eager step captured,
+    # or for what a graph cannot capture, no graph
+    for optimizer, graphed in (("sgd", True), ("adam", False)):
+        settings = fast_settings("cuda", optimizer, compiles=False)
+        assert "compile" not in settings and settings["cuda_graph"] is graphed
+        TrainConfig(**settings, optimizer=optimizer).check_device("cuda")
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from cifarexp.config import (
     ConfigError,
     TrainConfig,
     UserError,
+    can_compile,
     did_you_mean,
     fast_settings,
     flag,
@@ -174,6 +175,8 @@ def training_config(ctx: typer.Context, session: Session) -> TrainConfig:
         fast = fast_settings(
             device_type, given["optimizer"], several=processes.launched(), compile=compile_mode
         )
+        if not given_compile and not can_compile(device_type):
+            session.say_once("Triton is not installed: --fast runs without --compile")
         for field, value in fast.items():
             if not _given(ctx, options[field]):
                 given[field] = value
