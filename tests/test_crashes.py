@@ -101,6 +101,23 @@ def test_our_error_wrapped_by_mlflow_mid_write_is_not_taken_for_a_failing_store(
     assert run.data.tags["cifarexp.error"] == "CifarexpError: stopped by torchrun"
 
 
+def test_a_stop_lost_inside_an_error_mlflow_raised_while_handling_it_still_kills_the_run(
+    client, tracker
+):
+    # Given a stop (Ctrl-C) arriving mid-write, and the store's code raising another error
+    # while it handled it (SQLAlchemy's rollback of the interrupted commit), which MLflow
+    # wraps: the stop is only the context of what comes out,
+    stop = processes.Interrupted(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as raised, tracker.start_run("stopped") as run_id:
+        try:
+            raise stop
+        except KeyboardInterrupt:
+            raise MlflowException("(sqlite3.OperationalError) cannot rollback") from None
+    # then the stop comes out, and the run ends KILLED, as a stop ends it.
+    assert raised.value is stop
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
 def test_a_sigterm_while_a_failed_run_is_ended_waits_until_it_is_ended(
     client, tracker, monkeypatch, stop_handlers
 ):

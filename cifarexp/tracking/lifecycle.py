@@ -30,6 +30,7 @@ from cifarexp.tracking.store import (
     Source,
     StoreFailed,
     artifact_root,
+    causes,
     locked,
     root_cause,
     shown_uri,
@@ -89,10 +90,17 @@ def start_run(
         raise
     except STORE_ERRORS as exc:
         # MLflow wraps whatever is raised inside its store calls, ours included (e.g. a
-        # signal handler's error arriving mid-write): that is not a failing store.
-        if isinstance(exc.__cause__, CifarexpError):
-            _end_failed_run(tracker, run_id, "FAILED", error=exc.__cause__)
-            raise exc.__cause__ from None
+        # signal handler's error arriving mid-write, or an error SQLAlchemy raised while
+        # handling it): that is not a failing store.
+        behind = causes(exc)
+        stop = next((e for e in behind if isinstance(e, KeyboardInterrupt)), None)
+        if stop is not None:
+            _end_failed_run(tracker, run_id, "KILLED")
+            raise stop from None
+        ours = next((e for e in behind if isinstance(e, CifarexpError)), None)
+        if ours is not None:
+            _end_failed_run(tracker, run_id, "FAILED", error=ours)
+            raise ours from None
         if run_id is None:
             raise CifarexpError(f"tracking store {shown_uri()}: {root_cause(exc)}") from None
         _end_failed_run(tracker, run_id, "FAILED")

@@ -165,14 +165,20 @@ def store_error(exc: BaseException) -> str:
     return f"the tracking store {shown_uri()} failed ({root_cause(exc)})"
 
 
-def root_cause(exc: BaseException) -> str:
-    """The first line of the deepest error behind `exc` (what SQLite or the system said, not
-    the wrapper around it: "database or disk is full", not "Query-invoked autoflush")."""
+def causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and the errors behind it, outermost first: what each wraps (SQLAlchemy's
+    `orig`), was raised from, or was raised while handling."""
     seen: list[BaseException] = []
     while exc is not None and exc not in seen:
         seen.append(exc)
         exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
-    deepest = seen[-1]
+    return seen
+
+
+def root_cause(exc: BaseException) -> str:
+    """The first line of the deepest error behind `exc` (what SQLite or the system said, not
+    the wrapper around it: "database or disk is full", not "Query-invoked autoflush")."""
+    deepest = causes(exc)[-1]
     text = deepest.message if isinstance(deepest, MlflowException) else str(deepest)
     lines = str(text).strip().splitlines()
     return f"{type(deepest).__name__}: {redact(lines[0]) if lines else ''}"
