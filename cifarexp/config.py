@@ -114,8 +114,8 @@ def can_compile(device_type: str) -> bool:
 
 def has_fast_settings(cfg: TrainConfig, device_type: str, *, several: bool = False) -> bool:
     """Whether `cfg` has every one of `--fast`'s settings for the device (its run is named
-    so), given or not."""
-    fast = fast_settings(device_type, cfg.optimizer, several=several)
+    so), given or not: the settings where torch.compile builds, the same on every machine."""
+    fast = fast_settings(device_type, cfg.optimizer, several=several, compiles=True)
     return all(getattr(cfg, field) == value for field, value in fast.items())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sqlite3
 import time
 
 import mlflow
@@ -105,14 +106,15 @@ def test_a_stop_lost_inside_an_error_mlflow_raised_while_handling_it_still_kills
     client, tracker
 ):
     # Given a stop (Ctrl-C) arriving mid-write, and the store's code raising another error
-    # while it handled it (SQLAlchemy's rollback of the interrupted commit), which MLflow
-    # wraps: the stop is only the context of what comes out,
+    # while it handled it (from SQLite's, on the rollback of the interrupted commit), which
+    # MLflow wraps: the stop is only the context of what comes out, beside its cause,
     stop = processes.Interrupted(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt) as raised, tracker.start_run("stopped") as run_id:
         try:
             raise stop
         except KeyboardInterrupt:
-            raise MlflowException("(sqlite3.OperationalError) cannot rollback") from None
+            rollback = sqlite3.OperationalError("cannot rollback - no transaction is active")
+            raise MlflowException("(sqlite3.OperationalError) cannot rollback") from rollback
     # then the stop comes out, and the run ends KILLED, as a stop ends it.
     assert raised.value is stop
     assert client.get_run(run_id).info.status == "KILLED"

@@ -2,6 +2,7 @@
 and, where there is one, on a CUDA device (marked gpu)."""
 
 import copy
+import importlib.util
 import itertools
 import logging
 import time
@@ -15,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from cifarexp import tracking
-from cifarexp.config import ConfigError, TrainConfig, fast_settings
+from cifarexp.config import ConfigError, TrainConfig, fast_settings, has_fast_settings
 from cifarexp.study.runs import warm_up_before_epoch_1
 from cifarexp.training import fastpath
 from cifarexp.training.data import (
@@ -448,6 +449,28 @@ def test_fast_picks_the_fastest_settings_per_device_optimizer_and_processes():
         settings = fast_settings("cuda", optimizer, compiles=False)
         assert "compile" not in settings and settings["cuda_graph"] is graphed
         TrainConfig(**settings, optimizer=optimizer).check_device("cuda")
+
+
+def test_fast_without_triton_compiles_nothing_says_so_and_names_its_run_by_the_full_settings(
+    cli, client, monkeypatch
+):
+    # Given a CUDA device (as the CLI resolves it) and no Triton for torch.compile,
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name)
+    )
+    monkeypatch.setattr(
+        "cifarexp.training.engine.resolve_device", lambda name: torch.device("cuda")
+    )
+    # then --fast's settings compile nothing, and a run without --compile is not named fast,
+    settings = fast_settings("cuda", "sgd")
+    assert "compile" not in settings and settings["cuda_graph"] is True
+    assert not has_fast_settings(TrainConfig(**settings), "cuda")
+    assert has_fast_settings(TrainConfig(**settings, compile="default"), "cuda")
+    # and `time --fast` says so before anything else (here, this machine's lack of CUDA).
+    result = cli("time", *TINY_ARGS, "--fast")
+    assert "Triton is not installed: --fast runs without --compile" in result.output
+    assert result.exit_code == 2, result.output
 
 
 @pytest.mark.parametrize(

@@ -166,19 +166,26 @@ def store_error(exc: BaseException) -> str:
 
 
 def causes(exc: BaseException) -> list[BaseException]:
-    """`exc` and the errors behind it, outermost first: what each wraps (SQLAlchemy's
-    `orig`), was raised from, or was raised while handling."""
-    seen: list[BaseException] = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
-    return seen
+    """`exc` and every error behind it, nearest first: what each wraps (SQLAlchemy's
+    `orig`), was raised from, and was raised while handling."""
+    found, queue = [], [exc]
+    while queue:
+        error = queue.pop(0)
+        if error is not None and error not in found:
+            found.append(error)
+            queue += [getattr(error, "orig", None), error.__cause__, error.__context__]
+    return found
 
 
 def root_cause(exc: BaseException) -> str:
     """The first line of the deepest error behind `exc` (what SQLite or the system said, not
-    the wrapper around it: "database or disk is full", not "Query-invoked autoflush")."""
-    deepest = causes(exc)[-1]
+    the wrapper around it: "database or disk is full", not "Query-invoked autoflush"),
+    following each error's first link: what it wraps, else its cause, else its context."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+    deepest = seen[-1]
     text = deepest.message if isinstance(deepest, MlflowException) else str(deepest)
     lines = str(text).strip().splitlines()
     return f"{type(deepest).__name__}: {redact(lines[0]) if lines else ''}"
