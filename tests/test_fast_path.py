@@ -398,19 +398,20 @@ def test_bad_or_cuda_only_fast_path_options_are_a_usage_error_and_leave_no_run(
 
 
 @pytest.mark.parametrize(
-    ("device", "compile_mode", "announced"),
-    [("cuda", "default", True), ("cuda", "none", False), ("cpu", "default", False)],
+    ("warms_up", "compile_mode", "announced"),
+    [(True, "default", True), (True, "none", False), (False, "default", False)],
 )
 def test_a_compiling_warm_up_is_announced_before_its_silent_seconds(
-    caplog, monkeypatch, device, compile_mode, announced
+    caplog, monkeypatch, warms_up, compile_mode, announced
 ):
-    # Given a run about to warm up on a device, compiling or not (its notices caught where
-    # the CLI's own handler would show them),
+    # Given a run about to warm up (on CUDA) or not, compiling or not (its notices caught
+    # where the CLI's own handler would show them),
     monkeypatch.setattr(logging.getLogger("cifarexp"), "handlers", [caplog.handler])
     logged = {}
     tracker = SimpleNamespace(writes=True, log_metrics=logged.update)
     cfg = TINY.replace(compile=compile_mode)
-    training = SimpleNamespace(cfg=cfg, device=torch.device(device), warm_up=lambda: 12.5)
+    warmup_s = 12.5 if warms_up else None
+    training = SimpleNamespace(cfg=cfg, warms_up=warms_up, warm_up=lambda: warmup_s)
 
     # when it warms up,
     with caplog.at_level("INFO", logger="cifarexp"):
@@ -420,7 +421,7 @@ def test_a_compiling_warm_up_is_announced_before_its_silent_seconds(
     said = [r.getMessage() for r in caplog.records]
     expected = ["Compiling the model (--compile default) in the untimed warm-up..."]
     assert said == (expected if announced else [])
-    assert logged == {"warmup_s": 12.5}
+    assert logged == ({"warmup_s": 12.5} if warms_up else {})
 
 
 def test_fast_picks_the_fastest_settings_per_device_optimizer_and_processes():

@@ -193,10 +193,9 @@ def warm_up_before_epoch_1(tracker: Tracker, training: Training) -> None:
     lazy start-up, cuDNN autotuning, compilation and graph capture, which would otherwise
     land in epoch 1's times (docs/timing.md: "Warm-up"). A compilation, the long part, is
     announced: it may take tens of seconds with an empty compile cache."""
-    cfg = training.cfg
-    compiles = training.device.type == "cuda" and cfg.warmup and cfg.compile != "none"
-    if compiles and tracker.writes:
-        log.info("Compiling the model (--compile %s) in the untimed warm-up...", cfg.compile)
+    compile_mode = training.cfg.compile
+    if training.warms_up and compile_mode != "none" and tracker.writes:
+        log.info("Compiling the model (--compile %s) in the untimed warm-up...", compile_mode)
     warmup_s = training.warm_up()
     if warmup_s is not None:
         tracker.log_metrics({"warmup_s": warmup_s})

@@ -76,10 +76,15 @@ class Training:
         images = self.world.images(self.cfg)
         return fastpath.warmup_batch_sizes(images, self.batch_size, self.cfg.max_batches)
 
+    @property
+    def warms_up(self) -> bool:
+        """Whether `warm_up` runs: on CUDA, unless cfg.warmup is off."""
+        return self.device.type == "cuda" and self.cfg.warmup
+
     def warm_up(self) -> float | None:
-        """On CUDA (unless cfg.warmup is off), `warmup.warm_up` of what this run trains, for
-        the batch sizes its epochs will see: the seconds it took; None where none runs."""
-        if self.device.type != "cuda" or not self.cfg.warmup:
+        """`warmup.warm_up` of what this run trains (where `warms_up`), for the batch sizes
+        its epochs will see: the seconds it took; None where none runs."""
+        if not self.warms_up:
             return None
         return warm_up(
             self.train_model,
