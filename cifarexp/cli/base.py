@@ -172,10 +172,15 @@ def training_config(ctx: typer.Context, session: Session) -> TrainConfig:
         device_type = resolve_device(given.get("device", "auto")).type
         given_compile = "compile" in options and _given(ctx, options["compile"])
         compile_mode = given["compile"] if given_compile else None
+        compiles = can_compile(device_type)
         fast = fast_settings(
-            device_type, given["optimizer"], several=processes.launched(), compile=compile_mode
+            device_type,
+            given["optimizer"],
+            several=processes.launched(),
+            compile=compile_mode,
+            compiles=compiles,
         )
-        if not given_compile and not can_compile(device_type):
+        if not given_compile and not compiles:
             session.say_once("Triton is not installed: --fast runs without --compile")
         for field, value in fast.items():
             if not _given(ctx, options[field]):
