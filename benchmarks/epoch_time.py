@@ -80,8 +80,7 @@ def bare_path(cfg: TrainConfig) -> Path:
 def cifarexp_path(name: str, cfg: TrainConfig, tracker: Tracker) -> Path:
     """(b), (c), (e), (g): cifarexp's engine with its warm-up, each epoch logged to the store."""
     training = build_training(cfg)
-    warmup_s = training.warm_up()
-    path = Path(name, lambda: (0.0, None), warmup_s)
+    path = Path(name, lambda: (0.0, None), training.warm_up())
 
     def log_epoch(result: EpochResult) -> None:
         start = time.perf_counter()

@@ -677,13 +677,17 @@ def test_on_cuda_the_study_path_warms_up_unless_told_not_to(cli, client, warmup)
     assert run.data.params["warmup"] == str(warmup)
 
 
+# A CUDA run of full batches and a smaller last one (1000 = 7 x 128 + 104).
+CUDA_BATCHES = ("--device", "cuda", "--train-size", "1000", "--batch-size", "128")
+
+
 @pytest.mark.gpu
 @cuda_only
 def test_on_cuda_the_fast_path_logs_warm_up_and_mfu(cli, client):
     result = cli(
         "time",
         *TINY_ARGS,
-        *("--device", "cuda", "--train-size", "1000", "--batch-size", "128"),
+        *CUDA_BATCHES,
         *("--loader", "gpu", "--precision", "bf16", "--channels-last"),
         *("--compile", "reduce-overhead", "--timing", "events"),
     )
@@ -699,12 +703,7 @@ def test_on_cuda_the_fast_path_logs_warm_up_and_mfu(cli, client):
 @cuda_only
 def test_on_cuda_fast_trains_and_profiles_the_compiled_step_captured_whole(cli, client):
     # Given --fast on CUDA, which compiles the model and captures its step whole,
-    result = cli(
-        "time",
-        *TINY_ARGS,
-        *("--device", "cuda", "--train-size", "1000", "--batch-size", "128"),
-        *("--fast", "--profile"),
-    )
+    result = cli("time", *TINY_ARGS, *CUDA_BATCHES, "--fast", "--profile")
 
     # then the run trained with those settings, said it was compiling, warmed up, and its
     # profile gave a verdict.
