@@ -7,6 +7,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,10 +51,11 @@ def warm_up(
             with compiled_shapes_only(execution) if i else contextlib.nullcontext():
                 for _ in range(steps):
                     train_step(model, criterion, optimizer, images, labels, execution)
-            if graphed and i == 0:
+            if graphed:
                 # The warm steps made the optimizer's state: the graph captures its update.
                 assert steps >= 1 and optimizer.state, "capture needs a warm step first"
-                step.capture(model, criterion, optimizer, images, labels, execution)
+                captured = model if i == 0 else getattr(model, "_orig_mod", model)
+                step.capture(captured, criterion, optimizer, images, labels, execution)
     synchronize(device)
     seconds = time.perf_counter() - start
     model.load_state_dict(saved_model)  # copies in place: parameters keep their memory
@@ -66,12 +68,13 @@ def warm_up(
 
 
 class GraphedStep:
-    """`train_step` for one batch shape as one CUDA graph: forward, loss, backward and the
-    optimizer step captured by `warm_up`, then replayed on each batch copied into the
-    graph's input tensors: one launch a step instead of hundreds of kernels. Any other
-    shape (an epoch's smaller last batch) steps eagerly, on the same parameters and state.
-    A compiled model (`--compile default`) is captured with Inductor's kernels, compiled by
-    the warm-up's steps before the capture.
+    """`train_step` as one CUDA graph per batch shape: forward, loss, backward and the
+    optimizer step captured by `warm_up` for each shape an epoch sees (the full batch, and a
+    smaller last one), then replayed on each batch copied into the graph's input tensors:
+    one launch a step instead of hundreds of kernels. A compiled model (`--compile default`)
+    is captured with Inductor's kernels, compiled by the warm-up's steps before the capture,
+    for the full batch; the last batch's graph holds the model's eager kernels (no second
+    compilation). A shape never captured steps eagerly, on the same parameters and state.
 
     Only for SGD with or without Nesterov momentum (config.GRAPHED_OPTIMIZERS), fused (its
     update one kernel; `optim.build_optimizer`): its state (the momentum buffers) is made
@@ -81,9 +84,7 @@ class GraphedStep:
     """
 
     def __init__(self) -> None:
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # the graph's images, labels
-        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # its loss, logits
+        self.graphs: dict[torch.Size, _Graph] = {}  # by the images' shape
 
     def capture(
         self,
@@ -95,16 +96,16 @@ class GraphedStep:
         execution: Execution,
     ) -> None:
         """Record one step on `images`' shape (run on a side stream after warm steps)."""
-        self.inputs = images.clone(), labels.clone()  # clone keeps the memory order
-        self.graph = torch.cuda.CUDAGraph()
+        inputs = images.clone(), labels.clone()  # clone keeps the memory order
+        graph = torch.cuda.CUDAGraph()
         optimizer.zero_grad(set_to_none=True)  # backward makes the grads in the graph's pool
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(graph):
             loss, logits = train_step(
-                model, criterion, optimizer, *self.inputs, execution, autocast_cache=False
+                model, criterion, optimizer, *inputs, execution, autocast_cache=False
             )
         # Detached (the same memory): the captured autograd graph is freed, so the eager
         # steps do not find its gradient accumulators alive on the capture's stream.
-        self.outputs = loss.detach(), logits.detach()
+        self.graphs[images.shape] = _Graph(graph, inputs, (loss.detach(), logits.detach()))
 
     def __call__(
         self,
@@ -115,15 +116,22 @@ class GraphedStep:
         labels: torch.Tensor,
         execution: Execution,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.graph is None or self.inputs is None:
+        if not self.graphs:
             raise RuntimeError("a GraphedStep trains only once warm_up has captured it")
-        if images.shape != self.inputs[0].shape:
+        captured = self.graphs.get(images.shape)
+        if captured is None:
             return train_step(model, criterion, optimizer, images, labels, execution)
-        self.inputs[0].copy_(images)
-        self.inputs[1].copy_(labels)
-        self.graph.replay()
-        assert self.outputs is not None
-        return self.outputs
+        captured.inputs[0].copy_(images)
+        captured.inputs[1].copy_(labels)
+        captured.graph.replay()
+        return captured.outputs
+
+
+@dataclass(frozen=True)
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, torch.Tensor]  # the images and labels it reads
+    outputs: tuple[torch.Tensor, torch.Tensor]  # the loss and logits it writes
 
 
 @contextlib.contextmanager
