@@ -50,9 +50,10 @@ for part in "${@:-core}"; do case "$part" in
     run fast1_warm python3 -m cifarexp time "${FULL[@]}" --epochs 1 --fast
     unset TORCHINDUCTOR_CACHE_DIR
     ;;
-  fast-probes)  # the step's candidate variants, each in its own process; the harness's
-    # overhead against a bare loop
+  fast-probes)  # the step's candidate variants, each in its own process; the parts of a
+    # --fast epoch over its floor; the harness's overhead against a bare loop
     run step_probe timeout 500 python3 benchmarks/step_probe.py --timeout 240
+    run epoch_parts timeout 200 python3 benchmarks/epoch_parts.py --rounds 5 --profile
     run overhead timeout 120 python3 benchmarks/overhead.py --train-size 50000 --workers 8 --rounds 5
     ;;
   lab)  # the full lab into its own store, its report (with the reference column), and the
