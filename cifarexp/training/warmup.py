@@ -54,6 +54,8 @@ def warm_up(
             if graphed:
                 # The warm steps made the optimizer's state: the graph captures its update.
                 assert steps >= 1 and optimizer.state, "capture needs a warm step first"
+                # Other sizes: the eager module inside torch.compile's wrapper (`_orig_mod`),
+                # whose kernels need no second compilation.
                 captured = model if i == 0 else getattr(model, "_orig_mod", model)
                 step.capture(captured, criterion, optimizer, images, labels, execution)
     synchronize(device)
