@@ -1,18 +1,19 @@
 """Where the fast path's epoch goes beyond its floor: the parts of an epoch added one at a
-time to the floor, on one `--fast` training (one compilation), alternated in rounds
+time to the floor, on one warmed-up `--fast` training, alternated in rounds
 (docs/results.md: "Where the fast path's last 8% goes").
 
   floor     the captured step replayed on one fixed batch, `len(loader)` times (epoch_time's f)
   augment   the GPU loader alone: each batch shuffled, cropped, flipped and normalised
   +step     each augmented batch trained by the captured step
   -last     the same without the epoch's smaller last batch
-  +stats    with each step's [loss, images right] kept on the device, as the engine keeps them
+  +stats    with each step's [loss, images right] kept on the device (`engine.batch_stats`)
   engine    `engine.train`, events timing (wall, and the epoch_time_s it reports)
   augment*, +step*, engine*: the same with the augmentation torch.compile'd (fixed shapes)
 
 Each part ends with one wait for the device; its time is the wall clock from its start.
-Printed: each part's median over the rounds, its difference from the one before, and with
---profile one profiled engine epoch: the device's busy time and its costliest kernels.
+Printed: each part's median over the rounds, its difference from the part it adds to or
+varies, and with --profile one profiled engine epoch: the device's busy time and its
+costliest kernels.
 
     python benchmarks/epoch_parts.py --rounds 5 --profile          # on the GPU machine
     python benchmarks/epoch_parts.py --device cpu --train-size 256 --rounds 1
@@ -28,12 +29,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
+from epoch_time import fixed_batch_epoch  # (d), (f)'s floor: the step on one fixed batch
 from torch import nn
 
 from cifarexp.config import TrainConfig, fast_settings
 from cifarexp.training import gpu_loader
 from cifarexp.training.build import Training, build_training
-from cifarexp.training.engine import synchronize
+from cifarexp.training.engine import batch_stats, synchronize
 
 Part = Callable[[], float | None]  # one epoch of a part; the epoch_time_s it logged, if any
 
@@ -41,14 +43,9 @@ Part = Callable[[], float | None]  # one epoch of a part; the epoch_time_s it lo
 def parts(training: Training, compiled_augment: Callable) -> dict[str, tuple[Part, str | None]]:
     model, optimizer = training.train_model, training.optimizer
     execution, criterion = training.execution, nn.CrossEntropyLoss()
-    fixed = next(iter(training.loader))
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return training.step(model, criterion, optimizer, images, labels, execution)
-
-    def floor() -> None:
-        for _ in range(len(training.loader)):
-            step(*fixed)
 
     def augment() -> None:
         for _ in training.loader:
@@ -61,9 +58,7 @@ def parts(training: Training, compiled_augment: Callable) -> dict[str, tuple[Par
                 break
             loss, logits = step(images, labels)
             if stats:
-                kept.append(
-                    torch.stack([loss.detach().float(), (logits.argmax(1) == labels).sum().float()])
-                )
+                kept.append(batch_stats(loss, logits, labels))
         if kept:
             torch.stack(kept).tolist()
 
@@ -79,7 +74,7 @@ def parts(training: Training, compiled_augment: Callable) -> dict[str, tuple[Par
         return run
 
     return {  # name: (one epoch of it, the part it is compared with)
-        "floor": (floor, None),
+        "floor": (fixed_batch_epoch(training), None),
         "augment": (augment, None),
         "+step": (trained, "floor"),
         "-last": (lambda: trained(limit=len(training.loader) - 1), "+step"),

@@ -50,7 +50,7 @@ from torch import nn
 
 from cifarexp.config import TrainConfig, fast_settings
 from cifarexp.tracking import Tracker
-from cifarexp.training.build import build_training
+from cifarexp.training.build import Training, build_training
 from cifarexp.training.engine import EpochResult, synchronize
 
 Epoch = Callable[[], tuple[float, float | None]]  # one epoch: (seconds, train accuracy)
@@ -103,18 +103,29 @@ def floor_path(name: str, cfg: TrainConfig) -> Path:
     timing of its own, one wait at the end."""
     training = build_training(cfg)
     warmup_s = training.warm_up()
-    images, labels = next(iter(training.loader))
-    criterion, steps = nn.CrossEntropyLoss(), len(training.loader)
-    model, optimizer, execution = training.train_model, training.optimizer, training.execution
+    replay = fixed_batch_epoch(training)
 
     def epoch() -> tuple[float, None]:
         start = time.perf_counter()
-        for _ in range(steps):
-            training.step(model, criterion, optimizer, images, labels, execution)
+        replay()
         synchronize(training.device)
         return time.perf_counter() - start, None
 
     return Path(name, epoch, warmup_s)
+
+
+def fixed_batch_epoch(training: Training) -> Callable[[], None]:
+    """An epoch's worth of steps (`len(loader)`) of a warmed-up training, each on the
+    loader's first batch, already on the device; queued, not waited for."""
+    images, labels = next(iter(training.loader))
+    criterion, steps = nn.CrossEntropyLoss(), len(training.loader)
+    model, optimizer, execution = training.train_model, training.optimizer, training.execution
+
+    def epoch() -> None:
+        for _ in range(steps):
+            training.step(model, criterion, optimizer, images, labels, execution)
+
+    return epoch
 
 
 def described(settings: dict[str, object]) -> str:

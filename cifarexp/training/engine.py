@@ -154,6 +154,12 @@ class Execution:
         return self.flops_per_image * images / seconds / self.peak_flops
 
 
+def batch_stats(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[loss, how many of the batch's images the logits got right] of one step, as float32
+    on its device."""
+    return torch.stack([loss.detach().float(), (logits.argmax(1) == labels).sum().float()])
+
+
 def random_batch(
     size: int, device: torch.device, execution: Execution, generator: torch.Generator
 ) -> Batch:
@@ -272,9 +278,7 @@ def train_one_epoch(
         train_time += ends[-1] - compute_start
 
         n = labels.size(0)
-        batch_loss, batch_correct = torch.stack(
-            [loss.detach().float(), (logits.argmax(1) == labels).sum().float()]
-        ).tolist()
+        batch_loss, batch_correct = batch_stats(loss, logits, labels).tolist()
         loss_sum += batch_loss * n
         correct += int(batch_correct)
         seen += n
@@ -360,9 +364,7 @@ def _train_one_epoch_events(
         start = _event(stream)
         loss, logits = step(model, criterion, optimizer, images, labels, execution)
         marks.append((asked, ready, start, _event(stream)))
-        stats.append(
-            torch.stack([loss.detach().float(), (logits.argmax(1) == labels).sum().float()])
-        )
+        stats.append(batch_stats(loss, logits, labels))
         sizes.append(labels.size(0))
         if max_batches is not None and index + 1 >= max_batches:
             break
