@@ -30,6 +30,7 @@ from cifarexp.training.data import (
 from cifarexp.training.engine import (
     EpochResult,
     Execution,
+    compiled_for_shapes,
     compiled_shapes_only,
     train,
     train_one_epoch,
@@ -67,12 +68,17 @@ def unnormalize(images: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------- GPU augmentation
 
 
+on_cuda = [pytest.mark.gpu, cuda_only]
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda_only])]
-)
+    "device, compiled",
+    [("cpu", False), pytest.param("cuda", False, marks=on_cuda),
+     pytest.param("cuda", True, marks=on_cuda, id="cuda-compiled")],
+)  # fmt: skip
 def test_gpu_augmentation_is_torchvisions_pixel_for_pixel_for_every_offset_and_flip(
-    device, channels_last
+    device, compiled, channels_last
 ):
     images, _ = synthetic_arrays(2, seed=0, train=True)
     padded = pad_images(torch.from_numpy(images).to(device))
@@ -83,9 +89,8 @@ def test_gpu_augmentation_is_torchvisions_pixel_for_pixel_for_every_offset_and_f
     )
     offsets = torch.stack([tops, lefts], dim=1)
 
-    ours = crop_flip_normalize(
-        padded, index, offsets, flips, mean, std, channels_last=channels_last
-    )
+    augment = compiled_for_shapes(crop_flip_normalize) if compiled else crop_flip_normalize
+    ours = augment(padded, index, offsets, flips, mean, std, channels_last=channels_last)
 
     for got, (i, top, left, flip) in zip(ours, cases, strict=True):
         image = TF.crop(TF.pad(Image.fromarray(images[i]), 4), top, left, 32, 32)
@@ -140,6 +145,21 @@ def test_gpu_loader_visits_every_image_once_per_epoch_with_its_label():
         assert torch.equal(torch.cat([labels for _, labels in batches]), index % 10)
         epochs.append(index)
     assert len(loader) == 4 and not torch.equal(epochs[0], epochs[1])  # reshuffled each epoch
+
+
+def test_gpu_loader_warm_up_augments_each_batch_size_and_draws_nothing():
+    # Given two loaders of one set and seed, one of them warmed up for its two batch sizes,
+    images, labels = synthetic_arrays(40, seed=0, train=True)
+    warmed, fresh = (loader_for(images, labels, batch_size=16) for _ in range(2))
+    calls = []
+    augment = warmed.augment
+    warmed.augment = lambda *args, **kwargs: calls.append(len(args[1])) or augment(*args, **kwargs)
+    warmed.warm_up([16, 8])
+
+    # then it augmented one batch of each size, and its epochs are the other's, batch for batch.
+    assert calls == [16, 8]
+    for (a, a_labels), (b, b_labels) in zip(warmed, fresh, strict=True):
+        assert torch.equal(a, b) and torch.equal(a_labels, b_labels)
 
 
 # ----------------------------------------------------------------- engine

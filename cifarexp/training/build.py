@@ -8,6 +8,7 @@ directly.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -82,18 +83,25 @@ class Training:
         return self.device.type == "cuda" and self.cfg.warmup
 
     def warm_up(self) -> float | None:
-        """`warmup.warm_up` of what this run trains (where `warms_up`), for the batch sizes
-        its epochs will see: the seconds it took; None where none runs."""
+        """`warmup.warm_up` of what this run trains (where `warms_up`), and the GPU loader's
+        augmentation, for the batch sizes its epochs will see: the seconds it took; None
+        where none runs."""
         if not self.warms_up:
             return None
-        return warm_up(
+        sizes = self.warmup_batch_sizes()
+        start = time.perf_counter()
+        if isinstance(self.loader, GpuLoader):
+            self.loader.warm_up(sizes)  # a compiled augmentation compiles here
+        loader_s = time.perf_counter() - start
+        model_s = warm_up(
             self.train_model,
             self.optimizer,
             self.device,
-            batch_sizes=self.warmup_batch_sizes(),
+            batch_sizes=sizes,
             execution=self.execution,
             step=self.step,
         )
+        return loader_s + model_s
 
     def train(
         self,
@@ -188,6 +196,7 @@ def train_loader(
             seed=cfg.seed,
             channels_last=cfg.channels_last,
             shard=(world.rank, world.world_size),
+            compiled=cfg.compile != "none",
         )
     return distributed.shard(
         lambda sampler: make_loader(local, train_set, train=True, sampler=sampler),

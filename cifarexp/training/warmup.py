@@ -34,9 +34,9 @@ def warm_up(
 ) -> float:
     """Untimed training steps on random data, `steps` per batch size (the full one first),
     then the model and optimizer put back exactly as they were: cuDNN autotuning, CUDA's
-    lazy start-up, compilation of the full batch's shape, CUDA-graph capture (3 calls) and
-    a `GraphedStep`'s capture happen here, never in an epoch. Returns the seconds it took
-    (a run's warmup_s)."""
+    lazy start-up, compilation of the full batch's shape (and of `Execution.batch_stats`
+    for each size), CUDA-graph capture (3 calls) and a `GraphedStep`'s capture happen here,
+    never in an epoch. Returns the seconds it took (a run's warmup_s)."""
     saved_model = copy.deepcopy(model.state_dict())
     saved_optimizer = copy.deepcopy(optimizer.state_dict())
     criterion = nn.CrossEntropyLoss()
@@ -50,7 +50,10 @@ def warm_up(
             # The first size compiles; the others run as the epochs will run them.
             with compiled_shapes_only(execution) if i else contextlib.nullcontext():
                 for _ in range(steps):
-                    train_step(model, criterion, optimizer, images, labels, execution)
+                    loss, logits = train_step(
+                        model, criterion, optimizer, images, labels, execution
+                    )
+            execution.batch_stats(loss, logits, labels)  # compiled here, for this size
             if graphed:
                 # The warm steps made the optimizer's state: the graph captures its update.
                 assert steps >= 1 and optimizer.state, "capture needs a warm step first"
