@@ -6,9 +6,9 @@ time to the floor, on one warmed-up `--fast` training, alternated in rounds
   augment   the GPU loader alone: each batch shuffled, cropped, flipped and normalised
   +step     each augmented batch trained by the captured step
   -last     the same without the epoch's smaller last batch
-  +stats    with each step's [loss, images right] kept on the device (`engine.batch_stats`)
+  +stats    with each step's [loss, images right] kept on the device (`Execution.batch_stats`)
   engine    `engine.train`, events timing (wall, and the epoch_time_s it reports)
-  augment*, +step*, engine*: the same with the augmentation torch.compile'd (fixed shapes)
+  augment*, +step*, engine*: the same with the augmentation eager (--fast compiles it on CUDA)
 
 Each part ends with one wait for the device; its time is the wall clock from its start.
 Printed: each part's median over the rounds, its difference from the part it adds to or
@@ -35,12 +35,12 @@ from torch import nn
 from cifarexp.config import TrainConfig, fast_settings
 from cifarexp.training import gpu_loader
 from cifarexp.training.build import Training, build_training
-from cifarexp.training.engine import batch_stats, synchronize
+from cifarexp.training.engine import synchronize
 
 Part = Callable[[], float | None]  # one epoch of a part; the epoch_time_s it logged, if any
 
 
-def parts(training: Training, compiled_augment: Callable) -> dict[str, tuple[Part, str | None]]:
+def parts(training: Training, eager_augment: Callable) -> dict[str, tuple[Part, str | None]]:
     model, optimizer = training.train_model, training.optimizer
     execution, criterion = training.execution, nn.CrossEntropyLoss()
 
@@ -58,7 +58,7 @@ def parts(training: Training, compiled_augment: Callable) -> dict[str, tuple[Par
                 break
             loss, logits = step(images, labels)
             if stats:
-                kept.append(batch_stats(loss, logits, labels))
+                kept.append(execution.batch_stats(loss, logits, labels))
         if kept:
             torch.stack(kept).tolist()
 
@@ -66,9 +66,9 @@ def parts(training: Training, compiled_augment: Callable) -> dict[str, tuple[Par
         (result,) = training.train(lambda result: None, epochs=1)
         return result.epoch_time_s
 
-    def compiled(part: Part) -> Part:
+    def eager(part: Part) -> Part:
         def run() -> float | None:
-            with swapped_augment(compiled_augment):
+            with swapped_augment(training.loader, eager_augment):
                 return part()
 
         return run
@@ -80,21 +80,21 @@ def parts(training: Training, compiled_augment: Callable) -> dict[str, tuple[Par
         "-last": (lambda: trained(limit=len(training.loader) - 1), "+step"),
         "+stats": (lambda: trained(stats=True), "+step"),
         "engine": (engine, "+stats"),
-        "augment*": (compiled(augment), "augment"),
-        "+step*": (compiled(trained), "+step"),
-        "engine*": (compiled(engine), "engine"),
+        "augment*": (eager(augment), "augment"),
+        "+step*": (eager(trained), "+step"),
+        "engine*": (eager(engine), "engine"),
     }
 
 
 @contextlib.contextmanager
-def swapped_augment(augment: Callable) -> Iterator[None]:
+def swapped_augment(loader: gpu_loader.GpuLoader, augment: Callable) -> Iterator[None]:
     """The GPU loader's augmentation replaced by `augment` inside."""
-    plain = gpu_loader.crop_flip_normalize
-    gpu_loader.crop_flip_normalize = augment
+    own = loader.augment
+    loader.augment = augment
     try:
         yield
     finally:
-        gpu_loader.crop_flip_normalize = plain
+        loader.augment = own
 
 
 def profiled_epoch(part: Part, device: torch.device, top: int) -> None:
@@ -136,15 +136,8 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = TrainConfig(dataset="synthetic", train_size=args.train_size, device=args.device, seed=0)
     training = build_training(cfg.replace(**fast_settings(device.type, cfg.optimizer)))
-    warmup_s = training.warm_up()
-    compiled_augment = (
-        torch.compile(gpu_loader.crop_flip_normalize, dynamic=False)
-        if device.type == "cuda"
-        else gpu_loader.crop_flip_normalize
-    )
-    epochs = parts(training, compiled_augment)
-    with swapped_augment(compiled_augment):  # compiles the augmentation for both batch sizes
-        epochs["augment"][0]()
+    warmup_s = training.warm_up()  # compiles the loader's augmentation on CUDA
+    epochs = parts(training, gpu_loader.crop_flip_normalize)
     walls: dict[str, list[float]] = {name: [] for name in epochs}
     logged: dict[str, list[float]] = {}
     for r in range(1, args.rounds + 1):
