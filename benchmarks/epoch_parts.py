@@ -1,5 +1,5 @@
 """Where the fast path's epoch goes beyond its floor: the parts of an epoch added one at a
-time to the floor, on one warmed-up `--fast` training, alternated in rounds
+time to the floor, on one `--fast` training (compiled in its warm-up), alternated in rounds
 (docs/results.md: "Where the fast path's last 8% goes").
 
   floor     the captured step replayed on one fixed batch, `len(loader)` times (epoch_time's f)
@@ -11,6 +11,7 @@ time to the floor, on one warmed-up `--fast` training, alternated in rounds
   augment*, +step*, engine*: the same with the augmentation eager (--fast compiles it on CUDA)
 
 Each part ends with one wait for the device; its time is the wall clock from its start.
+Every part runs as the engine runs an epoch: only what the warm-up compiled is compiled.
 Printed: each part's median over the rounds, its difference from the part it adds to or
 varies, and with --profile one profiled engine epoch: the device's busy time and its
 costliest kernels.
@@ -35,7 +36,7 @@ from torch import nn
 from cifarexp.config import TrainConfig, fast_settings
 from cifarexp.training import gpu_loader
 from cifarexp.training.build import Training, build_training
-from cifarexp.training.engine import synchronize
+from cifarexp.training.engine import compiled_shapes_only, synchronize
 
 Part = Callable[[], float | None]  # one epoch of a part; the epoch_time_s it logged, if any
 
@@ -144,7 +145,8 @@ def main() -> None:
         for name, (part, _) in epochs.items():
             synchronize(device)
             start = time.perf_counter()
-            reported = part()
+            with compiled_shapes_only(training.execution):
+                reported = part()
             synchronize(device)
             walls[name].append(time.perf_counter() - start)
             if reported is not None:

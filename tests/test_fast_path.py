@@ -18,7 +18,8 @@ from torch import nn
 from cifarexp import tracking
 from cifarexp.config import ConfigError, TrainConfig, fast_settings, has_fast_settings
 from cifarexp.study.runs import warm_up_before_epoch_1
-from cifarexp.training import fastpath
+from cifarexp.training import engine, fastpath
+from cifarexp.training.build import build_training
 from cifarexp.training.data import (
     MEAN,
     STD,
@@ -553,12 +554,14 @@ def test_on_cuda_an_events_epoch_never_waits_for_the_device_before_its_end(
     cfg = TINY.replace(train_size=1000, batch_size=128, device="cuda", loader="gpu")
     cfg = cfg.replace(precision="bf16", channels_last=True, compile=compile_mode, timing="events")
     loader = GpuLoader(
-        load_split(cfg, train=True), batch_size=128, device=device, seed=0, channels_last=True
-    )
+        load_split(cfg, train=True), batch_size=128, device=device, seed=0, channels_last=True,
+        compiled=compile_mode != "none",
+    )  # fmt: skip
     model = build_model().to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer("sgd", model.parameters())
     execution = fastpath.execution(cfg, model, device)
     compiled = fastpath.compile_model(model, compile_mode)
+    loader.warm_up([128, 104])
     warm_up(compiled, optimizer, device, batch_sizes=[128, 104], execution=execution)
 
     # when an epoch runs with any host-device synchronisation an error, until its one wait,
@@ -717,6 +720,24 @@ def test_on_cuda_the_fast_path_logs_warm_up_and_mfu(cli, client):
     assert metrics["warmup_s"] > 0 and metrics["train_time_s"] > 0
     name = torch.cuda.get_device_name().lower()
     assert ("mfu" in metrics) == any(fragment in name for fragment, _ in fastpath.PEAK_FLOPS)
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_on_cuda_a_warmed_fast_epoch_runs_only_what_the_warm_up_compiled(monkeypatch):
+    # Given --fast on CUDA (the model, the augmentation and each step's stats compiled), warmed
+    # up for its two batch sizes (1000 = 7 x 128 + 104), its epochs made to fail on any
+    # recompilation instead of running a new shape eagerly,
+    cfg = TINY.replace(train_size=1000, batch_size=128, device="cuda")
+    training = build_training(cfg.replace(**fast_settings("cuda", cfg.optimizer)))
+    training.warm_up()
+    monkeypatch.setattr(
+        engine, "compiled_shapes_only", lambda _: torch.compiler.set_stance("fail_on_recompile")
+    )
+
+    # when it trains an epoch, then nothing compiled in the warm-up compiles again.
+    (result,) = training.train(lambda result: None, epochs=1)
+    assert result.images == 1000 and result.train_time_s > 0
 
 
 @pytest.mark.gpu

@@ -153,10 +153,10 @@ class Execution:
     ) -> torch.Tensor:
         """[loss, images right] of one step, on its device; with a compiled model, compiled
         too (one kernel where eager runs five: for each of an epoch's steps). `warm_up`
-        compiles it per batch size."""
-        return (compiled_for_shapes(batch_stats) if self.compiled else batch_stats)(
-            loss, logits, labels
-        )
+        compiles it per batch size. Detached first: a captured step's outputs are, and the
+        compiled code is specialised to whether its inputs require grad."""
+        stats = compiled_for_shapes(batch_stats) if self.compiled else batch_stats
+        return stats(loss.detach(), logits.detach(), labels)
 
     def mfu(self, images: int, seconds: float) -> float | None:
         """Model FLOPs utilisation of `images` trained in `seconds`; None where unknown."""
@@ -167,7 +167,7 @@ class Execution:
 
 def batch_stats(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[loss, how many of the batch's images the logits got right], as float32."""
-    return torch.stack([loss.detach().float(), (logits.argmax(1) == labels).sum().float()])
+    return torch.stack([loss.float(), (logits.argmax(1) == labels).sum().float()])
 
 
 @functools.cache
