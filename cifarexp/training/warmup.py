@@ -50,10 +50,11 @@ def warm_up(
             # The first size compiles; the others run as the epochs will run them.
             with compiled_shapes_only(execution) if i else contextlib.nullcontext():
                 for _ in range(steps):
-                    loss, logits = train_step(
-                        model, criterion, optimizer, images, labels, execution
-                    )
-            execution.batch_stats(loss, logits, labels)  # compiled here, for this size
+                    outputs = train_step(model, criterion, optimizer, images, labels, execution)
+            execution.batch_stats(*outputs, labels)  # compiled here, for this size
+            # Freed before the capture: the loss's autograd graph holds the gradient
+            # accumulators, which the captured backward would find alive on another stream.
+            del outputs
             if graphed:
                 # The warm steps made the optimizer's state: the graph captures its update.
                 assert steps >= 1 and optimizer.state, "capture needs a warm step first"
