@@ -1,6 +1,6 @@
 """Where the fast path's epoch goes beyond its floor: the parts of an epoch added one at a
 time to the floor, on one `--fast` training (compiled in its warm-up), alternated in rounds
-(docs/results.md: "Where the fast path's last 8% goes").
+(docs/results.md: "Where the fast path's last percent goes").
 
   floor     the captured step replayed on one fixed batch, `len(loader)` times (epoch_time's f)
   augment   the GPU loader alone: each batch shuffled, cropped, flipped and normalised
