@@ -250,6 +250,13 @@ def test_warm_up_leaves_model_optimizer_and_rng_as_they_were():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+def test_a_warm_up_of_no_steps_is_refused():
+    model = small_model()
+    optimizer = build_optimizer("sgd", model.parameters())
+    with pytest.raises(ValueError, match="at least one step"):
+        warm_up(model, optimizer, CPU, batch_sizes=[2], steps=0)
+
+
 @pytest.mark.parametrize("name", ["sgd", "nesterov"])
 def test_the_fused_sgd_of_a_captured_step_trains_as_the_studys_sgd_even_from_a_zeroed_state(
     name,

@@ -37,6 +37,8 @@ def warm_up(
     lazy start-up, compilation of the full batch's shape (and of `Execution.batch_stats`
     for each size), CUDA-graph capture (3 calls) and a `GraphedStep`'s capture happen here,
     never in an epoch. Returns the seconds it took (a run's warmup_s)."""
+    if steps < 1:
+        raise ValueError(f"a warm-up takes at least one step per batch size, not {steps}")
     saved_model = copy.deepcopy(model.state_dict())
     saved_optimizer = copy.deepcopy(optimizer.state_dict())
     criterion = nn.CrossEntropyLoss()
@@ -57,7 +59,7 @@ def warm_up(
             del outputs
             if graphed:
                 # The warm steps made the optimizer's state: the graph captures its update.
-                assert steps >= 1 and optimizer.state, "capture needs a warm step first"
+                assert optimizer.state, "capture needs the optimizer's state"
                 # Other sizes: the eager module inside torch.compile's wrapper (`_orig_mod`),
                 # whose kernels need no second compilation.
                 captured = model if i == 0 else getattr(model, "_orig_mod", model)
