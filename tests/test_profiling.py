@@ -267,7 +267,7 @@ FAST = TINY.replace(
          "host's launches, 5% for copies, 5% for data; the epochs waited 3% of their time for "
          "data (0 workers); try `cifarexp time --fast` (--loader gpu --precision bf16 "
          "--channels-last --compile default --cuda-graph --timing events; the fast path with it "
-         "took 1.01 s per epoch on an H200, the standard path 5.11 s)"),
+         "took 0.94 s per epoch on an H200, the standard path 5.36 s)"),
         (GPU_STEP, "cuda", TINY.replace(optimizer="adam"), Epochs(0.03),
          "host-launch-bound: in the profiled steps the GPU computed 40%, waited 50% for the "
          "host's launches, 5% for copies, 5% for data; the epochs waited 3% of their time for "
@@ -292,7 +292,7 @@ FAST = TINY.replace(
          "for the host's launches, 5% for copies, 5% for data; the epochs waited 5% of their "
          "time for data (0 workers); try `cifarexp time --fast` (--loader gpu --precision bf16 "
          "--channels-last --compile default --cuda-graph --timing events; the fast path with it "
-         "took 1.01 s per epoch on an H200"),
+         "took 0.94 s per epoch on an H200"),
         ({"data_wait": 0.0, "host": 0.1, "copy": 0.0, "compute": 0.9}, "cuda", FAST, Epochs(0.0),
          "compute-bound: in the profiled steps the GPU computed 90%, waited 10% for the host's "
          "launches, 0% for copies, 0% for data; the epochs waited 0% of their time for data "

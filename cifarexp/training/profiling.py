@@ -90,9 +90,9 @@ KERNEL_CLASSES = (
 )
 # What this tool's settings measured on one H200 (docs/results.md), for the verdict's advice.
 MEASURED = {
-    "fast": "the fast path with it took 1.01 s per epoch on an H200, the standard path 5.11 s",
-    "cuda_graph": "the fast path with it took 1.19 s per epoch on an H200, the standard path "
-    "5.11 s",
+    "fast": "the fast path with it took 0.94 s per epoch on an H200, the standard path 5.36 s",
+    "cuda_graph": "the fast path with it took 1.15 s per epoch on an H200, the standard path "
+    "5.36 s",
     "compile": "the fast path with it took 1.94 s per epoch on an H200",
     "batch_size": "on an H200 the whole step took 2.06 ms per 128 images at batch 512, 2.95 ms "
     "at 128",
