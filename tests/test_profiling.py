@@ -273,7 +273,7 @@ FAST = TINY.replace(
          "host's launches, 5% for copies, 5% for data; the epochs waited 3% of their time for "
          "data (0 workers); try `cifarexp time --fast` (--loader gpu --precision bf16 "
          "--channels-last --compile reduce-overhead --timing events; the fast path with it took "
-         "1.94 s per epoch on an H200)"),
+         "1.52 s per epoch on an H200)"),
         # one setting short of --fast: that setting
         (GPU_STEP, "cuda", FAST, Epochs(0.0),
          "host-launch-bound: in the profiled steps the GPU computed 40%, waited 50% for the "
