@@ -148,17 +148,20 @@ def test_gpu_loader_visits_every_image_once_per_epoch_with_its_label():
     assert len(loader) == 4 and not torch.equal(epochs[0], epochs[1])  # reshuffled each epoch
 
 
-def test_gpu_loader_warm_up_augments_each_batch_size_and_draws_nothing():
+def test_gpu_loader_warm_up_makes_a_batch_of_each_size_from_its_own_draws():
     # Given two loaders of one set and seed, one of them warmed up for its two batch sizes,
     images, labels = synthetic_arrays(40, seed=0, train=True)
     warmed, fresh = (loader_for(images, labels, batch_size=16) for _ in range(2))
-    calls = []
-    augment = warmed.augment
+    calls, generators = [], []
+    augment, draw = warmed.augment, warmed.draw
     warmed.augment = lambda *args, **kwargs: calls.append(len(args[1])) or augment(*args, **kwargs)
+    warmed.draw = lambda generator: generators.append(generator) or draw(generator)
     warmed.warm_up([16, 8])
 
-    # then it augmented one batch of each size, and its epochs are the other's, batch for batch.
+    # then it drew once, from a generator of its own, and made one batch of each size as an
+    # epoch does; and its epochs are the other's, batch for batch.
     assert calls == [16, 8]
+    assert len(generators) == 1 and generators[0] is not warmed.generator
     for (a, a_labels), (b, b_labels) in zip(warmed, fresh, strict=True):
         assert torch.equal(a, b) and torch.equal(a_labels, b_labels)
 

@@ -108,40 +108,41 @@ class GpuLoader:
         return -(-len(self.positions) // self.batch_size)
 
     def warm_up(self, batch_sizes: list[int]) -> None:
-        """Augments one batch of each size, drawing nothing: a compiled augmentation compiles
-        here, before the epochs."""
-        device = self.labels.device
+        """Makes one batch of each size as an epoch makes it, from a scratch generator (the
+        epochs' draws stay as they are): the drawing and indexing kernels load, and a compiled
+        augmentation compiles, here, before the epochs."""
+        draws = self.draw(torch.Generator(self.labels.device).manual_seed(0))
         for size in batch_sizes:
-            offsets = torch.zeros(size, 2, dtype=torch.long, device=device)
-            flips = torch.zeros(size, dtype=torch.bool, device=device)
-            index = torch.arange(size, device=device)
-            self.augment(
-                self.padded, index, offsets, flips, self.mean, self.std,
-                channels_last=self.channels_last,
-            )  # fmt: skip
+            self.batch(*draws, slice(0, size))
 
-    def draw(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        """One epoch's randomness: a permutation, n x 2 crop offsets in 0..8, n flips."""
-        device, g = self.labels.device, self.generator
-        order = torch.randperm(n, device=device, generator=g)
-        offsets = torch.randint(0, 2 * PADDING + 1, (n, 2), device=device, generator=g)
-        flips = torch.rand(n, device=device, generator=g) < 0.5
+    def draw(self, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """One epoch's randomness for this rank's positions: a permutation of the set's
+        images, crop offsets in 0..8 (n x 2) and flips (n)."""
+        n, device = len(self.labels), self.labels.device
+        order = torch.randperm(n, device=device, generator=generator)
+        offsets = torch.randint(0, 2 * PADDING + 1, (n, 2), device=device, generator=generator)
+        flips = torch.rand(n, device=device, generator=generator) < 0.5
+        if self.sharded:
+            return order[self.positions], offsets[self.positions], flips[self.positions]
         return order, offsets, flips
 
+    def batch(
+        self, order: Tensor, offsets: Tensor, flips: Tensor, batch: slice
+    ) -> tuple[Tensor, Tensor]:
+        """The batch of positions `batch` of an epoch's draws: (images, labels)."""
+        index = order[batch]
+        images = self.augment(
+            self.padded,
+            index,
+            offsets[batch],
+            flips[batch],
+            self.mean,
+            self.std,
+            channels_last=self.channels_last,
+        )
+        return images, self.labels[index]
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        order, offsets, flips = self.draw(len(self.labels))
-        if self.sharded:
-            order, offsets, flips = (x[self.positions] for x in (order, offsets, flips))
-        for start in range(0, len(order), self.batch_size):
-            index = order[start : start + self.batch_size]
-            batch = slice(start, start + len(index))
-            images = self.augment(
-                self.padded,
-                index,
-                offsets[batch],
-                flips[batch],
-                self.mean,
-                self.std,
-                channels_last=self.channels_last,
-            )
-            yield images, self.labels[index]
+        draws = self.draw(self.generator)
+        for start in range(0, len(draws[0]), self.batch_size):
+            yield self.batch(*draws, slice(start, start + self.batch_size))
