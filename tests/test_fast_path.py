@@ -166,6 +166,14 @@ def test_gpu_loader_warm_up_makes_a_batch_of_each_size_from_its_own_draws():
         assert torch.equal(a, b) and torch.equal(a_labels, b_labels)
 
 
+def test_gpu_loader_refuses_a_warm_up_batch_larger_than_its_epoch():
+    # Given a loader of 10 images, when asked to warm up a batch of 16 (which an epoch would
+    # cut to 10), then it refuses, naming both numbers.
+    images, labels = synthetic_arrays(10, seed=0, train=True)
+    with pytest.raises(ValueError, match="batch of 16 from 10 images"):
+        loader_for(images, labels, batch_size=16).warm_up([16])
+
+
 # ----------------------------------------------------------------- engine
 
 

@@ -110,14 +110,19 @@ class GpuLoader:
     def warm_up(self, batch_sizes: list[int]) -> None:
         """Makes one batch of each size as an epoch makes it, from a scratch generator (the
         epochs' draws stay as they are): the drawing and indexing kernels load, and a compiled
-        augmentation compiles, here, before the epochs."""
+        augmentation compiles, here, before the epochs. A size larger than an epoch's
+        positions is refused (its batch would be cut short)."""
+        if max(batch_sizes, default=0) > len(self.positions):
+            raise ValueError(
+                f"a warm-up batch of {max(batch_sizes)} from {len(self.positions)} images"
+            )
         draws = self.draw(torch.Generator(self.labels.device).manual_seed(0))
         for size in batch_sizes:
             self.batch(*draws, slice(0, size))
 
     def draw(self, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """One epoch's randomness for this rank's positions: a permutation of the set's
-        images, crop offsets in 0..8 (n x 2) and flips (n)."""
+        """One epoch's randomness, one entry per position of this rank: the image numbers (of
+        a permutation of the set's), crop offsets in 0..8 (top, left) and flips."""
         n, device = len(self.labels), self.labels.device
         order = torch.randperm(n, device=device, generator=generator)
         offsets = torch.randint(0, 2 * PADDING + 1, (n, 2), device=device, generator=generator)
