@@ -148,6 +148,6 @@ class GpuLoader:
         return images, self.labels[index]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        draws = self.draw(self.generator)
-        for start in range(0, len(draws[0]), self.batch_size):
-            yield self.batch(*draws, slice(start, start + self.batch_size))
+        order, offsets, flips = self.draw(self.generator)
+        for start in range(0, len(order), self.batch_size):
+            yield self.batch(order, offsets, flips, slice(start, start + self.batch_size))
